@@ -1,0 +1,34 @@
+"""Shared fixtures: the ragged layouts every fast path is checked on."""
+
+import pytest
+import torch
+
+from sparsediff.layout import TokenLayout
+
+# Ragged lengths (97, 130, 191 tokens), text first and text last, and diffusion-LM layouts.
+RAGGED_LAYOUTS = [
+    "video:97x1x1",  # 97 tokens, one token per frame
+    "video:5x2x13",  # 130 tokens
+    "text:11+video:3x6x10",  # 191 tokens, text first (CogVideoX)
+    "video:3x6x10+text:11",  # 191 tokens, text last (HunyuanVideo, Mochi)
+    "text:7+video:4x5x6+text:3",
+    "prompt:61+generation:36",  # 97 tokens
+]
+
+
+@pytest.fixture(params=RAGGED_LAYOUTS)
+def ragged_layout(request) -> TokenLayout:
+    return TokenLayout.parse(request.param)
+
+
+def gpu_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if gpu_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

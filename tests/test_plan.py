@@ -1,0 +1,116 @@
+import json
+
+import pytest
+
+from sparsediff.layout import TokenLayout
+from sparsediff.patterns import get_pattern
+from sparsediff.plan import ModelFingerprint, SparsePlan, StepRange
+
+MODEL = ModelFingerprint("WanTransformer3DModel", num_layers=3, num_heads=4, head_dim=64, config_hash="abc123")
+
+
+def mixed_plan() -> SparsePlan:
+    early = tuple(tuple(get_pattern(n) for n in ["full", "diagonal_w1", "skip", "topk_blocks_k0.25"]) for _ in range(3))
+    late = tuple(
+        tuple(get_pattern(n) for n in ["multi_diagonal_w1", "vertical_stripe_f1", "skip", "diagonal_w0.5"]) for _ in range(3)
+    )
+    return SparsePlan(
+        model=MODEL,
+        ranges=[StepRange(0.0, 0.5, early), StepRange(0.5, 1.0, late)],
+        block_size=32,
+        dense_steps=0.2,
+        dense_layers=(0,),
+        layout="text:8+video:4x8x8",
+        search={"error_budget": 0.05},
+    )
+
+
+def test_save_load_round_trip(tmp_path):
+    plan = mixed_plan()
+    path = plan.save(tmp_path / "plan.json")
+    loaded = SparsePlan.load(path)
+    assert loaded == plan
+    assert loaded.to_dict() == json.loads(path.read_text())
+
+
+def test_lookup_honours_dense_steps_layers_and_ranges():
+    plan = mixed_plan()
+    full = get_pattern("full")
+    assert plan.layer_patterns(step=1, num_steps=10, layer=2) == (full,) * 4  # dense step (0.2 of 10 = 2)
+    assert plan.layer_patterns(step=3, num_steps=10, layer=0) == (full,) * 4  # dense layer
+    assert plan.layer_patterns(step=3, num_steps=10, layer=1)[1].name == "diagonal_w1"
+    assert plan.layer_patterns(step=5, num_steps=10, layer=1)[1].name == "vertical_stripe_f1"
+    assert plan.num_dense_steps(50) == 10
+    assert SparsePlan.dense(MODEL).is_all_dense and not plan.is_all_dense
+
+
+def test_summary_reports_density_and_flops_share():
+    plan = mixed_plan()
+    s = plan.summary(num_steps=10)
+    assert s["layer_density"][0] == 1.0
+    assert 0.0 < s["layer_density"][1] < 1.0
+    assert s["dense_steps"] == 2
+    assert 0.2 < s["predicted_flops_share"] < 1.0
+    assert SparsePlan.dense(MODEL).summary(TokenLayout.parse("video:4x8x8"))["predicted_flops_share"] == 1.0
+
+
+def _broken(edit):
+    data = mixed_plan().to_dict()
+    edit(data)
+    return data
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda d: d["ranges"][0]["layers"][1].__setitem__(2, "spiral_w2"), r"ranges\[0\]\.layers\[1\]\[2\].*Unknown pattern 'spiral_w2'"),
+        (lambda d: d["ranges"][1]["layers"][0].__setitem__(0, "diagonal_w-3"), r"ranges\[1\]\.layers\[0\]\[0\].*w=-3"),
+        (lambda d: d["ranges"][0]["layers"][2].pop(), r"ranges\[0\]\.layers\[2\]' has 3 heads but model.num_heads is 4"),
+        (lambda d: d["ranges"][0]["layers"].pop(), r"ranges\[0\]\.layers' has 2 layers but model.num_layers is 3"),
+        (lambda d: d["ranges"][1].__setitem__("start", 0.4), r"ranges\[1\]\.start' is 0.4 and overlaps"),
+        (lambda d: d["ranges"][1].__setitem__("start", 0.6), r"ranges\[1\]\.start' is 0.6 and leaves a gap"),
+        (lambda d: d["ranges"][1].__setitem__("end", 0.9), r"ranges\[1\]\.end' is 0.9; the last range must end at 1.0"),
+        (lambda d: d.__setitem__("schema_version", 99), r"'schema_version' is 99"),
+        (lambda d: d.__setitem__("dense_steps", 1.5), r"'dense_steps' is 1.5"),
+        (lambda d: d.__setitem__("dense_layers", [7]), r"'dense_layers' holds 7"),
+        (lambda d: d.__setitem__("block_size", 0), r"'block_size' is 0"),
+        (lambda d: d.pop("ranges"), r"'ranges' is missing"),
+        (lambda d: d["model"].pop("head_dim"), r"'model' is .* needs exactly the keys"),
+    ],
+)
+def test_validation_names_the_bad_field(edit, words):
+    with pytest.raises(ValueError, match=words):
+        SparsePlan.from_dict(_broken(edit))
+
+
+def test_a_plan_for_another_model_is_refused(tmp_path):
+    path = mixed_plan().save(tmp_path / "plan.json")
+    other = ModelFingerprint("WanTransformer3DModel", 3, 4, 64, "fff000")
+    with pytest.raises(ValueError, match="another model: model.config_hash is 'abc123' in the plan but 'fff000'"):
+        SparsePlan.load(path, model=other)
+    assert SparsePlan.load(path, model=MODEL).model == MODEL
+
+
+def test_load_errors_name_the_file(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        SparsePlan.load(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        SparsePlan.load(bad)
+
+
+def test_failed_save_leaves_existing_file(tmp_path):
+    path = mixed_plan().save(tmp_path / "plan.json")
+    before = path.read_text()
+    broken = mixed_plan()
+    broken.block_size = -1
+    with pytest.raises(ValueError):
+        broken.save(path)
+    assert path.read_text() == before
+
+
+def test_config_hash_ignores_private_keys_and_order():
+    a = ModelFingerprint.hash_config({"num_layers": 2, "heads": 4, "_name_or_path": "x"})
+    b = ModelFingerprint.hash_config({"heads": 4, "num_layers": 2, "_name_or_path": "y"})
+    assert a == b and a != ModelFingerprint.hash_config({"heads": 5, "num_layers": 2})
