@@ -40,3 +40,12 @@ def reference_attention(
 def dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """The dense baseline every speedup is measured against: PyTorch's fused SDPA."""
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def spec_reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec, scale: float | None = None) -> torch.Tensor:
+    """Reference for one head group described by a `SparseSpec` (q, k, v in kernel order, (B, G, S, D))."""
+    S, G = q.shape[2], q.shape[1]
+    idx = torch.arange(S)
+    per_head = spec.block_mask.shape[0] > 1
+    masks = torch.stack([spec.token_allowed(idx, idx, head=h if per_head else 0) for h in range(G)])
+    return reference_attention(q, k, v, masks, scale)

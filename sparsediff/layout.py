@@ -94,6 +94,12 @@ class TokenLayout:
             raise ValueError(f"Layout {self} has {kinds.count('video')} video segments; at most one is supported.")
         if "video" in kinds and ({"prompt", "generation"} & set(kinds)):
             raise ValueError(f"Layout {self} mixes video with prompt/generation segments; use one or the other.")
+        axis = [i for i, k in enumerate(kinds) if k != "text"]
+        if axis and axis != list(range(axis[0], axis[-1] + 1)):
+            raise ValueError(
+                f"Layout {self} puts text between video/prompt/generation segments; text may only come "
+                "before or after them (e.g. 'text:16+video:4x8x8+text:4')."
+            )
 
     # ---- string form -------------------------------------------------------------------------------------
     @classmethod
@@ -149,6 +155,12 @@ class TokenLayout:
     def num_axis_tokens(self) -> int:
         """Tokens that patterns act on (everything but text)."""
         return self.num_tokens - self.num_text_tokens
+
+    @property
+    def axis_range(self) -> tuple[int, int]:
+        """[start, end) of the axis tokens, which are contiguous; text lies before and after."""
+        start = next((o for s, o in zip(self.segments, self.offsets) if s.kind != "text"), 0)
+        return start, start + self.num_axis_tokens
 
     @property
     def tokens_per_frame(self) -> int:

@@ -10,7 +10,11 @@ Rules that hold for every sparse pattern:
 - Text tokens (`text` segments of joint text+video attention) are always attended: a text query sees every
   key and every query sees every text key.
 - The block mask is the token mask reduced per block (a block is computed if any of its token pairs is
-  allowed); kernels compute exactly those blocks and mask inside partial ones.
+  allowed); kernels compute exactly those blocks and mask inside partial ones. Both are taken in the
+  pattern's *kernel order*: the token order its kernel runs in. That is the layout's own order for every
+  pattern but `multi_diagonal`, which runs as a band after a frame-major -> token-major reorder
+  (`Pattern.order`). `token_mask` is always in the layout's order (the reference's truth);
+  `kernel_token_mask` is the same mask in kernel order.
 - Density is the share of the S x S score area that the computed blocks cover (the cost of a block-sparse
   kernel relative to dense).
 
@@ -55,6 +59,12 @@ class Pattern:
     params: ClassVar[dict[str, str]] = {}
     # True when the mask depends on attention scores (given as `scores` to the mask methods).
     needs_scores: ClassVar[bool] = False
+    # How a kernel runs it (see sparsediff.kernels.spec): "band", "stripe", "blocks"; "" for full/skip.
+    kernel_mode: ClassVar[str] = ""
+
+    def kernel_radius(self, layout: TokenLayout) -> int:
+        """Band half-width or stripe width in axis tokens, for `band`/`stripe` kernels."""
+        return 0
 
     @property
     def name(self) -> str:
@@ -66,26 +76,41 @@ class Pattern:
 
     # ---- token level ----------------------------------------------------------------------------------
     def allowed(self, layout: TokenLayout, rows: torch.Tensor) -> torch.Tensor:
-        """(len(rows), S) bool: may query token `rows[i]` attend key `j` (axis tokens only; text handled
-        by the caller)."""
+        """(len(rows), S) bool, in kernel order: may query `rows[i]` attend key `j` (axis tokens only; text
+        is handled by `token_rows`)."""
         raise NotImplementedError
 
     def token_rows(
         self, layout: TokenLayout, rows: torch.Tensor, block_size: int | None = None, scores: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Token mask rows `rows` as a (len(rows), S) bool tensor, text rule included."""
+        """Kernel-order token mask rows `rows` as a (len(rows), S) bool tensor, text rule included."""
         is_text = layout.is_text
         return self.allowed(layout, rows) | is_text[rows][:, None] | is_text[None, :]
+
+    def order(self, layout: TokenLayout) -> torch.Tensor | None:
+        """Kernel order as a permutation (`x[..., order, :]` reorders tokens), or None for the layout's order."""
+        return None
+
+    def kernel_token_mask(
+        self, layout: TokenLayout, block_size: int | None = None, scores: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(S, S) bool token mask in kernel order. Only for tests and references at small S."""
+        return self.token_rows(layout, torch.arange(layout.num_tokens), block_size, scores)
 
     def token_mask(
         self, layout: TokenLayout, block_size: int | None = None, scores: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """(S, S) bool token mask. Only for tests and references at small S."""
-        return self.token_rows(layout, torch.arange(layout.num_tokens), block_size, scores)
+        """(S, S) bool token mask in the layout's order: may query i attend key j. Small S only."""
+        mask = self.kernel_token_mask(layout, block_size, scores)
+        order = self.order(layout)
+        if order is None:
+            return mask
+        position = order.argsort()  # where each original token sits in kernel order
+        return mask[position][:, position]
 
     # ---- block level ----------------------------------------------------------------------------------
     def block_mask(self, layout: TokenLayout, block_size: int, scores: torch.Tensor | None = None) -> torch.Tensor:
-        """(num_q_blocks, num_kv_blocks) bool: blocks that contain any allowed token pair."""
+        """(num_q_blocks, num_kv_blocks) bool, in kernel order: blocks that contain any allowed token pair."""
         check_block_size(block_size)
         S, n = layout.num_tokens, layout.num_blocks(block_size)
         pad = n * block_size - S
@@ -162,17 +187,18 @@ class Diagonal(Pattern):
 
     kind: ClassVar[str] = "diagonal"
     params: ClassVar[dict[str, str]] = {"w": "w"}
+    kernel_mode: ClassVar[str] = "band"
     w: float = 1.0
 
     def __post_init__(self):
         _check_param(self, "w", self.w, 0.0)
 
-    def radius(self, layout: TokenLayout) -> int:
+    def kernel_radius(self, layout: TokenLayout) -> int:
         return round(self.w * layout.tokens_per_frame)
 
     def allowed(self, layout, rows):
         a = layout.axis_index
-        return (a[rows][:, None] - a[None, :]).abs() <= self.radius(layout)
+        return (a[rows][:, None] - a[None, :]).abs() <= self.kernel_radius(layout)
 
 
 @register_pattern
@@ -184,18 +210,21 @@ class MultiDiagonal(Pattern):
 
     kind: ClassVar[str] = "multi_diagonal"
     params: ClassVar[dict[str, str]] = {"w": "w"}
+    kernel_mode: ClassVar[str] = "band"
     w: float = 1.0
 
     def __post_init__(self):
         _check_param(self, "w", self.w, 0.0)
 
-    def radius(self, layout: TokenLayout) -> int:
+    def kernel_radius(self, layout: TokenLayout) -> int:
         return round(self.w * layout.frames)
 
+    def order(self, layout):
+        return layout.token_major_order
+
     def allowed(self, layout, rows):
-        a, p, f = layout.axis_index, layout.tokens_per_frame, layout.frames
-        t = (a % p) * f + a // p  # position in token-major order
-        return (t[rows][:, None] - t[None, :]).abs() <= self.radius(layout)
+        a = layout.axis_index  # in kernel order this is the token-major position
+        return (a[rows][:, None] - a[None, :]).abs() <= self.kernel_radius(layout)
 
 
 @register_pattern
@@ -206,17 +235,19 @@ class VerticalStripe(Pattern):
 
     kind: ClassVar[str] = "vertical_stripe"
     params: ClassVar[dict[str, str]] = {"f": "f"}
+    kernel_mode: ClassVar[str] = "stripe"
     f: float = 1.0
 
     def __post_init__(self):
         _check_param(self, "f", self.f, 0.0, lo_open=True)
 
-    def num_columns(self, layout: TokenLayout) -> int:
+    def kernel_radius(self, layout: TokenLayout) -> int:
+        """Stripe width: the number of leading axis keys every query sees."""
         return min(layout.num_axis_tokens, max(1, round(self.f * layout.tokens_per_frame)))
 
     def allowed(self, layout, rows):
         a = layout.axis_index
-        keep = (a >= 0) & (a < self.num_columns(layout))
+        keep = (a >= 0) & (a < self.kernel_radius(layout))
         return keep[None, :].expand(len(rows), -1)
 
 
@@ -232,6 +263,7 @@ class TopkBlocks(Pattern):
     kind: ClassVar[str] = "topk_blocks"
     params: ClassVar[dict[str, str]] = {"keep": "k"}
     needs_scores: ClassVar[bool] = True
+    kernel_mode: ClassVar[str] = "blocks"
     keep: float = 0.25
 
     def __post_init__(self):

@@ -77,3 +77,9 @@ def test_token_major_order_puts_same_position_of_each_frame_together():
     # text stays in place; then spatial 0 of frames 0,1,2, spatial 1 of frames 0,1,2, ...
     assert order.tolist() == [0, 1, 2, 6, 10, 3, 7, 11, 4, 8, 12, 5, 9, 13]
     assert torch.equal(order[order.argsort()], torch.arange(layout.num_tokens))
+
+
+def test_text_only_before_or_after_the_axis():
+    with pytest.raises(ValueError, match="text between"):
+        TokenLayout.parse("prompt:4+text:3+generation:4")
+    assert TokenLayout.parse("text:3+video:2x2x2+text:1").axis_range == (3, 11)

@@ -45,7 +45,7 @@ def test_every_registered_pattern_has_an_example():
 def test_block_mask_is_token_mask_reduced_per_block(ragged_layout, name, block_size):
     pattern = get_pattern(name)
     scores = scores_for(ragged_layout, block_size) if pattern.needs_scores else None
-    token = pattern.token_mask(ragged_layout, block_size, scores)
+    token = pattern.kernel_token_mask(ragged_layout, block_size, scores)
     block = pattern.block_mask(ragged_layout, block_size, scores)
     assert token.shape == (ragged_layout.num_tokens,) * 2
     assert torch.equal(block, reduce_per_block(token, block_size))
@@ -149,3 +149,16 @@ def test_topk_scores_of_wrong_shape_are_refused():
     layout = TokenLayout.parse("video:4x4x4")
     with pytest.raises(ValueError, match="profile with the same layout"):
         get_pattern("topk_blocks_k0.5").block_mask(layout, 16, torch.rand(3, 3))
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_kernel_order_mask_is_the_token_mask_reordered(ragged_layout, name):
+    pattern = get_pattern(name)
+    scores = scores_for(ragged_layout, 16) if pattern.needs_scores else None
+    order = pattern.order(ragged_layout)
+    kernel = pattern.kernel_token_mask(ragged_layout, 16, scores)
+    original = pattern.token_mask(ragged_layout, 16, scores)
+    if order is None:
+        assert torch.equal(kernel, original)
+    else:
+        assert torch.equal(kernel, original[order][:, order])

@@ -1,0 +1,112 @@
+"""What a sparse kernel is told about one head group: plain integers and tensors, no patterns or layouts.
+
+The runtime turns a pattern on a layout into a `SparseSpec`. Token positions are in the pattern's kernel
+order (the runtime has already reordered q, k, v for `multi_diagonal`). Tokens outside
+`[axis_start, axis_end)` are text: a text query attends every key and every query attends every text key.
+For two axis tokens i, j (axis positions `a = i - axis_start`) the spec's `mode` decides:
+
+- `"band"`:   allowed iff |a_i - a_j| <= radius                 (diagonal, multi_diagonal after reorder)
+- `"stripe"`: allowed iff a_j < radius                         (vertical_stripe: the first `radius` axis keys)
+- `"blocks"`: allowed iff block_mask[h, i // block_size, j // block_size]   (topk_blocks; no partial blocks)
+
+`block_mask` is the token rule reduced per block (block-sparse kernels visit exactly its True blocks and
+apply the token rule only inside them). `kv_block_index` / `kv_block_count` list those blocks per query
+block, sorted ascending and padded with -1, the block table a Triton or FlexAttention kernel walks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+MODES = ("band", "stripe", "blocks")
+
+
+@dataclass(frozen=True)
+class SparseSpec:
+    """One head group's sparsity, in kernel order.
+
+    Args:
+        mode (str): "band", "stripe" or "blocks" (see the module docstring).
+        seq_len (int): S, tokens in the sequence.
+        block_size (int): tokens per block of `block_mask` (square blocks, ragged tail allowed).
+        axis_start, axis_end (int): the non-text tokens; text lies before and after.
+        radius (int, defaults to 0): band half-width or stripe width, in axis tokens.
+        block_mask (torch.Tensor): (G, nq, nk) bool with G = 1 (shared by the group) or the group's heads.
+    """
+
+    mode: str
+    seq_len: int
+    block_size: int
+    axis_start: int
+    axis_end: int
+    radius: int
+    block_mask: torch.Tensor
+    _device_cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def cached(self, name: str, device: torch.device, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """`build()` moved to `device`, computed once per (name, device): block tables are built once per
+        spec, never per call. The spec itself stays on the CPU."""
+        key = (name, str(device))
+        if key not in self._device_cache:
+            self._device_cache[key] = build().to(device)
+        return self._device_cache[key]
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"SparseSpec mode {self.mode!r} is not one of {MODES}.")
+        n = -(-self.seq_len // self.block_size)
+        if self.block_mask.dim() != 3 or self.block_mask.shape[1:] != (n, n):
+            raise ValueError(f"block_mask must be (G, {n}, {n}); got {tuple(self.block_mask.shape)}.")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.block_mask.shape[-1]
+
+    @property
+    def text_before(self) -> int:
+        return self.axis_start
+
+    @property
+    def text_after(self) -> int:
+        return self.seq_len - self.axis_end
+
+    def block_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kv_block_index (G, nq, max_k) int32 padded with -1, kv_block_count (G, nq) int32)."""
+        count = self.block_mask.sum(dim=-1).to(torch.int32)
+        max_k = max(int(count.max()), 1)
+        # stable sort puts True blocks first in ascending key order
+        order = torch.sort((~self.block_mask).to(torch.int8), dim=-1, stable=True).indices[..., :max_k]
+        valid = torch.arange(max_k)[None, None, :] < count[..., None]
+        index = torch.where(valid, order, torch.full_like(order, -1)).to(torch.int32)
+        return index, count
+
+    def full_block_mask(self) -> torch.Tensor:
+        """(G, nq, nk) bool: blocks where every token pair is allowed (kernels skip the mask there)."""
+        if self.mode == "blocks":
+            return self.block_mask.clone()
+        S, bs, n = self.seq_len, self.block_size, self.num_blocks
+        pad = n * bs - S
+        cols = torch.arange(S)
+        out = torch.empty((1, n, n), dtype=torch.bool)
+        for qb in range(n):
+            rows = torch.arange(qb * bs, min((qb + 1) * bs, S))
+            m = torch.nn.functional.pad(self.token_allowed(rows, cols), (0, pad), value=True)
+            out[0, qb] = m.view(len(rows), n, bs).all(dim=2).all(dim=0)
+        return out & self.block_mask
+
+    def token_allowed(self, rows: torch.Tensor, cols: torch.Tensor, head: int = 0) -> torch.Tensor:
+        """(len(rows), len(cols)) bool: the exact token rule (for references and kernels' partial blocks)."""
+        text_r = (rows < self.axis_start) | (rows >= self.axis_end)
+        text_c = (cols < self.axis_start) | (cols >= self.axis_end)
+        ar, ac = rows - self.axis_start, cols - self.axis_start
+        if self.mode == "band":
+            rule = (ar[:, None] - ac[None, :]).abs() <= self.radius
+        elif self.mode == "stripe":
+            rule = (ac < self.radius)[None, :].expand(len(rows), -1)
+        else:
+            g = head if self.block_mask.shape[0] > 1 else 0
+            rule = self.block_mask[g][rows // self.block_size][:, cols // self.block_size]
+        return rule | text_r[:, None] | text_c[None, :]
