@@ -75,13 +75,7 @@ class SparseSpec:
 
     def block_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(kv_block_index (G, nq, max_k) int32 padded with -1, kv_block_count (G, nq) int32)."""
-        count = self.block_mask.sum(dim=-1).to(torch.int32)
-        max_k = max(int(count.max()), 1)
-        # stable sort puts True blocks first in ascending key order
-        order = torch.sort((~self.block_mask).to(torch.int8), dim=-1, stable=True).indices[..., :max_k]
-        valid = torch.arange(max_k)[None, None, :] < count[..., None]
-        index = torch.where(valid, order, torch.full_like(order, -1)).to(torch.int32)
-        return index, count
+        return block_table(self.block_mask)
 
     def full_block_mask(self) -> torch.Tensor:
         """(G, nq, nk) bool: blocks where every token pair is allowed (kernels skip the mask there)."""
@@ -110,3 +104,13 @@ class SparseSpec:
             g = head if self.block_mask.shape[0] > 1 else 0
             rule = self.block_mask[g][rows // self.block_size][:, cols // self.block_size]
         return rule | text_r[:, None] | text_c[None, :]
+
+
+def block_table(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (G, nq, nk) bool block mask as (indices (G, nq, max_k) int32, ascending, padded with -1; counts (G, nq))."""
+    count = mask.sum(dim=-1).to(torch.int32)
+    max_k = max(int(count.max()), 1)
+    # a stable sort of "not kept" puts the kept blocks first, in ascending key order
+    order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[..., :max_k]
+    valid = torch.arange(max_k, device=mask.device)[None, None, :] < count[..., None]
+    return torch.where(valid, order, torch.full_like(order, -1)).to(torch.int32), count

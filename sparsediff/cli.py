@@ -37,6 +37,45 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from . import bench
+    from .layout import TokenLayout
+
+    if args.layout and args.seq_len:
+        raise ValueError("Give --layout or --seq-len, not both.")
+    layout = TokenLayout.parse(args.layout) if args.layout else bench.video_layout_for(args.seq_len or 8192)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = bench.DTYPES[args.dtype]
+    backends = bench.resolve_backends(args.backend, device)
+    if args.sweep:
+        cases = bench.sweep_cases(layout, args.heads, args.block_size)
+    elif args.pattern:
+        patterns = bench.parse_patterns(args.pattern, args.heads)
+        cases = [(args.pattern if len(args.pattern) < 27 else "mixed", patterns)]
+    elif args.density is not None:
+        cases = [(k, [bench.pattern_for_density(k, args.density, layout, args.block_size)] * args.heads) for k in args.kinds.split(",")]
+        cases = [(ps[0].name, ps) for _, ps in cases]
+    else:
+        raise ValueError("`sparsediff bench attention` needs --pattern NAME[,NAME...], --density X or --sweep.")
+    logger.info("layout %s (%d tokens), %d heads x %d, %s, block %d, backends %s", layout, layout.num_tokens,
+                args.heads, args.head_dim, args.dtype, args.block_size, ",".join(backends))
+    results = []
+    for name, patterns in tqdm(cases, desc="bench attention", file=sys.stderr, disable=args.json):
+        results.append(bench.run_case(name, patterns, layout, backends, args.batch, args.head_dim, dtype,
+                                      args.block_size, args.repeats, device))
+    if args.json:
+        meta = {"layout": str(layout), "heads": args.heads, "head_dim": args.head_dim, "dtype": args.dtype,
+                "block_size": args.block_size, "batch": args.batch, "device": bench.device_name(device),
+                "torch": torch.__version__}
+        print(json.dumps({"config": meta, "results": [r.to_dict() for r in results]}, indent=1))
+    else:
+        print(bench.format_table(results, backends))
+    return 0
+
+
 def _emit(info: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(info, indent=1))
@@ -64,6 +103,26 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--out", required=True, help="PNG file to write")
     show.add_argument("--json", action="store_true", help="print the summary as JSON")
     show.set_defaults(func=_cmd_show)
+
+    bench = sub.add_parser("bench", help="benchmarks: sparse vs dense SDPA vs FlexAttention, in one run")
+    bench_sub = bench.add_subparsers(dest="bench_what", metavar="WHAT", required=True)
+    att = bench_sub.add_parser("attention", help="one attention layer: correctness check, then times and efficiency")
+    att.add_argument("--layout", help="token layout, e.g. video:8x32x32 or text:226+video:13x30x45")
+    att.add_argument("--seq-len", type=int, help="a video layout of N tokens (8 frames), default 8192")
+    att.add_argument("--heads", type=int, default=8)
+    att.add_argument("--head-dim", type=int, default=64)
+    att.add_argument("--batch", type=int, default=1)
+    att.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    att.add_argument("--block-size", type=int, default=64)
+    att.add_argument("--pattern", help="a pattern for every head (diagonal_w1) or one per head, comma-separated")
+    att.add_argument("--density", type=float, help="instead of --pattern: each of --kinds at this density")
+    att.add_argument("--kinds", default="diagonal,multi_diagonal,vertical_stripe", help="kinds for --density")
+    att.add_argument("--sweep", action="store_true", help="the standard sweep (band/stripe at 0.1/0.25/0.5, topk, mixed)")
+    att.add_argument("--backend", help="comma-separated backends (default: all that run here)")
+    att.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    att.add_argument("--repeats", type=int, default=5, help="timed rounds per case (median reported)")
+    att.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    att.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -160,6 +160,7 @@ class SparseAttention:
     rows_per_block: int = 4
     _groups: dict[tuple, list[HeadGroup]] = field(default_factory=dict, repr=False)
     last: LayerStats = field(default_factory=LayerStats, repr=False)
+    last_groups: list[HeadGroup] = field(default_factory=list, repr=False)
 
     def reset(self) -> None:
         """Forget cached groups and top-k scores (call between pipeline runs)."""
@@ -208,7 +209,7 @@ class SparseAttention:
             raise ValueError(f"Layout {layout} has {layout.num_tokens} tokens but q has S={S}; build the layout from the inputs.")
         patterns = [get_pattern(p) for p in patterns]
         backend = resolve_backend(self.backend, q.device)
-        groups = self.groups(q, k, layout, patterns, block_size, scale)
+        groups = self.last_groups = self.groups(q, k, layout, patterns, block_size, scale)
         if len(groups) == 1 and groups[0].pattern.kind == "full":
             self.last = LayerStats(1.0, 0, 0, H, backend)
             return F.scaled_dot_product_attention(q, k, v, scale=scale)

@@ -1,0 +1,115 @@
+"""The runtime: head grouping, skip/full handling, caching, backend choice, a mixed layer vs the reference."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparsediff.runtime as runtime
+from sparsediff.kernels.reference import reference_attention
+from sparsediff.layout import TokenLayout
+from sparsediff.patterns import get_pattern
+from sparsediff.runtime import SparseAttention, group_heads, resolve_backend
+
+MIXED = ["full", "skip", "diagonal_w1", "multi_diagonal_w1", "vertical_stripe_f1", "topk_blocks_k0.3", "diagonal_w1", "skip"]
+
+
+def qkv(layout, heads, batch=2, dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, heads, layout.num_tokens, dim, generator=g) for _ in range(3)]
+
+
+def token_masks(attn, layout, patterns, block_size):
+    """Per-head token masks in the layout's order; topk heads use the block masks the runtime selected."""
+    masks = [None] * len(patterns)
+    for g in attn.last_groups:
+        for i, h in enumerate(g.heads.tolist()):
+            p = g.pattern
+            if p.needs_scores:
+                blocks = g.spec.block_mask[i]
+                idx = torch.arange(layout.num_tokens) // block_size
+                masks[h] = blocks[idx][:, idx] | layout.is_text[:, None] | layout.is_text[None, :]
+            else:
+                masks[h] = p.token_mask(layout)
+    return torch.stack(masks)
+
+
+@pytest.mark.parametrize("layout", ["text:7+video:4x5x6+text:3", "video:3x6x10+text:11", "prompt:61+generation:36"])
+def test_mixed_layer_matches_reference(layout):
+    layout = TokenLayout.parse(layout)
+    q, k, v = qkv(layout, len(MIXED))
+    attn = SparseAttention(backend="torch")
+    out = attn(q, k, v, layout, MIXED, block_size=16)
+    expect = reference_attention(q, k, v, token_masks(attn, layout, [get_pattern(p) for p in MIXED], 16))
+    torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[:, 1], torch.zeros_like(out[:, 1])) and torch.equal(out[:, 7], torch.zeros_like(out[:, 7]))
+    assert attn.last.heads_skipped == 2 and attn.last.heads_full == 1 and attn.last.heads_sparse == 5
+    assert 0.0 < attn.last.density < 1.0
+
+
+def test_all_full_layer_is_exactly_sdpa():
+    layout = TokenLayout.parse("video:3x4x4")
+    q, k, v = qkv(layout, 4)
+    out = SparseAttention(backend="torch")(q, k, v, layout, ["full"] * 4)
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v))
+
+
+def test_heads_sharing_a_pattern_run_in_one_kernel_call(monkeypatch):
+    layout = TokenLayout.parse("video:4x4x4")
+    q, k, v = qkv(layout, 6)
+    calls = []
+    real = runtime._kernel("torch")
+    monkeypatch.setattr(runtime, "_kernel", lambda b: lambda q, k, v, spec, scale: calls.append(q.shape[1]) or real(q, k, v, spec, scale))
+    SparseAttention(backend="torch")(q, k, v, layout, ["diagonal_w1", "skip", "diagonal_w1", "vertical_stripe_f1", "diagonal_w1", "skip"], 16)
+    assert sorted(calls) == [1, 3]  # one call with the 3 diagonal heads, one with the stripe head; skips cost nothing
+
+
+def test_specs_are_built_once_and_topk_scores_reused(monkeypatch):
+    layout = TokenLayout.parse("video:4x4x4")
+    q, k, v = qkv(layout, 2)
+    built = []
+    real = runtime.build_spec
+    monkeypatch.setattr(runtime, "build_spec", lambda *a, **kw: built.append(1) or real(*a, **kw))
+    attn = SparseAttention(backend="torch")
+    first = attn(q, k, v, layout, ["topk_blocks_k0.3", "diagonal_w1"], 16)
+    q2, k2, v2 = qkv(layout, 2, seed=5)
+    attn(q2, k2, v2, layout, ["topk_blocks_k0.3", "diagonal_w1"], 16)
+    assert len(built) == 2  # two groups, built at the first call only
+    attn.reset()
+    attn(q2, k2, v2, layout, ["topk_blocks_k0.3", "diagonal_w1"], 16)
+    assert len(built) == 4
+    assert first.isfinite().all()
+
+
+def test_group_heads_keeps_first_appearance_order():
+    groups = group_heads([get_pattern(n) for n in ["skip", "diagonal_w1", "skip", "full"]])
+    assert [(p.name, h.tolist()) for p, h in groups] == [("skip", [0, 2]), ("diagonal_w1", [1]), ("full", [3])]
+
+
+def test_backend_choice(monkeypatch, caplog):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("SPARSEDIFF_BACKEND", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert resolve_backend(None, cpu) == "torch"
+    monkeypatch.setenv("SPARSEDIFF_BACKEND", "reference")
+    assert resolve_backend(None, cpu) == "reference"
+    assert resolve_backend("torch", cpu) == "torch"  # the argument wins
+    monkeypatch.setenv("SPARSEDIFF_BACKEND", "cuda-magic")
+    with pytest.raises(ValueError, match=r"\$SPARSEDIFF_BACKEND='cuda-magic' is not a sparsediff backend"):
+        resolve_backend(None, cpu)
+    runtime._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="sparsediff.runtime"):
+        assert resolve_backend("triton", cpu) == "torch"
+        assert resolve_backend("triton", cpu) == "torch"
+    warnings = [r for r in caplog.records if "falling back from the triton backend" in r.message]
+    assert len(warnings) == 1 and "need CUDA" in warnings[0].message
+
+
+def test_bad_calls_raise():
+    layout = TokenLayout.parse("video:4x4x4")
+    q, k, v = qkv(layout, 2)
+    with pytest.raises(ValueError, match="Got 3 head patterns for 2 heads"):
+        SparseAttention()(q, k, v, layout, ["full"] * 3)
+    with pytest.raises(ValueError, match="has 48 tokens but q has S=64"):
+        SparseAttention()(q, k, v, TokenLayout.parse("video:3x4x4"), ["full"] * 2)
