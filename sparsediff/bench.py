@@ -83,8 +83,8 @@ class CaseResult:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["speedup"] = {b: round(self.speedup(b), 3) for b in self.ms}
-        d["efficiency"] = {b: round(self.efficiency(b), 3) for b in self.ms}
+        d["speedup"] = {b: self.speedup(b) for b in self.ms}
+        d["efficiency"] = {b: self.efficiency(b) for b in self.ms}
         return d
 
 
@@ -111,7 +111,7 @@ def _sampled_error(out: torch.Tensor, q, k, v, runtime: SparseAttention, rows: t
         if g.pattern.kind == "skip":
             continue
         heads = g.heads.to(q.device)
-        qg, kg, vg = q[:, heads, rows.to(q.device)].float(), k[:, heads].float(), v[:, heads].float()
+        qg, kg, vg = q[:, heads][:, :, rows.to(q.device)].float(), k[:, heads].float(), v[:, heads].float()
         if g.spec is None:
             allowed = torch.ones(len(heads), len(rows), S, dtype=torch.bool)
         else:

@@ -213,29 +213,34 @@ class SparseAttention:
         if len(groups) == 1 and groups[0].pattern.kind == "full":
             self.last = LayerStats(1.0, 0, 0, H, backend)
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
-        out = torch.zeros_like(q)
         kernel = _kernel(backend)
         stats = LayerStats(0.0, 0, 0, 0, backend)
+        out = None if len(groups) == 1 else torch.zeros_like(q)  # one group writes its own output
         for g in groups:
             n = len(g.heads)
             stats.density += g.density * n / H
             if g.pattern.kind == "skip":
                 stats.heads_skipped += n
                 continue
-            heads = g.heads.to(q.device)
-            qg, kg, vg = q[:, heads], k[:, heads], v[:, heads]  # (B, G, S, D)
+            heads = g.spec.cached("heads", q.device, lambda: g.heads) if g.spec else g.heads.to(q.device)
+            qg, kg, vg = (q, k, v) if n == H else (q[:, heads], k[:, heads], v[:, heads])  # (B, G, S, D)
             if g.spec is None:
                 stats.heads_full += n
-                out[:, heads] = F.scaled_dot_product_attention(qg, kg, vg, scale=scale)
-                continue
-            stats.heads_sparse += n
-            if g.order is not None:
+                og = F.scaled_dot_product_attention(qg, kg, vg, scale=scale)
+            elif g.order is not None:
+                stats.heads_sparse += n
                 order = g.spec.cached("order", q.device, lambda: g.order)
                 position = g.spec.cached("position", q.device, lambda: g.position)
-                qg, kg, vg = qg[:, :, order], kg[:, :, order], vg[:, :, order]
-                out[:, heads] = kernel(qg, kg, vg, g.spec, scale)[:, :, position]
+                og = kernel(qg[:, :, order], kg[:, :, order], vg[:, :, order], g.spec, scale)[:, :, position]
             else:
-                out[:, heads] = kernel(qg, kg, vg, g.spec, scale)
+                stats.heads_sparse += n
+                og = kernel(qg, kg, vg, g.spec, scale)
+            if out is None:
+                out = og
+            else:
+                out[:, heads] = og
+        if out is None:  # every head skipped
+            out = torch.zeros_like(q)
         self.last = stats
         return out
 

@@ -17,7 +17,8 @@ SPARSE = ["diagonal_w0.5", "diagonal_w3", "multi_diagonal_w1", "vertical_stripe_
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     # exercise the chunk loops (interior and edge chunks, several gathers) at test sizes
-    monkeypatch.setattr(torch_sparse, "BAND_CHUNK", 16)
+    monkeypatch.setattr(torch_sparse, "BAND_CHUNK_MIN", 16)
+    monkeypatch.setattr(torch_sparse, "BAND_CHUNK_MAX", 16)
     monkeypatch.setattr(torch_sparse, "GATHER_BYTES", 1 << 14)
 
 
