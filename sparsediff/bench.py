@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -22,6 +20,7 @@ import torch.nn.functional as F
 from .layout import TokenLayout
 from .patterns import PATTERNS, Pattern, get_pattern
 from .runtime import SparseAttention, resolve_backend, triton_usable
+from .timing import median_ms
 
 logger = logging.getLogger(__name__)
 
@@ -88,20 +87,6 @@ class CaseResult:
         return d
 
 
-def _time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None]) -> dict[str, float]:
-    for fn in fns.values():  # warm up (compiles flex, builds specs)
-        fn()
-    sync()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            sync()
-            samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(s) for name, s in samples.items()}
-
-
 def _sampled_error(out: torch.Tensor, q, k, v, runtime: SparseAttention, rows: torch.Tensor, scale) -> float:
     """Max abs error of `out` against masked dense attention on query rows `rows` (kernel specs' exact rule)."""
     B, H, S, D = q.shape
@@ -150,11 +135,10 @@ def run_case(
         out = rt(q, k, v, layout, patterns, block_size)
         result.max_error[b] = _sampled_error(out, q, k, v, rt, rows, None)
         result.density = rt.last.density
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     fns: dict[str, Callable[[], object]] = {"dense": lambda: F.scaled_dot_product_attention(q, k, v)}
     for b, rt in runtimes.items():
         fns[b] = lambda rt=rt: rt(q, k, v, layout, patterns, block_size)
-    times = _time_interleaved(fns, repeats, sync)
+    times = median_ms(fns, repeats, device)
     result.dense_ms = times.pop("dense")
     result.ms = times
     if len({p.name for p in patterns}) > 1:  # mixed layer: each group alone, summed
@@ -165,7 +149,7 @@ def run_case(
                 sub = SparseAttention(backend=b)
                 qs, ks, vs = q[:, :n].contiguous(), k[:, :n].contiguous(), v[:, :n].contiguous()
                 alone[p.name] = lambda sub=sub, qs=qs, ks=ks, vs=vs, p=p, n=n: sub(qs, ks, vs, layout, [p] * n, block_size)
-            t = _time_interleaved(alone, repeats, sync)
+            t = median_ms(alone, repeats, device)
             result.groups_alone_ms[b] = sum(t.values())
     return result
 
@@ -257,12 +241,3 @@ def resolve_backends(requested: str | None, device: str) -> list[str]:
         out.append(b)
     return out
 
-
-def device_name(device: str) -> str:
-    """The machine the figures come from, for BENCHMARKS.md."""
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    import os
-    import platform
-
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}"

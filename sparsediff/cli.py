@@ -43,6 +43,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from . import bench
     from .layout import TokenLayout
+    from .timing import device_name
 
     if args.layout and args.seq_len:
         raise ValueError("Give --layout or --seq-len, not both.")
@@ -68,7 +69,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                                       args.block_size, args.repeats, device))
     if args.json:
         meta = {"layout": str(layout), "heads": args.heads, "head_dim": args.head_dim, "dtype": args.dtype,
-                "block_size": args.block_size, "batch": args.batch, "device": bench.device_name(device),
+                "block_size": args.block_size, "batch": args.batch, "device": device_name(device),
                 "torch": torch.__version__}
         print(json.dumps({"config": meta, "results": [r.to_dict() for r in results]}, indent=1))
     else:

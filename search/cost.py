@@ -1,0 +1,220 @@
+"""The measured cost model: kernel latency of each candidate pattern on *this* machine, layout and backend.
+
+A layer's time is predicted as the sum over its fused head groups (one kernel call per group, skipped heads
+free). Each candidate is timed through the runtime at a few group sizes and fitted as `t(n) = a + b * n`
+(launch overhead plus per-head work); dense heads likewise. Tables are cached as JSON per device, backend,
+dtype and shape under the user's cache directory (`$SPARSEDIFF_CACHE_DIR`, default
+`~/.cache/sparsediff/costs`), and a table for another device or shape is never reused.
+
+>>> from sparsediff.layout import TokenLayout
+>>> model = CostModel.measure(TokenLayout.parse("video:4x8x8"), num_heads=4, head_dim=16, block_size=16,
+...                           candidates=["diagonal_w1"], repeats=1)
+>>> model.layer_time(["diagonal_w1", "skip", "full", "diagonal_w1"]) > 0
+True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sparsediff.layout import TokenLayout
+from sparsediff.patterns import Pattern, get_pattern
+from sparsediff.runtime import SparseAttention, group_heads, resolve_backend
+from sparsediff.timing import device_name, median_ms
+
+COST_SCHEMA = 1
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SPARSEDIFF_CACHE_DIR", Path.home() / ".cache" / "sparsediff")) / "costs"
+
+
+@dataclass(frozen=True)
+class CostKey:
+    """Everything a latency depends on; a table is only reused when all of it matches."""
+
+    device: str
+    backend: str
+    dtype: str
+    layout: str
+    num_heads: int
+    head_dim: int
+    batch: int
+    block_size: int
+    torch_version: str
+
+    @classmethod
+    def for_setting(
+        cls, layout: TokenLayout, num_heads: int, head_dim: int, block_size: int = 64, backend: str | None = None,
+        dtype: torch.dtype = torch.float32, device: str = "cpu", batch: int = 1,
+    ) -> "CostKey":
+        dev = torch.device(device)
+        return cls(device_name(dev), resolve_backend(backend, dev), str(dtype).removeprefix("torch."), str(layout),
+                   num_heads, head_dim, batch, block_size, torch.__version__)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class CostModel:
+    """Fitted latency (ms) per pattern name: `fits[name] = (a, b)` so that a group of n heads takes a + b * n."""
+
+    key: CostKey
+    fits: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    # ---- prediction -----------------------------------------------------------------------------------
+    def group_time(self, pattern: "Pattern | str", heads: int) -> float:
+        p = get_pattern(pattern)
+        if p.kind == "skip" or heads == 0:
+            return 0.0
+        if p.name not in self.fits:
+            raise ValueError(f"The cost model has no measurement for {p.name!r}; measure it with candidates=[..., {p.name!r}].")
+        a, b = self.fits[p.name]
+        return max(0.0, a + b * heads)
+
+    def layer_time(self, patterns: Sequence["Pattern | str"]) -> float:
+        """Predicted ms of one layer call: the sum over its fused groups."""
+        return sum(self.group_time(p, len(h)) for p, h in group_heads([get_pattern(x) for x in patterns]))
+
+    def dense_layer_time(self) -> float:
+        return self.group_time("full", self.key.num_heads)
+
+    # ---- measurement ----------------------------------------------------------------------------------
+    @classmethod
+    def measure(
+        cls,
+        layout: TokenLayout,
+        num_heads: int,
+        head_dim: int,
+        candidates: Iterable["Pattern | str"],
+        block_size: int = 64,
+        backend: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        batch: int = 1,
+        repeats: int = 3,
+        progress: bool = False,
+    ) -> "CostModel":
+        """Time every candidate (and dense) through the runtime at group sizes 1, H/2 and H."""
+        dev = torch.device(device)
+        key = CostKey.for_setting(layout, num_heads, head_dim, block_size, backend, dtype, device, batch)
+        backend = key.backend
+        names = ["full", *(get_pattern(c).name for c in candidates)]
+        names = [n for n in dict.fromkeys(names) if get_pattern(n).kind != "skip"]
+        sizes = sorted({1, max(1, num_heads // 2), num_heads})
+        g = torch.Generator(device=dev).manual_seed(0)
+        q, k, v = (torch.randn(batch, num_heads, layout.num_tokens, head_dim, generator=g, device=dev, dtype=dtype) for _ in range(3))
+        model = cls(key)
+        from tqdm import tqdm
+
+        for name in tqdm(names, desc="cost model", disable=not progress, leave=False):
+            pattern = get_pattern(name)
+            points = []
+            for n in sizes:
+                runtime = SparseAttention(backend=backend)
+                qs, ks, vs = q[:, :n].contiguous(), k[:, :n].contiguous(), v[:, :n].contiguous()
+                if pattern.kind == "full":
+                    fn = lambda: F.scaled_dot_product_attention(qs, ks, vs)  # noqa: E731
+                else:
+                    fn = lambda: runtime(qs, ks, vs, layout, [pattern] * n, block_size)  # noqa: E731
+                points.append((n, median_ms({name: fn}, repeats, dev)[name]))
+            model.fits[name] = _fit_line(points)
+        model.fits = monotone_in_density(model.fits, layout, block_size, num_heads)
+        return model
+
+    @classmethod
+    def load_or_measure(cls, layout: TokenLayout, num_heads: int, head_dim: int, candidates, **kwargs) -> "CostModel":
+        """The cached table for this key when it has every candidate, else a fresh measurement (then cached)."""
+        setting = {k: kwargs[k] for k in ("block_size", "backend", "dtype", "device", "batch") if k in kwargs}
+        key = CostKey.for_setting(layout, num_heads, head_dim, **setting)
+        path = cache_dir() / f"{key.digest()}.json"
+        wanted = {get_pattern(c).name for c in candidates if get_pattern(c).kind != "skip"} | {"full"}
+        if path.is_file():
+            cached = cls.load(path)
+            if cached.key == key and wanted <= set(cached.fits):
+                return cached
+        model = cls.measure(layout, num_heads, head_dim, candidates, **kwargs)
+        model.save(path)
+        return model
+
+    # ---- storage --------------------------------------------------------------------------------------
+    def save(self, path: "str | os.PathLike") -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"schema": COST_SCHEMA, "key": asdict(self.key), "fits": self.fits}, indent=1))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: "str | os.PathLike") -> "CostModel":
+        data = json.loads(Path(path).read_text())
+        if data.get("schema") != COST_SCHEMA:
+            raise ValueError(f"Cost table {str(path)!r} has schema {data.get('schema')!r}, not {COST_SCHEMA}; delete it to re-measure.")
+        return cls(CostKey(**data["key"]), {k: tuple(v) for k, v in data["fits"].items()})
+
+    def check_key(self, key: CostKey) -> None:
+        """Refuse a table measured for another device, backend, dtype or shape."""
+        if key != self.key:
+            diff = [f"{f} {getattr(self.key, f)!r} vs {getattr(key, f)!r}" for f in asdict(key) if getattr(key, f) != getattr(self.key, f)]
+            raise ValueError(f"This cost table was measured for another setting ({'; '.join(diff)}); re-measure it here.")
+
+
+def monotone_in_density(
+    fits: dict[str, tuple[float, float]], layout: TokenLayout, block_size: int, num_heads: int
+) -> dict[str, tuple[float, float]]:
+    """Within each pattern kind, a denser candidate must not be predicted faster than a sparser one.
+
+    Timing noise can invert two close candidates; pooling adjacent violators (isotonic regression) on the
+    line's ends t(1) and t(H), ordered by density, removes such inversions while keeping every real
+    difference. Lines between monotone ends stay monotone for every group size in between.
+    """
+    out = dict(fits)
+    by_kind: dict[str, list[tuple[float, str]]] = {}
+    for name in fits:
+        p = get_pattern(name)
+        if p.kind not in ("full", "skip"):
+            by_kind.setdefault(p.kind, []).append((p.estimated_density(layout, block_size), name))
+    for members in by_kind.values():
+        names = [n for _, n in sorted(members)]
+        ends = [[fits[n][0] + fits[n][1] * h for n in names] for h in (1, num_heads)]
+        t1, th = (_pool_adjacent_violators(e) for e in ends)
+        for n, lo, hi in zip(names, t1, th):
+            b = (hi - lo) / (num_heads - 1) if num_heads > 1 else fits[n][1]
+            out[n] = (lo - b, b)
+    return out
+
+
+def _pool_adjacent_violators(values: list[float]) -> list[float]:
+    """The closest non-decreasing sequence (least squares)."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for v in values:
+        blocks.append([v, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            m2, c2 = blocks.pop()
+            m1, c1 = blocks.pop()
+            blocks.append([(m1 * c1 + m2 * c2) / (c1 + c2), c1 + c2])
+    return [m for m, c in blocks for _ in range(int(c))]
+
+
+def _fit_line(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least squares a + b * n through the (heads, ms) points; a single point gives a pure per-head slope."""
+    if len(points) == 1:
+        n, t = points[0]
+        return 0.0, t / n
+    xs, ys = zip(*points)
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    b = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x in xs)
+    a = my - b * mx
+    if a < 0:  # no negative overhead: refit through the origin
+        a, b = 0.0, sum(x * y for x, y in points) / sum(x * x for x in xs)
+    return a, b

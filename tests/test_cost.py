@@ -1,0 +1,76 @@
+"""The measured cost model: storage, cache keys, and predictions that follow the measurements."""
+
+import pytest
+import torch
+
+from sparsediff.layout import TokenLayout
+from sparsediff.search.cost import CostKey, CostModel, _fit_line, cache_dir, monotone_in_density
+
+LAYOUT = TokenLayout.parse("video:4x16x16")  # 1024 tokens: big enough that density shows in the time
+
+
+@pytest.fixture(scope="module")
+def model():
+    return CostModel.measure(LAYOUT, num_heads=4, head_dim=32, block_size=64, repeats=5,
+                             candidates=["diagonal_w0.25", "diagonal_w1", "diagonal_w2", "skip"])
+
+
+def test_round_trip(model, tmp_path):
+    path = model.save(tmp_path / "costs.json")
+    assert CostModel.load(path) == model
+
+
+def test_prediction_is_monotone_in_density(model):
+    for heads in (1, 2, 3, 4):
+        t = [model.layer_time([name] * heads) for name in ["diagonal_w0.25", "diagonal_w1", "diagonal_w2"]]
+        assert t[0] <= t[1] * (1 + 1e-9) and t[1] <= t[2] * (1 + 1e-9)  # pooled ties may differ by rounding
+    assert model.layer_time(["skip"] * 4) == 0.0
+
+
+def test_noisy_inversions_are_pooled():
+    layout = TokenLayout.parse("video:4x16x16")
+    # w2 measured faster than w1 (noise): the pooled model predicts them equal, and keeps w0.25 below
+    fits = {"diagonal_w0.25": (1.0, 1.0), "diagonal_w1": (1.0, 3.0), "diagonal_w2": (1.0, 2.0), "full": (1.0, 9.0)}
+    pooled = monotone_in_density(fits, layout, 64, 4)
+    at = lambda name, n: pooled[name][0] + pooled[name][1] * n  # noqa: E731
+    for n in (1, 2, 4):
+        assert at("diagonal_w1", n) == pytest.approx(at("diagonal_w2", n))
+        assert at("diagonal_w0.25", n) < at("diagonal_w1", n)
+    assert pooled["full"] == fits["full"] and pooled["diagonal_w0.25"] == pytest.approx(fits["diagonal_w0.25"])
+
+
+def test_layer_time_is_the_sum_over_fused_groups(model):
+    mixed = ["diagonal_w1", "full", "diagonal_w1", "skip"]
+    assert model.layer_time(mixed) == pytest.approx(model.group_time("diagonal_w1", 2) + model.group_time("full", 1))
+
+
+def test_unmeasured_pattern_is_refused(model):
+    with pytest.raises(ValueError, match="no measurement for 'vertical_stripe_f1'"):
+        model.layer_time(["vertical_stripe_f1"] * 4)
+
+
+def test_cache_is_keyed_by_device_and_shape(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEDIFF_CACHE_DIR", str(tmp_path))
+    small = TokenLayout.parse("video:2x4x4")
+    first = CostModel.load_or_measure(small, 2, 16, ["diagonal_w1"], block_size=16, repeats=1)
+    assert len(list(cache_dir().glob("*.json"))) == 1
+    again = CostModel.load_or_measure(small, 2, 16, ["diagonal_w1"], block_size=16, repeats=1)
+    assert again == first  # reused from the cache file, not re-measured (times would differ)
+    other_shape = CostModel.load_or_measure(TokenLayout.parse("video:2x4x8"), 2, 16, ["diagonal_w1"], block_size=16, repeats=1)
+    assert other_shape.key.layout == "video:2x4x8" and len(list(cache_dir().glob("*.json"))) == 2
+    foreign = CostKey("NVIDIA H200", "triton", "bfloat16", "video:2x4x4", 2, 16, 1, 16, torch.__version__)
+    with pytest.raises(ValueError, match="another setting .*vs 'NVIDIA H200'; backend 'torch' vs 'triton'"):
+        first.check_key(foreign)
+    # a table for another device never answers for this one, even under the same file name
+    path = cache_dir() / f"{first.key.digest()}.json"
+    CostModel(foreign, {"full": (0.0, 1.0), "diagonal_w1": (0.0, 0.1)}).save(path)
+    remeasured = CostModel.load_or_measure(small, 2, 16, ["diagonal_w1"], block_size=16, repeats=1)
+    assert remeasured.key == first.key
+
+
+def test_fit_line():
+    a, b = _fit_line([(1, 3.0), (2, 5.0), (4, 9.0)])
+    assert a == pytest.approx(1.0) and b == pytest.approx(2.0)
+    assert _fit_line([(4, 8.0)]) == (0.0, 2.0)
+    a, b = _fit_line([(1, 1.0), (2, 4.0)])  # negative intercept refits through the origin
+    assert a == 0.0 and b > 0
