@@ -241,3 +241,46 @@ def resolve_backends(requested: str | None, device: str) -> list[str]:
         out.append(b)
     return out
 
+
+
+DEFAULT_COST_CANDIDATES = (
+    "diagonal_w0.4", "diagonal_w1", "diagonal_w2", "multi_diagonal_w51", "multi_diagonal_w128",
+    "vertical_stripe_f1", "vertical_stripe_f2", "topk_blocks_k0.1", "topk_blocks_k0.25",
+)
+
+
+def validate_cost_model(
+    layout: TokenLayout,
+    heads: int,
+    head_dim: int,
+    candidates: Sequence[str] = DEFAULT_COST_CANDIDATES,
+    layers: int = 8,
+    block_size: int = 64,
+    backend: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    repeats: int = 3,
+    seed: int = 0,
+) -> dict:
+    """Measure the cost model, then compare its prediction with the measured time of `layers` random mixed
+    layers (held out: assignments the model never timed). Returns per-layer rows and the error summary."""
+    from .search.cost import CostModel
+
+    model = CostModel.measure(layout, heads, head_dim, candidates, block_size, backend, dtype, device, repeats=repeats, progress=True)
+    rng = torch.Generator().manual_seed(seed)
+    pool = ["full", "skip", *candidates]
+    g = torch.Generator(device=device).manual_seed(seed)
+    q, k, v = (torch.randn(1, heads, layout.num_tokens, head_dim, generator=g, device=device, dtype=dtype) for _ in range(3))
+    rows = []
+    for _ in range(layers):
+        # a few distinct patterns per layer, as a searched plan has
+        kinds = [pool[int(i)] for i in torch.randint(len(pool), (3,), generator=rng)]
+        patterns = [kinds[int(i)] for i in torch.randint(len(kinds), (heads,), generator=rng)]
+        rt = SparseAttention(backend=model.key.backend)
+        measured = median_ms({"layer": lambda: rt(q, k, v, layout, patterns, block_size)}, repeats, device)["layer"]
+        predicted = model.layer_time(patterns)
+        rows.append({"patterns": patterns, "predicted_ms": predicted, "measured_ms": measured,
+                     "error": predicted / measured - 1 if measured else 0.0})
+    errors = [abs(r["error"]) for r in rows]
+    return {"key": model.key.__dict__, "fits": model.fits, "layers": rows,
+            "mean_abs_error": sum(errors) / len(errors), "max_abs_error": max(errors)}

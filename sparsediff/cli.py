@@ -77,6 +77,29 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_cost(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import bench
+    from .layout import TokenLayout
+
+    layout = TokenLayout.parse(args.layout) if args.layout else bench.video_layout_for(args.seq_len or 8192)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    report = bench.validate_cost_model(layout, args.heads, args.head_dim, layers=args.layers, block_size=args.block_size,
+                                       backend=args.backend, dtype=bench.DTYPES[args.dtype], device=device,
+                                       repeats=args.repeats)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    print(f"cost model on {layout}, {args.heads} heads x {args.head_dim}, {report['key']['backend']}, {report['key']['device']}")
+    print(f"{'layer patterns (per head)':<60} {'predicted ms':>13} {'measured ms':>12} {'error':>7}")
+    for r in report["layers"]:
+        names = ",".join(r["patterns"])
+        print(f"{names[:60]:<60} {r['predicted_ms']:>13.1f} {r['measured_ms']:>12.1f} {r['error'] * 100:>+6.1f}%")
+    print(f"mean |error| {report['mean_abs_error'] * 100:.1f}%, max |error| {report['max_abs_error'] * 100:.1f}% (target: within 15%)")
+    return 0
+
+
 def _emit(info: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(info, indent=1))
@@ -124,6 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--repeats", type=int, default=5, help="timed rounds per case (median reported)")
     att.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     att.set_defaults(func=_cmd_bench)
+    cost = bench_sub.add_parser("cost", help="measure the cost model and check it on held-out mixed layers")
+    cost.add_argument("--layout", help="token layout (default: a video layout of --seq-len tokens)")
+    cost.add_argument("--seq-len", type=int, help="a video layout of N tokens (8 frames), default 8192")
+    cost.add_argument("--heads", type=int, default=8)
+    cost.add_argument("--head-dim", type=int, default=64)
+    cost.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    cost.add_argument("--block-size", type=int, default=64)
+    cost.add_argument("--backend", help="backend to model (default: automatic)")
+    cost.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    cost.add_argument("--layers", type=int, default=8, help="held-out random mixed layers to check")
+    cost.add_argument("--repeats", type=int, default=3)
+    cost.add_argument("--json", action="store_true")
+    cost.set_defaults(func=_cmd_bench_cost)
     return parser
 
 

@@ -50,3 +50,14 @@ def test_bench_errors(capsys):
     assert "lists 3 head patterns but --heads is 2" in capsys.readouterr().err
     assert main(["bench", "attention", "--backend", "warp-drive", "--pattern", "full"]) == 2
     assert "'warp-drive' is not a sparsediff backend" in capsys.readouterr().err
+
+
+def test_bench_cost_compares_prediction_with_measurement(capsys):
+    assert main(["bench", "cost", "--layout", "video:4x8x8", "--heads", "4", "--head-dim", "16", "--block-size", "16",
+                 "--layers", "2", "--repeats", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["layers"]) == 2 and report["key"]["layout"] == "video:4x8x8"
+    for row in report["layers"]:
+        assert len(row["patterns"]) == 4 and row["measured_ms"] > 0
+        assert row["error"] == pytest.approx(row["predicted_ms"] / row["measured_ms"] - 1)
+    assert report["max_abs_error"] == pytest.approx(max(abs(r["error"]) for r in report["layers"]))
