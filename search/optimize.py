@@ -1,0 +1,359 @@
+"""The Optuna study that turns a profile and a measured cost model into a plan.
+
+Each trial picks the knobs: how many leading steps stay dense, how many leading layers stay dense, the block
+size, a global error allowance and a per-layer multiplier of it. It then builds a plan by giving every head,
+in every step range, its cheapest candidate (by the measured cost model, head fusion counted) whose
+profiled error is within the layer's allowance, predicts the plan's attention time from the cost model, and
+measures its quality end to end (PSNR against the dense output) on the calibration inputs. Two objectives:
+predicted time (down) and PSNR (up), with a multi-objective sampler. The evaluator reports per-step PSNR; a
+trial whose running PSNR falls below the floor is pruned at once (errors only accumulate along the
+trajectory), which Optuna's own pruners cannot do for multi-objective studies.
+
+Studies live in any SQLAlchemy URL (default: an SQLite file beside the plan) and resume with
+`load_if_exists=True`; several worker processes can share one storage, and the trial budget is shared too.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import optuna
+import torch
+
+from sparsediff.patterns import get_pattern
+from sparsediff.plan import SparsePlan, StepRange
+
+from .cost import CostModel
+from .profile import AttentionProfile
+
+logger = logging.getLogger(__name__)
+
+PSNR_CAP = 99.0  # identical outputs; keeps objectives finite for the sampler and for JSON
+
+
+@dataclass
+class Evaluation:
+    """End-to-end quality of one plan: final PSNR vs dense, per-step PSNR, and the wall time of the run."""
+
+    psnr: float
+    seconds: float
+    step_psnr: list[float] = field(default_factory=list)
+
+
+class Evaluator(Protocol):
+    """Runs the calibration inputs with a plan and compares with the dense run (see search.quality)."""
+
+    num_steps: int
+    dense_seconds: float
+
+    def __call__(self, plan: SparsePlan, report: Callable[[int, float], None]) -> Evaluation: ...
+
+
+@dataclass
+class SearchSpace:
+    """What a trial may choose.
+
+    Args:
+        max_dense_steps (int, optional): most leading dense steps (default: half the steps).
+        max_dense_layers (int, optional): most leading dense layers (default: a quarter of the layers).
+        block_sizes (tuple[int, ...], defaults to (64,)): block sizes to try; each needs a cost model.
+        allowance (tuple[float, float], defaults to (0.01, 1.0)): range of the global relative-L2 error allowance
+            (log scale).
+        layer_scales (tuple[float, ...], defaults to (0.5, 1.0, 2.0)): per-layer multipliers of the allowance.
+        num_ranges (int, defaults to 2): step ranges of the plan (equal shares of the trajectory).
+    """
+
+    max_dense_steps: int | None = None
+    max_dense_layers: int | None = None
+    block_sizes: tuple[int, ...] = (64,)
+    allowance: tuple[float, float] = (0.01, 1.0)
+    layer_scales: tuple[float, ...] = (0.5, 1.0, 2.0)
+    num_ranges: int = 2
+
+
+def range_errors(profile: AttentionProfile, num_ranges: int, dense_steps: int, num_steps: int) -> list[torch.Tensor]:
+    """Per step range, the (L, H, C) worst error over the profiled sparse steps inside it (all profiled steps when
+    none fall inside). The worst case, because one bad step is enough to derail the rest of the trajectory."""
+    observed = profile.calls > 0  # (T, L)
+    errors = torch.where(observed[..., None, None], profile.errors, torch.zeros(()))  # unobserved -> no evidence
+    recorded = profile.num_steps or num_steps
+    out = []
+    for r in range(num_ranges):
+        lo, hi = r / num_ranges, (r + 1) / num_ranges
+        inside = [t for t, s in enumerate(profile.steps) if lo <= s / recorded < hi and s >= dense_steps * recorded / num_steps]
+        chosen = inside or list(range(len(profile.steps)))
+        out.append(errors[chosen].nan_to_num(nan=math.inf).amax(dim=0))
+    return out
+
+
+def assign_heads(
+    errors: torch.Tensor, candidates: Sequence[str], cost: CostModel, allowance: Sequence[float]
+) -> list[tuple[str, ...]]:
+    """Per layer, every head's cheapest candidate whose error is within the layer's allowance (else `full`).
+
+    A head's cost is its share of a fully fused group, `t(pattern, H) / H`, from the measured cost model."""
+    H = errors.shape[1]
+    per_head = {c: (cost.group_time(c, H) / H if get_pattern(c).kind != "skip" else 0.0) for c in candidates}
+    per_head["full"] = cost.group_time("full", H) / H
+    layers = []
+    for layer, allowed in enumerate(allowance):
+        heads = []
+        for h in range(H):
+            ok = [c for i, c in enumerate(candidates) if float(errors[layer, h, i]) <= allowed]
+            heads.append(min(ok + ["full"], key=lambda c: (per_head[c], c != "full")))
+        layers.append(tuple(heads))
+    return layers
+
+
+def build_plan(
+    profile: AttentionProfile,
+    cost: CostModel,
+    num_steps: int,
+    dense_steps: int,
+    dense_layers: int,
+    allowance: Sequence[float],
+    num_ranges: int = 2,
+    block_size: int | None = None,
+) -> SparsePlan:
+    """A plan for `num_steps` steps from the profile's errors and the measured costs."""
+    L = profile.model.num_layers
+    if len(allowance) != L:
+        raise ValueError(f"allowance has {len(allowance)} entries but the model has {L} layers; give one per layer.")
+    ranges = []
+    for r, errors in enumerate(range_errors(profile, num_ranges, dense_steps, num_steps)):
+        layers = assign_heads(errors, profile.candidates, cost, allowance)
+        ranges.append(StepRange(r / num_ranges, (r + 1) / num_ranges, tuple(tuple(get_pattern(n) for n in l) for l in layers)))
+    return SparsePlan(
+        model=profile.model,
+        ranges=ranges,
+        block_size=block_size or profile.block_size,
+        dense_steps=dense_steps,
+        dense_layers=tuple(range(dense_layers)),
+        layout=str(profile.layout),
+    ).validate()
+
+
+def predicted_time(plan: SparsePlan, cost: CostModel, num_steps: int) -> float:
+    """Attention milliseconds of one run of `num_steps` steps under `plan`, from the cost model."""
+    dense = cost.dense_layer_time()
+    total = 0.0
+    for step in range(num_steps):
+        for layer in range(plan.model.num_layers):
+            patterns = plan.layer_patterns(step, num_steps, layer)
+            total += dense if all(p.kind == "full" for p in patterns) else cost.layer_time(patterns)
+    return total
+
+
+def dense_time(plan: SparsePlan, cost: CostModel, num_steps: int) -> float:
+    return cost.dense_layer_time() * plan.model.num_layers * num_steps
+
+
+@dataclass
+class TrialOutcome:
+    number: int
+    predicted_ms: float
+    predicted_speedup: float
+    psnr: float
+    seconds: float
+    params: dict[str, Any]
+    state: str
+
+
+class PlanSearch:
+    """One search: profile + cost models (one per block size) + an end-to-end evaluator + a study storage.
+
+    >>> # see tests/test_search.py for a complete run on a tiny Wan pipeline
+    """
+
+    def __init__(
+        self,
+        profile: AttentionProfile,
+        costs: dict[int, CostModel],
+        evaluator: Evaluator,
+        space: SearchSpace | None = None,
+        min_psnr: float = 30.0,
+        storage: str = "sqlite:///sparsediff_search.db",
+        study_name: str | None = None,
+        seed: int = 0,
+    ):
+        self.profile, self.costs, self.evaluator = profile, costs, evaluator
+        self.space = space or SearchSpace(block_sizes=tuple(sorted(costs)))
+        missing = [b for b in self.space.block_sizes if b not in costs]
+        if missing:
+            raise ValueError(f"No cost model for block size(s) {missing}; measure one per block size in SearchSpace.block_sizes.")
+        for b, c in costs.items():
+            lacking = [n for n in profile.candidates if get_pattern(n).kind != "skip" and n not in c.fits]
+            if lacking:
+                raise ValueError(f"The block-{b} cost model lacks the profile's candidates {lacking}; measure them too.")
+        self.min_psnr = min_psnr
+        self.num_steps = evaluator.num_steps
+        self.study_name = study_name or f"sparsediff-{profile.model.model_class}-{profile.model.config_hash}-{profile.layout}"
+        self.storage = storage
+        self.seed = seed
+        if storage.startswith("sqlite:///"):  # a new file beside the plan: create its folder
+            Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.study = optuna.create_study(
+                study_name=self.study_name,
+                storage=storage,
+                directions=["minimize", "maximize"],
+                sampler=optuna.samplers.NSGAIISampler(seed=seed, population_size=8),
+                load_if_exists=True,
+            )
+        except Exception as e:  # SQLAlchemy raises many kinds for a bad URL or an unreachable server
+            raise ValueError(f"Cannot open the study storage {storage!r} ({type(e).__name__}: {e}); give a reachable SQLAlchemy URL such as sqlite:///search.db.") from None
+        with warnings.catch_warnings():  # experimental in Optuna, harmless
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.study.set_metric_names(["predicted_attention_ms", "psnr_db"])
+        if not self.study.trials:  # start from a cautious plan so the front has a quality anchor
+            L = profile.model.num_layers
+            self.study.enqueue_trial(
+                {"dense_steps": min(self.max_dense_steps, max(1, self.num_steps // 5)), "dense_layers": 0,
+                 "block_size": self.space.block_sizes[0], "allowance": self.space.allowance[0],
+                 **{f"layer_scale_{l}": 1.0 for l in range(L)}}
+            )
+
+    @property
+    def max_dense_steps(self) -> int:
+        return self.space.max_dense_steps if self.space.max_dense_steps is not None else self.num_steps // 2
+
+    @property
+    def max_dense_layers(self) -> int:
+        L = self.profile.model.num_layers
+        return self.space.max_dense_layers if self.space.max_dense_layers is not None else L // 4
+
+    # ---- one trial -----------------------------------------------------------------------------------
+    def plan_for(self, trial: "optuna.Trial | optuna.trial.FrozenTrial") -> SparsePlan:
+        """The trial's plan (a finished FrozenTrial answers the same suggestions from its stored params)."""
+        s, L = self.space, self.profile.model.num_layers
+        p = {
+            "dense_steps": trial.suggest_int("dense_steps", 0, self.max_dense_steps),
+            "dense_layers": trial.suggest_int("dense_layers", 0, self.max_dense_layers),
+            "block_size": trial.suggest_categorical("block_size", list(s.block_sizes)),
+            "allowance": trial.suggest_float("allowance", *s.allowance, log=True),
+            **{f"layer_scale_{l}": trial.suggest_categorical(f"layer_scale_{l}", list(s.layer_scales)) for l in range(L)},
+        }
+        allowance = [p["allowance"] * p[f"layer_scale_{l}"] for l in range(L)]
+        plan = build_plan(self.profile, self.costs[p["block_size"]], self.num_steps, p["dense_steps"], p["dense_layers"],
+                          allowance, s.num_ranges, p["block_size"])
+        return plan
+
+    def objective(self, trial: optuna.Trial) -> tuple[float, float]:
+        plan = self.plan_for(trial)
+        cost = self.costs[plan.block_size]
+        t = predicted_time(plan, cost, self.num_steps)
+        speedup = dense_time(plan, cost, self.num_steps) / max(t, 1e-9)
+        trial.set_user_attr("predicted_speedup", speedup)
+        trial.set_user_attr("density", plan.predicted_flops_share(self.profile.layout, self.num_steps))
+
+        def report(step: int, psnr: float) -> None:
+            trial.set_user_attr(f"psnr_step_{step}", min(psnr, PSNR_CAP))
+            if psnr < self.min_psnr:
+                trial.set_user_attr("pruned_at_step", step)
+                raise optuna.TrialPruned(f"PSNR {psnr:.1f} dB at step {step} is below the floor {self.min_psnr} dB")
+
+        result = self.evaluator(plan, report)
+        trial.set_user_attr("seconds", result.seconds)
+        trial.set_user_attr("measured_speedup", self.evaluator.dense_seconds / max(result.seconds, 1e-9))
+        return t, min(result.psnr, PSNR_CAP)
+
+    # ---- the loop ------------------------------------------------------------------------------------
+    def finished(self) -> int:
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+        return len(self.study.get_trials(deepcopy=False, states=states))
+
+    def run(self, trials: int, timeout: float | None = None, log: Callable[[str], None] = logger.info, progress: bool = True) -> None:
+        """Run until the study holds `trials` trials (shared by every worker on the storage) or `timeout` s pass."""
+        import time
+
+        from tqdm import tqdm
+
+        start = time.monotonic()
+        bar = tqdm(total=trials, initial=min(self.finished(), trials), desc="search", disable=not progress, leave=False)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        while self.finished() < trials and (timeout is None or time.monotonic() - start < timeout):
+            trial = self.study.ask()
+            if self.finished() > trials:
+                # another worker took the last slot between our count and ask(): give this one back
+                trial.set_user_attr("reason", "trial budget already used by another worker")
+                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                continue
+            try:
+                values = self.objective(trial)
+                self.study.tell(trial, values)
+                log(f"trial {trial.number}: predicted {trial.user_attrs['predicted_speedup']:.2f}x attention, "
+                    f"measured {trial.user_attrs['measured_speedup']:.2f}x run, PSNR {values[1]:.1f} dB")
+            except optuna.TrialPruned as e:
+                self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                log(f"trial {trial.number}: pruned ({e})")
+            except Exception:
+                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                raise
+            bar.update(1)
+        bar.close()
+
+    # ---- results -------------------------------------------------------------------------------------
+    def outcomes(self) -> list[TrialOutcome]:
+        out = []
+        for t in self.study.get_trials(deepcopy=False):
+            if t.state not in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED):
+                continue
+            complete = t.state == optuna.trial.TrialState.COMPLETE
+            out.append(TrialOutcome(
+                t.number,
+                t.values[0] if complete else math.nan,
+                t.user_attrs.get("predicted_speedup", math.nan),
+                t.values[1] if complete else math.nan,
+                t.user_attrs.get("seconds", math.nan),
+                dict(t.params),
+                t.state.name.lower(),
+            ))
+        return out
+
+    def pareto_front(self) -> list[TrialOutcome]:
+        numbers = {t.number for t in self.study.best_trials}
+        return sorted((o for o in self.outcomes() if o.number in numbers), key=lambda o: o.predicted_ms)
+
+    def choose(self, target_speedup: float | None = None) -> tuple[TrialOutcome, SparsePlan]:
+        """The fastest Pareto trial meeting the PSNR floor, or with `target_speedup`, the best-quality trial that
+        reaches it. Raises, naming what was reached and the knob to loosen, when none qualifies."""
+        front = self.pareto_front()
+        done = [o for o in self.outcomes() if o.state == "complete"]
+        if target_speedup is not None:
+            ok = [o for o in front if o.predicted_speedup >= target_speedup]
+            if not ok:
+                best = max((o.predicted_speedup for o in done), default=0.0)
+                raise ValueError(
+                    f"No trial reached the target speedup {target_speedup}x: the fastest predicted {best:.2f}x. "
+                    "Lower --target-speedup, add candidates to the profile, or run more --trials."
+                )
+            chosen = max(ok, key=lambda o: (o.psnr, -o.predicted_ms))
+        else:
+            ok = [o for o in front if o.psnr >= self.min_psnr]
+            if not ok:
+                best = max((o.psnr for o in done), default=-math.inf)
+                raise ValueError(
+                    f"No trial met the quality floor {self.min_psnr} dB: the best PSNR reached was {best:.1f} dB. "
+                    "Lower --min-psnr, or run more --trials (the cautious first trial keeps more steps dense)."
+                )
+            chosen = min(ok, key=lambda o: o.predicted_ms)
+        trial = next(t for t in self.study.get_trials(deepcopy=False) if t.number == chosen.number)
+        plan = self.plan_for(trial)
+        plan.search = {
+            "study": self.study_name,
+            "trial": chosen.number,
+            "min_psnr": self.min_psnr,
+            "target_speedup": target_speedup,
+            "psnr": chosen.psnr,
+            "predicted_attention_speedup": chosen.predicted_speedup,
+            "measured_speedup": trial.user_attrs.get("measured_speedup"),
+            "cost_model": dict(self.costs[plan.block_size].key.__dict__),
+            "params": dict(trial.params),
+        }
+        return chosen, plan

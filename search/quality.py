@@ -1,0 +1,100 @@
+"""Quality of a plan end to end: the pipeline run under the plan against the dense run (PSNR).
+
+(Per-head quality, the relative L2 error of each candidate per step, layer and head, is in the profile:
+`sparsediff.search.profile.AttentionProfile.errors`.)
+
+`PipelineEvaluator` runs a pipeline's calibration calls once dense, keeping every step's latents and the final
+output, then runs them again under a candidate plan with the same seeds and compares: PSNR of the latents after
+each step (reported as the run goes, so a bad plan can stop early) and PSNR of the final output.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from sparsediff.plan import SparsePlan
+
+from .optimize import PSNR_CAP, Evaluation
+
+
+def psnr(x: torch.Tensor, reference: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB, the peak being the reference's data range; capped for identical inputs."""
+    x, reference = torch.as_tensor(x).double(), torch.as_tensor(reference).double()
+    if x.shape != reference.shape:
+        raise ValueError(f"psnr needs equal shapes; got {tuple(x.shape)} and {tuple(reference.shape)}.")
+    mse = float((x - reference).pow(2).mean())
+    peak = float(reference.max() - reference.min()) or 1.0
+    if mse == 0.0:
+        return PSNR_CAP
+    return min(PSNR_CAP, 10 * math.log10(peak**2 / mse))
+
+
+class PipelineEvaluator:
+    """End-to-end quality of plans on a diffusers pipeline.
+
+    Args:
+        pipe: the pipeline (not accelerated).
+        calls (Sequence[dict]): keyword arguments of each calibration call (prompt or embeddings, sizes,
+            `num_inference_steps`); each may hold `seed` (default 0) for its generator.
+        backend (str, optional): kernel backend for the sparse runs.
+    """
+
+    def __init__(self, pipe: Any, calls: Sequence[dict[str, Any]], backend: str | None = None):
+        if not calls:
+            raise ValueError("PipelineEvaluator needs at least one calibration call (a dict of pipeline arguments).")
+        steps = {c.get("num_inference_steps") for c in calls}
+        if len(steps) != 1 or None in steps:
+            raise ValueError(f"Every calibration call needs the same num_inference_steps; got {sorted(map(str, steps))}.")
+        self.pipe, self.calls, self.backend = pipe, [dict(c) for c in calls], backend
+        self.num_steps = int(steps.pop())
+        start = time.perf_counter()
+        self.reference = [self._run(c) for c in self.calls]  # (per-step latents, final output) per call
+        self.dense_seconds = time.perf_counter() - start
+
+    def _run(self, call: dict[str, Any], on_step: Callable[[int, torch.Tensor], None] | None = None):
+        kwargs = copy.copy(call)
+        seed = kwargs.pop("seed", 0)
+        steps: list[torch.Tensor] = []
+
+        def callback(pipe, i, t, tensors):
+            latents = tensors["latents"].detach().float().cpu()
+            steps.append(latents)
+            if on_step is not None:
+                on_step(i, latents)
+            return tensors
+
+        out = self.pipe(
+            **kwargs,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="np",
+            callback_on_step_end=callback,
+            callback_on_step_end_tensor_inputs=["latents"],
+        )
+        frames = out.frames if hasattr(out, "frames") else out[0]
+        return steps, torch.as_tensor(frames).float()
+
+    def __call__(self, plan: SparsePlan, report: Callable[[int, float], None]) -> Evaluation:
+        from sparsediff.api import accelerate
+
+        handle = accelerate(self.pipe, plan, backend=self.backend)
+        try:
+            start = time.perf_counter()
+            finals, per_step = [], [math.inf] * self.num_steps
+            for call, (ref_steps, ref_final) in zip(self.calls, self.reference):
+
+                def on_step(i, latents, ref_steps=ref_steps):
+                    per_step[i] = min(per_step[i], psnr(latents, ref_steps[i]))
+                    report(i, per_step[i])
+
+                _, final = self._run(call, on_step)
+                finals.append(psnr(final, ref_final))
+            seconds = time.perf_counter() - start
+        finally:
+            handle.remove()
+        return Evaluation(psnr=sum(finals) / len(finals), seconds=seconds, step_psnr=per_step)
