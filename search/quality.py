@@ -42,16 +42,17 @@ class PipelineEvaluator:
         pipe: the pipeline (not accelerated).
         calls (Sequence[dict]): keyword arguments of each calibration call (prompt or embeddings, sizes,
             `num_inference_steps`); each may hold `seed` (default 0) for its generator.
-        backend (str, optional): kernel backend for the sparse runs.
+        apply (Callable): `apply(pipe, plan)` installs a plan and returns a handle with `.remove()`
+            (`sparsediff.accelerate` with the backend bound; injected so the search stays below the public API).
     """
 
-    def __init__(self, pipe: Any, calls: Sequence[dict[str, Any]], backend: str | None = None):
+    def __init__(self, pipe: Any, calls: Sequence[dict[str, Any]], apply: Callable[[Any, SparsePlan], Any]):
         if not calls:
             raise ValueError("PipelineEvaluator needs at least one calibration call (a dict of pipeline arguments).")
         steps = {c.get("num_inference_steps") for c in calls}
         if len(steps) != 1 or None in steps:
             raise ValueError(f"Every calibration call needs the same num_inference_steps; got {sorted(map(str, steps))}.")
-        self.pipe, self.calls, self.backend = pipe, [dict(c) for c in calls], backend
+        self.pipe, self.calls, self.apply = pipe, [dict(c) for c in calls], apply
         self.num_steps = int(steps.pop())
         start = time.perf_counter()
         self.reference = [self._run(c) for c in self.calls]  # (per-step latents, final output) per call
@@ -80,9 +81,7 @@ class PipelineEvaluator:
         return steps, torch.as_tensor(frames).float()
 
     def __call__(self, plan: SparsePlan, report: Callable[[int, float], None]) -> Evaluation:
-        from sparsediff.api import accelerate
-
-        handle = accelerate(self.pipe, plan, backend=self.backend)
+        handle = self.apply(self.pipe, plan)
         try:
             start = time.perf_counter()
             finals, per_step = [], [math.inf] * self.num_steps
