@@ -81,15 +81,15 @@ class SparseSpec:
         """(G, nq, nk) bool: blocks where every token pair is allowed (kernels skip the mask there)."""
         if self.mode == "blocks":
             return self.block_mask.clone()
-        S, bs, n = self.seq_len, self.block_size, self.num_blocks
-        pad = n * bs - S
-        cols = torch.arange(S)
-        out = torch.empty((1, n, n), dtype=torch.bool)
-        for qb in range(n):
-            rows = torch.arange(qb * bs, min((qb + 1) * bs, S))
-            m = torch.nn.functional.pad(self.token_allowed(rows, cols), (0, pad), value=True)
-            out[0, qb] = m.view(len(rows), n, bs).all(dim=2).all(dim=0)
-        return out & self.block_mask
+        lo, hi, has_axis, _ = block_axis_ranges(self.seq_len, self.axis_start, self.axis_end, self.block_size)
+        if self.mode == "band":  # the farthest axis pair of the two blocks is within the band
+            far = torch.maximum((hi[:, None] - lo[None, :]).abs(), (hi[None, :] - lo[:, None]).abs())
+            rule = far <= self.radius
+        else:  # stripe: every axis key of the block is a stripe column
+            rule = (hi < self.radius)[None, :].expand(len(lo), -1)
+        # pairs with a text token are always allowed, so only axis-axis pairs can break a block
+        full = rule | ~has_axis[:, None] | ~has_axis[None, :]
+        return full[None] & self.block_mask
 
     def token_allowed(self, rows: torch.Tensor, cols: torch.Tensor, head: int = 0) -> torch.Tensor:
         """(len(rows), len(cols)) bool: the exact token rule (for references and kernels' partial blocks)."""
@@ -114,3 +114,16 @@ def block_table(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[..., :max_k]
     valid = torch.arange(max_k, device=mask.device)[None, None, :] < count[..., None]
     return torch.where(valid, order, torch.full_like(order, -1)).to(torch.int32), count
+
+
+def block_axis_ranges(seq_len: int, axis_start: int, axis_end: int, block_size: int):
+    """Per block: the first and last axis position it holds (`lo`, `hi`), whether it holds any axis token and
+    whether it holds any text token. Axis positions rise with token index, so a block's are one interval."""
+    n = -(-seq_len // block_size)
+    start = torch.arange(n) * block_size
+    end = torch.clamp(start + block_size, max=seq_len)  # exclusive
+    lo = torch.clamp(start, min=axis_start) - axis_start
+    hi = torch.clamp(end, max=axis_end) - 1 - axis_start
+    has_axis = lo <= hi
+    has_text = (start < axis_start) | (end > axis_end)
+    return lo, hi, has_axis, has_text

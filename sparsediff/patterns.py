@@ -31,6 +31,7 @@ from typing import ClassVar
 
 import torch
 
+from .kernels.spec import block_axis_ranges
 from .layout import TokenLayout, check_block_size
 
 PATTERNS: dict[str, type["Pattern"]] = {}
@@ -178,6 +179,21 @@ def _check_param(pattern: Pattern, field: str, value: float, lo: float, hi: floa
         raise ValueError(f"Pattern {pattern.kind!r} got {field}={value!r}; it must be {bound}.")
 
 
+def _axis_blocks(layout: TokenLayout, block_size: int):
+    check_block_size(block_size)
+    a0, a1 = layout.axis_range
+    return block_axis_ranges(layout.num_tokens, a0, a1, block_size)
+
+
+def band_block_mask(layout: TokenLayout, block_size: int, radius: int) -> torch.Tensor:
+    """Block mask of a band |a_i - a_j| <= radius on the axis (text rows and columns kept), without token masks:
+    two blocks meet when the nearest axis pair of their intervals is within the band."""
+    lo, hi, has_axis, has_text = _axis_blocks(layout, block_size)
+    near = torch.clamp(torch.maximum(lo[None, :] - hi[:, None], lo[:, None] - hi[None, :]), min=0)
+    meet = (near <= radius) & has_axis[:, None] & has_axis[None, :]
+    return meet | has_text[:, None] | has_text[None, :]
+
+
 @register_pattern
 @dataclass(frozen=True)
 class Diagonal(Pattern):
@@ -199,6 +215,9 @@ class Diagonal(Pattern):
     def allowed(self, layout, rows):
         a = layout.axis_index
         return (a[rows][:, None] - a[None, :]).abs() <= self.kernel_radius(layout)
+
+    def block_mask(self, layout, block_size, scores=None):
+        return band_block_mask(layout, block_size, self.kernel_radius(layout))
 
 
 @register_pattern
@@ -226,6 +245,9 @@ class MultiDiagonal(Pattern):
         a = layout.axis_index  # in kernel order this is the token-major position
         return (a[rows][:, None] - a[None, :]).abs() <= self.kernel_radius(layout)
 
+    def block_mask(self, layout, block_size, scores=None):
+        return band_block_mask(layout, block_size, self.kernel_radius(layout))
+
 
 @register_pattern
 @dataclass(frozen=True)
@@ -249,6 +271,11 @@ class VerticalStripe(Pattern):
         a = layout.axis_index
         keep = (a >= 0) & (a < self.kernel_radius(layout))
         return keep[None, :].expand(len(rows), -1)
+
+    def block_mask(self, layout, block_size, scores=None):
+        lo, _, has_axis, has_text = _axis_blocks(layout, block_size)
+        stripe = has_axis & (lo < self.kernel_radius(layout))
+        return stripe[None, :] | has_text[:, None] | has_text[None, :]
 
 
 @register_pattern

@@ -1,9 +1,16 @@
 """Shared fixtures: the ragged layouts every fast path is checked on."""
 
+import os
+
 import pytest
 import torch
 
 from sparsediff.layout import TokenLayout
+
+# Without a GPU, Triton kernels run on Triton's CPU interpreter. Triton reads TRITON_INTERPRET when a kernel is
+# decorated, so it is set here, before any test module imports one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Ragged lengths (97, 130, 191 tokens), text first and text last, and diffusion-LM layouts.
 RAGGED_LAYOUTS = [

@@ -162,3 +162,11 @@ def test_kernel_order_mask_is_the_token_mask_reordered(ragged_layout, name):
         assert torch.equal(kernel, original)
     else:
         assert torch.equal(kernel, original[order][:, order])
+
+
+@pytest.mark.parametrize("name", ["diagonal_w1", "multi_diagonal_w1", "vertical_stripe_f1"])
+def test_analytic_block_masks_match_the_generic_reduction(ragged_layout, name):
+    pattern = get_pattern(name)
+    for block_size in (16, 48):
+        generic = Pattern.block_mask(pattern, ragged_layout, block_size)  # chunked token-mask reduction
+        assert torch.equal(pattern.block_mask(ragged_layout, block_size), generic)

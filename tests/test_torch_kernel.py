@@ -83,3 +83,18 @@ def test_wrong_length_is_refused():
     q = torch.randn(1, 2, 60, 16)
     with pytest.raises(ValueError, match="S=60 tokens but the spec was built for 64"):
         torch_sparse_attention(q, q, q, spec)
+
+
+@pytest.mark.parametrize("name", ["diagonal_w0.5", "diagonal_w2", "multi_diagonal_w1", "vertical_stripe_f0.5", "vertical_stripe_f2"])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_full_blocks_are_exactly_the_blocks_without_a_masked_pair(ragged_layout, name, block_size):
+    spec = make_spec(name, ragged_layout, block_size)
+    S = spec.seq_len
+    idx = torch.arange(S)
+    allowed = spec.token_allowed(idx, idx)
+    n = spec.num_blocks
+    expect = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        for j in range(n):
+            expect[i, j] = allowed[i * block_size : (i + 1) * block_size, j * block_size : (j + 1) * block_size].all()
+    assert torch.equal(spec.full_block_mask()[0], expect & spec.block_mask[0])

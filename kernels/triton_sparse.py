@@ -1,0 +1,321 @@
+"""Block-sparse flash-attention forward in Triton: one launch runs one head group's `SparseSpec` for all B * G heads.
+
+Each program owns a BLOCK_M tile of queries of one (batch, head) and walks only the key blocks listed for its
+query block, in BLOCK_N sub-tiles, with an online softmax accumulated in float32. Fully masked blocks are never
+read. The listed blocks come in two tables, walked by two flat loops: "full" blocks, where every token pair is
+allowed, run without any mask; "partial" blocks (the band's edges, the stripe's last block, the ragged tail of
+the sequence) apply the exact token rule of `sparsediff.kernels.spec`.
+
+Triton runs on CUDA devices, or on the CPU through its interpreter (slow; for tests): set TRITON_INTERPRET=1
+before this module is imported, because Triton reads it when the kernels below are decorated.
+
+>>> import torch
+>>> from sparsediff.kernels.spec import SparseSpec
+>>> spec = SparseSpec("band", 40, 16, 0, 40, 3, torch.ones((1, 3, 3), dtype=torch.bool))
+>>> q = k = v = torch.randn(1, 2, 40, 16, device="cuda")  # doctest: +SKIP
+>>> triton_sparse_attention(q, k, v, spec).shape  # doctest: +SKIP
+torch.Size([1, 2, 40, 16])
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .spec import SparseSpec, block_table
+
+# ---- capabilities -----------------------------------------------------------------------------------------
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+HEAD_DIMS = (16, 32, 64, 128)
+MODE_IDS = {"band": 0, "stripe": 1, "blocks": 2}
+# Tiles are powers of two that divide the spec's block size; tl.dot needs at least 16 rows and columns.
+TILES = (16, 32, 64, 128)
+MIN_TILE = TILES[0]
+
+
+def _largest_tile(block_size: int) -> int:
+    """The largest tile in TILES that divides block_size (block_size is a multiple of MIN_TILE)."""
+    return max(t for t in TILES if block_size % t == 0)
+
+
+# ---- inner loop: the key blocks of one table, in BLOCK_N sub-tiles ------------------------------------------
+
+
+@triton.jit
+def _allowed(offs_m, offs_n, S, axis_start, axis_end, radius, MODE: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) bool: the spec's token rule, and key inside the sequence."""
+    text_q = (offs_m < axis_start) | (offs_m >= axis_end)
+    text_k = (offs_n < axis_start) | (offs_n >= axis_end)
+    if MODE == 0:  # band: |a_i - a_j| <= radius, and a_i - a_j = i - j
+        rule = tl.abs(offs_m[:, None] - offs_n[None, :]) <= radius
+    elif MODE == 1:  # stripe: the first `radius` axis keys
+        rule = (offs_n - axis_start < radius)[None, :]
+    else:  # blocks: a listed block is allowed as a whole
+        rule = (offs_n >= 0)[None, :]
+    allowed = rule | text_q[:, None] | text_k[None, :]  # broadcasts to (BLOCK_M, BLOCK_N)
+    return allowed & (offs_n < S)[None, :]
+
+
+@triton.jit
+def _attn_fwd_inner(
+    acc, l_i, m_i, q,  # running state (BLOCK_M, HEAD_DIM), (BLOCK_M,), (BLOCK_M,) and the query tile
+    k_head, v_head, stride_ks, stride_vs,
+    block_index, block_count,  # this query block's row of one block table, and how many entries it has
+    offs_m, offs_d, qk_scale,
+    S, axis_start, axis_end, radius,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, MODE: tl.constexpr,
+    MASKED: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """Online softmax over the listed key blocks, BLOCK_N keys at a time; MASKED applies the token rule."""
+    SUB_TILES: tl.constexpr = BLOCK_SIZE // BLOCK_N
+    for i in range(0, block_count * SUB_TILES):  # one flat loop, so the compiler can pipeline across blocks
+        start_n = tl.load(block_index + i // SUB_TILES) * BLOCK_SIZE + (i % SUB_TILES) * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_ptrs = k_head + offs_n[:, None] * stride_ks + offs_d[None, :]
+        v_ptrs = v_head + offs_n[:, None] * stride_vs + offs_d[None, :]
+        if MASKED:  # the block may reach past S (ragged tail)
+            k = tl.load(k_ptrs, mask=(offs_n < S)[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        if MASKED:
+            qk = tl.where(_allowed(offs_m, offs_n, S, axis_start, axis_end, radius, MODE), qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # a row with no allowed key so far keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=(offs_n < S)[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        if DOT_FP32:
+            v = v.to(tl.float32)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+# ---- autotuning -------------------------------------------------------------------------------------------
+
+
+def _candidate_configs() -> list[triton.Config]:
+    """Every tile shape x num_warps x num_stages; `_config_fits` keeps those that suit the call's shapes."""
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        for m in TILES
+        for n in TILES
+        for w in (4, 8)
+        for s in (2, 3)
+    ]
+
+
+def _config_fits(config: triton.Config, block_size: int, head_dim: int) -> bool:
+    """Tiles divide the block size (the block tables' granularity), are as large as the block allows, and fit
+    in registers. For any multiple of 16, (largest tile, min(largest tile, 64), 4 warps, 2 stages) fits."""
+    m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    largest = _largest_tile(block_size)
+    if block_size % m or block_size % n or n > m:
+        return False
+    if n < min(largest, 64):  # small tiles leave the tensor cores idle
+        return False
+    if head_dim >= 128 and m * n > 128 * 64:  # the score tile and q would spill registers
+        return False
+    if config.num_warps == 8 and m < 128:  # 8 warps only pay off on 128-row tiles
+        return False
+    return m >= 64 or config.num_stages == 2  # small blocks: nothing to pipeline, one config
+
+
+def _interpreter_config(block_size: int) -> triton.Config:
+    """The interpreter's one config (it never benchmarks): whole-block query tiles, which mean fewer programs
+    to interpret, and key sub-tiles of half a block where possible, so the CPU tests run the sub-tile loop."""
+    largest = _largest_tile(block_size)
+    return triton.Config({"BLOCK_M": largest, "BLOCK_N": max(MIN_TILE, largest // 2)}, num_warps=4, num_stages=1)
+
+
+def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    args = {**named_args, **kwargs}
+    if INTERPRET:
+        return [_interpreter_config(args["BLOCK_SIZE"])]
+    return [c for c in configs if _config_fits(c, args["BLOCK_SIZE"], args["HEAD_DIM"])]
+
+
+# ---- outer kernel -----------------------------------------------------------------------------------------
+
+
+@triton.autotune(
+    configs=_candidate_configs(),
+    key=["S", "HEAD_DIM", "BLOCK_SIZE", "MODE"],  # the autotuner adds the tensors' dtypes
+    prune_configs_by={"early_config_prune": _prune_configs},
+)
+@triton.jit
+def _sparse_attn_fwd(
+    Q, K, V, Out,
+    FULL_INDEX, FULL_COUNT, PARTIAL_INDEX, PARTIAL_COUNT,  # block tables (G, nq, max_k) int32 and (G, nq) int32
+    sm_scale,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_os,
+    stride_fih, stride_fim, stride_fch,  # table strides: head (0 when the group shares one table), query block
+    stride_pih, stride_pim, stride_pch,
+    G, S, axis_start, axis_end, radius,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, MODE: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,  # dot operands in float32 (only where the interpreter cannot multiply bfloat16)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // G).to(tl.int64)
+    h = pid_bh % G
+    q_block = (pid_m * BLOCK_M) // BLOCK_SIZE  # BLOCK_M divides BLOCK_SIZE
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    q_head = Q + b * stride_qb + h.to(tl.int64) * stride_qh
+    k_head = K + b * stride_kb + h.to(tl.int64) * stride_kh
+    v_head = V + b * stride_vb + h.to(tl.int64) * stride_vh
+    q = tl.load(q_head + offs_m[:, None] * stride_qs + offs_d[None, :], mask=(offs_m < S)[:, None], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634  # log2(e): the softmax runs on exp2
+
+    # blocks where every token pair is allowed: no mask
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_head, v_head, stride_ks, stride_vs,
+        FULL_INDEX + h * stride_fih + q_block * stride_fim, tl.load(FULL_COUNT + h * stride_fch + q_block),
+        offs_m, offs_d, qk_scale, S, axis_start, axis_end, radius,
+        BLOCK_N, BLOCK_SIZE, MODE, False, PRECISION, DOT_FP32,
+    )
+    # partial blocks: the token rule and the sequence end
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_head, v_head, stride_ks, stride_vs,
+        PARTIAL_INDEX + h * stride_pih + q_block * stride_pim, tl.load(PARTIAL_COUNT + h * stride_pch + q_block),
+        offs_m, offs_d, qk_scale, S, axis_start, axis_end, radius,
+        BLOCK_N, BLOCK_SIZE, MODE, True, PRECISION, DOT_FP32,
+    )
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l = 0 only on padding rows: write 0, not NaN
+    o_head = Out + b * stride_ob + h.to(tl.int64) * stride_oh
+    o_ptrs = o_head + offs_m[:, None] * stride_os + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m < S)[:, None])
+
+
+# ---- block tables -----------------------------------------------------------------------------------------
+
+
+def full_and_partial_blocks(spec: SparseSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(full, partial), each (G', nq, nk) bool, splitting `spec.block_mask`: full blocks need no mask at all,
+    partial ones apply the token rule. The ragged last key block is never full: its padding lies past S."""
+    full = spec.full_block_mask().expand_as(spec.block_mask).clone()
+    if spec.seq_len % spec.block_size:
+        full[..., -1] = False
+    return full, spec.block_mask & ~full
+
+
+def _block_tables(spec: SparseSpec, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(full index, full count, partial index, partial count) on `device`, built once per spec and device."""
+    full, partial = spec.cached(  # (G', nq, nk) each, kept on the CPU
+        "triton_full_partial", torch.device("cpu"), lambda: torch.stack(full_and_partial_blocks(spec))
+    )
+    return (
+        spec.cached("triton_full_index", device, lambda: block_table(full)[0]),
+        spec.cached("triton_full_count", device, lambda: block_table(full)[1]),
+        spec.cached("triton_partial_index", device, lambda: block_table(partial)[0]),
+        spec.cached("triton_partial_count", device, lambda: block_table(partial)[1]),
+    )
+
+
+# ---- wrapper ----------------------------------------------------------------------------------------------
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: SparseSpec) -> None:
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(
+            f"q, k, v must be (B, G, S, D) of one shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}. "
+            "Select the group's heads with q[:, heads] before calling the kernel."
+        )
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(
+            f"q, k, v have dtypes {q.dtype}, {k.dtype}, {v.dtype}; the Triton kernel takes one of float16, bfloat16 "
+            "or float32 for all three. Cast them, e.g. q.to(torch.bfloat16)."
+        )
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v are on {q.device}, {k.device}, {v.device}; move them to one device.")
+    if q.device.type != "cuda" and not INTERPRET:
+        raise ValueError(
+            f"q is on {q.device.type}, and the Triton kernel needs a CUDA device; move q, k, v to CUDA, use "
+            "backend='torch', or set TRITON_INTERPRET=1 before importing sparsediff.kernels.triton_sparse (tests)."
+        )
+    B, G, S, D = q.shape
+    if D not in HEAD_DIMS:
+        raise ValueError(
+            f"Head dim D={D} is not supported by the Triton kernel; it takes D in {HEAD_DIMS}. "
+            "Use backend='torch' or 'flex' for this model."
+        )
+    if S != spec.seq_len:
+        raise ValueError(
+            f"q has S={S} tokens but the spec was built for seq_len={spec.seq_len}; build the spec from this layout."
+        )
+    if spec.block_size % MIN_TILE:
+        raise ValueError(
+            f"block_size={spec.block_size} is not a multiple of {MIN_TILE}, the Triton kernel's smallest tile; "
+            "use a block size such as 64 or 128."
+        )
+    if spec.block_mask.shape[0] not in (1, G):
+        raise ValueError(
+            f"spec.block_mask has {spec.block_mask.shape[0]} heads but q has G={G}; "
+            "give one block mask per head of the group, or one shared by all of them."
+        )
+
+
+def triton_sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: SparseSpec, scale: float | None = None
+) -> torch.Tensor:
+    """Sparse attention for one head group with the Triton kernel.
+
+    Args:
+        q, k, v: (B, G, S, D) in the spec's kernel order; float16, bfloat16 or float32; D in 16..128.
+        spec: the group's `SparseSpec` (block_mask with 1 or G heads; block_size a multiple of 16).
+        scale: softmax scale, 1/sqrt(D) by default.
+    Returns:
+        (B, G, S, D) in q's dtype, equal to `spec_reference_attention(q, k, v, spec, scale)`.
+    """
+    _check_inputs(q, k, v, spec)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # the kernel assumes unit D stride
+    B, G, S, D = q.shape
+    scale = D**-0.5 if scale is None else scale
+    # (G, nq, max_k) and (G, nq): a table shared by the group broadcasts with head stride 0
+    tables = (t.expand(G, *t.shape[1:]) for t in _block_tables(spec, q.device))
+    full_index, full_count, partial_index, partial_count = tables
+    # Triton's interpreter (3.x) multiplies bfloat16 tiles as their raw 16-bit integers; it gets float32 operands
+    upcast = INTERPRET and q.dtype == torch.bfloat16
+    out = torch.empty((B, G, S, D), dtype=q.dtype, device=q.device)
+    grid = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * G)  # noqa: E731
+    _sparse_attn_fwd[grid](
+        q, k, v, out,
+        full_index, full_count, partial_index, partial_count,
+        scale,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        full_index.stride(0), full_index.stride(1), full_count.stride(0),
+        partial_index.stride(0), partial_index.stride(1), partial_count.stride(0),
+        G, S, spec.axis_start, spec.axis_end, spec.radius,
+        HEAD_DIM=D, BLOCK_SIZE=spec.block_size, MODE=MODE_IDS[spec.mode],
+        PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32", DOT_FP32=upcast,
+    )
+    return out

@@ -1,0 +1,299 @@
+"""GPU benchmark of the Triton block-sparse kernel: dense SDPA (flash) vs Triton vs FlexAttention, side by side.
+
+One question: at S = 32768 (video 8x64x64), bf16, D = 128, 8 heads, how much faster than dense attention is the
+Triton kernel for each pattern and density, and how close to proportional (efficiency = speedup x density)?
+
+For a CUDA machine whose Python has torch and triton but not diffusers or optuna, with sparsediff NOT installed:
+`sparsediff` and `sparsediff.kernels` are imported from this checkout. In order it (1) runs the Triton tests,
+GPU-marked ones included, when pytest is available; (2) prints the correctness check: the max abs error of
+Triton and (eager) FlexAttention against the dense masked reference on a small ragged text+video case; (3) prints
+one table; (4) writes everything to $OUT/bench_gpu.json when $OUT is set. About 3-5 minutes on an H200, most of
+it compiling kernels.
+
+    python samples/bench_gpu.py
+    python samples/bench_gpu.py --no-tests --reps 50
+    python samples/bench_gpu.py --dry-run      # no GPU needed: set up the imports and list the cases
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+SUBPACKAGES = ("kernels",)  # folders that pyproject.toml installs as sparsediff.<folder>
+
+BENCH_LAYOUT = "video:8x64x64"  # 32768 tokens, 8 frames of 4096
+CHECK_LAYOUT = "text:32+video:4x16x16"  # 1056 tokens: text first, ragged last block at block size 128
+CHECK_PATTERNS = ["diagonal_w1", "multi_diagonal_w8", "vertical_stripe_f1", "topk_blocks_k0.25"]
+DENSITIES = (0.1, 0.25, 0.5)
+CHECK_TOLERANCE = 2e-2  # max abs error allowed in bf16 against the float32 reference
+
+
+def use_checkout() -> None:
+    """Make `sparsediff` and its subpackages importable from this checkout without pip: the repo root goes
+    first on sys.path, and each folder in SUBPACKAGES is registered as `sparsediff.<folder>`."""
+    sys.path.insert(0, str(REPO))
+    import sparsediff
+
+    if Path(sparsediff.__file__).resolve().parent != REPO / "sparsediff":
+        raise SystemExit(f"sparsediff was imported from {sparsediff.__file__}, not from {REPO}.")
+    for name in SUBPACKAGES:
+        spec = importlib.util.spec_from_file_location(
+            f"sparsediff.{name}", REPO / name / "__init__.py", submodule_search_locations=[str(REPO / name)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        setattr(sparsediff, name, module)
+
+
+def bench_cases(layout) -> list[tuple[str, float | None]]:
+    """(pattern name, target density) per row. A band of half-width r * S keeps 2r - r^2 of the score square,
+    so r = 1 - sqrt(1 - density); a stripe of w keys keeps w / S."""
+    S, per_frame, frames = layout.num_axis_tokens, layout.tokens_per_frame, layout.frames
+    radii = [round((1 - math.sqrt(1 - d)) * S) for d in DENSITIES]
+    return [
+        *[(f"diagonal_w{r / per_frame:.4g}", d) for r, d in zip(radii, DENSITIES)],
+        *[(f"multi_diagonal_w{r / frames:.4g}", d) for r, d in zip(radii, DENSITIES)],
+        *[(f"vertical_stripe_f{d * S / per_frame:.4g}", d) for d in DENSITIES],
+        ("topk_blocks_k0.25", None),
+    ]
+
+
+def make_spec(name: str, layout, block_size: int, heads: int, seed: int = 0):
+    """The spec the runtime builds; topk_blocks gets random per-head block scores (heads, nq, nk)."""
+    from sparsediff.patterns import get_pattern
+    from sparsediff.runtime import build_spec
+
+    pattern = get_pattern(name)
+    scores = None
+    if pattern.needs_scores:
+        n = layout.num_blocks(block_size)
+        scores = torch.rand((heads, n, n), generator=torch.Generator().manual_seed(seed))
+    return build_spec(pattern, layout, block_size, scores)
+
+
+def random_qkv(heads: int, seq_len: int, head_dim: int, seed: int) -> list[torch.Tensor]:
+    """(1, H, S, D) bf16 on the GPU, taken as already in each pattern's kernel order."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, heads, seq_len, head_dim, generator=g).cuda().bfloat16() for _ in range(3)]
+
+
+def time_ms(fn, warmup: int, reps: int) -> float:
+    """Median milliseconds of `fn()` on the GPU, after warmup calls (which also compile and autotune)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def run_pytest(args: list[str]) -> dict:
+    """pytest in a child Python that imports sparsediff from this checkout: exit code, summary, failures."""
+    child = (
+        f"import sys; sys.path.insert(0, {str(REPO / 'samples')!r}); import bench_gpu; bench_gpu.use_checkout(); "
+        "import pytest; sys.exit(pytest.main(sys.argv[1:]))"
+    )
+    start = time.perf_counter()
+    command = [sys.executable, "-c", child, "-p", "no:cacheprovider", *args]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    lines = done.stdout.splitlines()
+    counts = [line for line in lines if re.search(r"\b(passed|failed|errors?|skipped|no tests ran)\b", line)]
+    return {
+        "args": args,
+        "returncode": done.returncode,
+        "summary": counts[-1].strip() if counts else (lines or [done.stderr.strip()[-300:]])[-1],
+        "failures": [line for line in lines if line.startswith(("FAILED", "ERROR"))],
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def correctness(args, flex) -> list[dict]:
+    """Max abs error of Triton and eager FlexAttention vs the dense masked reference on a small ragged case."""
+    from sparsediff.kernels.reference import spec_reference_attention
+    from sparsediff.kernels.triton_sparse import triton_sparse_attention
+    from sparsediff.layout import TokenLayout
+
+    layout = TokenLayout.parse(CHECK_LAYOUT)
+    q, k, v = random_qkv(args.heads, layout.num_tokens, args.head_dim, seed=0)
+    rows = []
+    for name in CHECK_PATTERNS:
+        spec = make_spec(name, layout, args.block_size, args.heads)
+        expect = spec_reference_attention(q, k, v, spec).float()
+        row = {"pattern": name, "triton": (triton_sparse_attention(q, k, v, spec).float() - expect).abs().max().item()}
+        if flex is not None:
+            row["flex"] = (flex(q, k, v, spec, compiled=False).float() - expect).abs().max().item()
+        row["ok"] = all(row[key] <= CHECK_TOLERANCE for key in ("triton", "flex") if key in row)
+        rows.append(row)
+    return rows
+
+
+def benchmark(args, flex) -> list[dict]:
+    """One row per case: dense, Triton and FlexAttention milliseconds, measured side by side in this run."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from sparsediff.kernels.triton_sparse import triton_sparse_attention
+    from sparsediff.layout import TokenLayout
+    from sparsediff.patterns import block_density
+
+    layout = TokenLayout.parse(args.layout)
+    q, k, v = random_qkv(args.heads, layout.num_tokens, args.head_dim, seed=1)  # multi_diagonal's reorder: untimed
+
+    def dense():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    dense_ms = time_ms(dense, args.warmup, args.reps)
+    rows = []
+    for name, target in bench_cases(layout):
+        start = time.perf_counter()
+        spec = make_spec(name, layout, args.block_size, args.heads)
+        build_s = time.perf_counter() - start
+        density = block_density(spec.block_mask, layout, args.block_size)
+        triton_ms = time_ms(lambda: triton_sparse_attention(q, k, v, spec), args.warmup, args.reps)
+        row = {
+            "pattern": name, "target_density": target, "density": density, "spec_build_s": build_s,
+            "dense_ms": dense_ms, "triton_ms": triton_ms,
+            "speedup": dense_ms / triton_ms, "efficiency": dense_ms / triton_ms * density,
+        }
+        if flex is not None:
+            row["flex_ms"] = time_ms(lambda: flex(q, k, v, spec), args.warmup, args.reps)
+            row["flex_speedup"] = dense_ms / row["flex_ms"]
+            row["flex_efficiency"] = row["flex_speedup"] * density
+            difference = triton_sparse_attention(q, k, v, spec) - flex(q, k, v, spec)
+            row["triton_vs_flex_max_abs"] = difference.abs().max().item()
+        rows.append(row)
+        print(f"  {name}: density {density:.3f}, triton {triton_ms:.2f} ms, spec {build_s:.1f} s", file=sys.stderr)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    flex = "flex_ms" in rows[0]
+    head = f"{'pattern':<26}{'density':>8}{'dense ms':>10}{'triton ms':>11}{'speedup':>9}{'effic.':>8}"
+    if flex:
+        head += f"{'flex ms':>9}{'speedup':>9}{'effic.':>8}{'|tri-flex|':>11}"
+    print(head)
+    for r in rows:
+        line = (
+            f"{r['pattern']:<26}{r['density']:>8.3f}{r['dense_ms']:>10.2f}{r['triton_ms']:>11.2f}"
+            f"{r['speedup']:>9.2f}{r['efficiency']:>8.2f}"
+        )
+        if flex:
+            line += (
+                f"{r['flex_ms']:>9.2f}{r['flex_speedup']:>9.2f}{r['flex_efficiency']:>8.2f}"
+                f"{r['triton_vs_flex_max_abs']:>11.2e}"
+            )
+        print(line)
+    print("speedup = dense ms / sparse ms; efficiency = speedup x density (1.0: time proportional to computed blocks)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--layout", default=BENCH_LAYOUT, help=f"token layout to time (default {BENCH_LAYOUT})")
+    parser.add_argument("--heads", type=int, default=8, help="heads, all in one kernel launch (default 8)")
+    parser.add_argument("--head-dim", type=int, default=128, help="head dim D (default 128)")
+    parser.add_argument("--block-size", type=int, default=128, help="tokens per block of the tables (default 128)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls per kernel, compiles included (default 3)")
+    parser.add_argument("--reps", type=int, default=20, help="timed calls per kernel; reports the median (default 20)")
+    parser.add_argument("--no-tests", action="store_true", help="skip the pytest run")
+    parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compiles take about a minute)")
+    parser.add_argument("--dry-run", action="store_true", help="set up the imports and list the cases; needs no GPU")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    use_checkout()
+    from sparsediff.layout import TokenLayout
+
+    if args.dry_run:
+        import sparsediff.kernels.triton_sparse  # noqa: F401  (the kernel module imports without a GPU)
+        import sparsediff.runtime  # noqa: F401
+
+        print(f"sparsediff from {REPO}; torch {torch.__version__}; cases on {args.layout}:")
+        for name, target in bench_cases(TokenLayout.parse(args.layout)):
+            print(f"  {name} (target density {target})")
+        return 0
+    if not torch.cuda.is_available():
+        print("bench_gpu.py needs a CUDA device; run it on a GPU machine (--dry-run checks the setup).", file=sys.stderr)
+        return 2
+    import triton
+
+    report = {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "config": vars(args), "tests": [],
+    }
+    print(f"{report['device']}, torch {report['torch']}, triton {report['triton']}")
+    flex = None
+    if not args.no_flex:
+        try:
+            from sparsediff.kernels.flex_sparse import flex_sparse_attention as flex
+        except ImportError as error:
+            print(f"FlexAttention column skipped: {error}.", file=sys.stderr)
+
+    if args.no_tests:
+        print("tests: skipped (--no-tests)")
+    elif importlib.util.find_spec("pytest") is None:
+        print("tests: pytest is not installed; the built-in correctness check below is the only check")
+    else:  # the Triton tests with their GPU-marked ones, then the GPU-marked tests of other modules
+        runs = [["-m", "not slow", "tests/test_triton_kernel.py"]]
+        others = [
+            str(path.relative_to(REPO))
+            for path in sorted((REPO / "tests").glob("test_*.py"))
+            if path.name != "test_triton_kernel.py" and "mark.gpu" in path.read_text()
+        ]
+        if others:
+            runs.append(["-m", "gpu", *others])
+        for pytest_args in runs:
+            result = run_pytest(pytest_args)
+            report["tests"].append(result)
+            print(f"tests {' '.join(pytest_args)}: {result['summary']} "
+                  f"(exit {result['returncode']}, {result['seconds']} s)")
+            for failure in result["failures"]:
+                print(f"  {failure}")
+
+    report["correctness"] = correctness(args, flex)
+    print(f"\ncorrectness on {CHECK_LAYOUT}, bf16, D={args.head_dim}, block {args.block_size}: "
+          f"max abs error vs the dense masked reference (tolerance {CHECK_TOLERANCE})")
+    for row in report["correctness"]:
+        flex_error = f"  flex (eager) {row['flex']:.2e}" if "flex" in row else ""
+        print(f"  {row['pattern']:<22} triton {row['triton']:.2e}{flex_error}  {'ok' if row['ok'] else 'FAIL'}")
+
+    layout = TokenLayout.parse(args.layout)
+    print(f"\n{args.layout} ({layout.num_tokens} tokens), bf16, D={args.head_dim}, {args.heads} heads, "
+          f"block {args.block_size}; median of {args.reps} calls after {args.warmup} warmup calls")
+    report["results"] = benchmark(args, flex)
+    print_table(report["results"])
+
+    if os.environ.get("OUT"):
+        path = Path(os.environ["OUT"]) / "bench_gpu.json"
+        path.write_text(json.dumps(report, indent=2))
+        print(f"wrote {path}")
+    tests_ok = all(t["returncode"] == 0 for t in report["tests"])
+    return 0 if tests_ok and all(r["ok"] for r in report["correctness"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
