@@ -34,9 +34,10 @@ demo: setup
 bench: setup
 	$(VENV)/bin/sparsediff bench attention --seq-len 8192 --heads 8 --head-dim 64 --dtype float32 --sweep
 
-# One short run on a CUDA machine (whose Python already has torch and triton): Triton tests, then the benchmark.
+# One short run on a CUDA machine whose Python already has torch and triton (no setup, no install):
+# the Triton tests, the correctness check, then the benchmark table (JSON to $$OUT when set).
 bench-gpu:
-	PYTHONPATH=.gpu_path $(PYTHON) samples/bench_gpu.py
+	$(PYTHON) samples/bench_gpu.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
