@@ -13,6 +13,8 @@ _LAZY = {
     "ModelFingerprint": "sparsediff.plan",
     "get_pattern": "sparsediff.patterns",
     "PATTERNS": "sparsediff.patterns",
+    "accelerate": "sparsediff.api",
+    "profile": "sparsediff.api",
 }
 
 __all__ = ["__version__", *_LAZY]

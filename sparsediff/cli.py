@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from . import __version__
 
@@ -27,12 +28,56 @@ def _cmd_show(args: argparse.Namespace) -> int:
         info = {"pattern": pattern.name, "layout": str(layout), "out": str(out)}
         if args.block_size:
             info["density"] = round(pattern.estimated_density(layout, args.block_size), 4)
+    elif args.plan and Path(args.plan).is_dir():
+        from .render import render_profile
+        from .search.profile import AttentionProfile
+
+        prof = AttentionProfile.load(args.plan)
+        maps, errors = render_profile(prof, args.out, layers=_ints(args.layers), steps=_ints(args.steps))
+        info = {"profile": args.plan, "out": str(maps), "errors_out": str(errors), "model": prof.model.model_class,
+                "layout": str(prof.layout), "mean_errors": prof.mean_errors()}
     elif args.plan:
         plan = SparsePlan.load(args.plan)
         out = render_plan(plan, args.out, layout=layout)
         info = {"plan": args.plan, "out": str(out), **plan.summary(layout)}
     else:
         raise ValueError("`sparsediff show` needs a plan file or --pattern NAME --layout LAYOUT.")
+    _emit(info, args.json)
+    return 0
+
+
+def _ints(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{text!r} is not a comma-separated list of integers, e.g. 0,5,9.") from None
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    import torch
+
+    from .api import load_pipeline, profile
+
+    pipe = load_pipeline(args.model, args.device)
+    pipe.set_progress_bar_config(disable=True)  # the profile's own bar counts the work
+    prompts = ["A red panda climbs a mossy tree in the rain, cinematic lighting."]
+    if args.prompts:
+        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"--prompts {args.prompts!r} holds no prompt; write one prompt per line.")
+    sizes = {"height": args.height, "width": args.width, "num_frames": args.frames}
+    inputs = [dict(prompt=p, num_inference_steps=args.steps, output_type="latent",
+                   generator=torch.Generator().manual_seed(i), **{k: v for k, v in sizes.items() if v is not None})
+              for i, p in enumerate(prompts)]
+    candidates = args.candidates.split(",") if args.candidates else None
+    prof = profile(pipe, inputs, out=args.out, candidates=candidates, block_size=args.block_size,
+                   steps=_ints(args.record_steps), layers=_ints(args.layers), progress=not args.json)
+    info = {"out": args.out, "model": prof.model.model_class, "layout": str(prof.layout), "prompts": len(prompts),
+            "steps": len(prof.steps), "layers": len(prof.layers), "heads": prof.num_heads,
+            "mass_shape": list(prof.mass.shape), "errors_shape": list(prof.errors.shape),
+            "mean_errors": prof.mean_errors()}
     _emit(info, args.json)
     return 0
 
@@ -119,14 +164,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     show = sub.add_parser("show", help="render a plan (layer x head grid) or a pattern's mask on a layout to PNG")
-    show.add_argument("plan", nargs="?", help="plan JSON file to render")
+    show.add_argument("plan", nargs="?", help="plan JSON file, or profile directory, to render")
     show.add_argument("--pattern", help="a pattern name to render instead, e.g. diagonal_w1")
     show.add_argument("--layout", help="token layout, e.g. text:16+video:4x8x8 (patterns: required)")
     show.add_argument("--block-size", type=int, default=None, help="draw the block mask instead of the token mask")
     show.add_argument("--scale", type=int, default=1, help="pixels per mask cell (patterns)")
     show.add_argument("--out", required=True, help="PNG file to write")
+    show.add_argument("--layers", help="profiles: layers to draw, comma-separated (default: first, middle, last)")
+    show.add_argument("--steps", help="profiles: steps to draw, comma-separated (default: first and last)")
     show.add_argument("--json", action="store_true", help="print the summary as JSON")
     show.set_defaults(func=_cmd_show)
+
+    prof = sub.add_parser("profile", help="record per-head attention mass and each candidate pattern's error")
+    prof.add_argument("--model", required=True, help="a saved diffusers pipeline directory (`embedded`: not yet)")
+    prof.add_argument("--prompts", help="text file, one calibration prompt per line (default: one built-in prompt)")
+    prof.add_argument("--steps", type=int, default=10, help="denoising steps per prompt")
+    prof.add_argument("--height", type=int, help="video height in pixels (default: the pipeline's)")
+    prof.add_argument("--width", type=int, help="video width in pixels (default: the pipeline's)")
+    prof.add_argument("--frames", type=int, help="video frames (default: the pipeline's)")
+    prof.add_argument("--out", required=True, help="directory to write profile.json and tensors.safetensors to")
+    prof.add_argument("--candidates", help="comma-separated pattern names (default: the standard list)")
+    prof.add_argument("--block-size", type=int, default=64, help="block size of the candidates' block masks")
+    prof.add_argument("--record-steps", help="step indices to record, comma-separated (default: all)")
+    prof.add_argument("--layers", help="layer indices to record, comma-separated (default: all)")
+    prof.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    prof.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    prof.set_defaults(func=_cmd_profile)
 
     bench = sub.add_parser("bench", help="benchmarks: sparse vs dense SDPA vs FlexAttention, in one run")
     bench_sub = bench.add_subparsers(dest="bench_what", metavar="WHAT", required=True)

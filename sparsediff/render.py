@@ -102,3 +102,75 @@ def render_plan(plan: SparsePlan, out: "str | Path", layout: TokenLayout | None 
 
 def plan_figure_width(plan: SparsePlan) -> float:
     return 1.0 + 3.5 * len(plan.ranges)
+
+
+def _pick(values: list[int], chosen: "list[int] | None", what: str) -> list[int]:
+    if chosen is None:
+        return sorted({values[0], values[len(values) // 2], values[-1]}) if what == "layers" else sorted({values[0], values[-1]})
+    missing = [v for v in chosen if v not in values]
+    if missing:
+        raise ValueError(f"The profile has no {what} {missing}; it recorded {what} {values}.")
+    return list(chosen)
+
+
+def render_profile(
+    profile,
+    out: "str | Path",
+    layers: "list[int] | None" = None,
+    steps: "list[int] | None" = None,
+    max_heads: int = 16,
+    dpi: int = 100,
+) -> tuple[Path, Path]:
+    """Write a profile (`sparsediff.search.profile.AttentionProfile`) as two PNGs.
+
+    `out`: per-head block attention maps (log10 of the mass, query blocks down, key blocks across), one row per
+    chosen (step, layer), one column per head (the first `max_heads`); by default the first, middle and last
+    layers at the first and last recorded steps. `<out stem>_errors.png`: the error table as a heatmap, one row
+    per (layer, head), one column per candidate, the relative L2 error averaged over the chosen steps (0..1).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = _pick(profile.layers, layers, "layers")
+    steps = _pick(profile.steps, steps, "steps")
+    heads = min(profile.num_heads, max_heads)
+    rows = [(s, l) for s in steps for l in layers]
+    fig, axes = plt.subplots(len(rows), heads, figsize=(max(5.0, 1.0 + 1.2 * heads), 0.6 + 1.2 * len(rows)), dpi=dpi, squeeze=False)
+    for r, (step, layer) in enumerate(rows):
+        mass = profile.mass[profile.steps.index(step), profile.layers.index(layer)]  # (H, nq, nk)
+        for h in range(heads):
+            ax = axes[r, h]
+            ax.imshow(torch.log10(mass[h] + 1e-6).numpy(), cmap="magma", vmin=-4, vmax=0, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"head {h}", fontsize=8)
+            if h == 0:
+                ax.set_ylabel(f"step {step}\nlayer {layer}", fontsize=8)
+    fig.suptitle(
+        f"{profile.model.model_class}\nblock attention mass (log10) on {profile.layout}, {profile.mass_block_size}-token blocks",
+        fontsize=9,
+    )
+    fig.subplots_adjust(top=1 - 0.9 / (0.6 + 1.2 * len(rows)))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+
+    t = [profile.steps.index(s) for s in steps]
+    errors = profile.errors[t].nanmean(dim=0).flatten(0, 1)  # (L * H, C)
+    n_rows = errors.shape[0]
+    fig, ax = plt.subplots(figsize=(2.5 + 0.5 * len(profile.candidates), 1.5 + min(0.12 * n_rows, 40)), dpi=dpi)
+    image = ax.imshow(errors.numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(len(profile.candidates)), profile.candidates, rotation=60, ha="right", fontsize=7)
+    H = profile.num_heads
+    ax.set_yticks([i * H for i in range(len(profile.layers))], [f"layer {l}" for l in profile.layers], fontsize=7)
+    ax.set_title(f"relative L2 error vs full attention, steps {steps} (rows: layer x head)", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    errors_out = out.with_name(f"{out.stem}_errors{out.suffix}")
+    fig.savefig(errors_out, dpi=dpi)
+    plt.close(fig)
+    return out, errors_out

@@ -1,0 +1,142 @@
+"""The supported diffusers video families: where each keeps its video self-attention and how to read its token grid.
+
+A `Family` names a transformer class and knows three things about it:
+
+- which attention modules are the video self-attention (`attn1` of Wan / LTX / CogVideoX / Mochi blocks, `attn` of
+  HunyuanVideo's dual- and single-stream blocks); cross-attention (`attn2`) and HunyuanVideo's text-only token
+  refiner stay untouched;
+- where text joins that attention: CogVideoX puts its text first, HunyuanVideo and Mochi put it after the video,
+  Wan and LTX have none (their text enters through cross-attention);
+- how to read the latent grid (frames, height, width after patchify) from the transformer's forward inputs.
+
+Layer `i` of a plan is the `i`-th selected module in `model.named_modules()` order (for HunyuanVideo: the dual-stream
+blocks, then the single-stream blocks).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..plan import ModelFingerprint
+
+Grid = tuple[int, int, int]
+
+
+def _video_grid(x: torch.Tensor, frames_dim: int, patch: tuple[int, int, int]) -> Grid:
+    """(frames, height, width) of a 5-D latent after patchify; `frames_dim` is 2 for (B, C, F, H, W)."""
+    frames, height, width = x.shape[frames_dim], x.shape[-2], x.shape[-1]
+    pt, ph, pw = patch
+    return frames // pt, height // ph, width // pw
+
+
+def _wan_grid(model, inputs: dict[str, Any]) -> Grid:
+    return _video_grid(inputs["hidden_states"], 2, tuple(model.config.patch_size))
+
+
+def _cogvideox_grid(model, inputs: dict[str, Any]) -> Grid:
+    p = model.config.patch_size
+    return _video_grid(inputs["hidden_states"], 1, (model.config.patch_size_t or 1, p, p))  # (B, F, C, H, W)
+
+
+def _hunyuan_grid(model, inputs: dict[str, Any]) -> Grid:
+    p = model.config.patch_size
+    return _video_grid(inputs["hidden_states"], 2, (model.config.patch_size_t, p, p))
+
+
+def _mochi_grid(model, inputs: dict[str, Any]) -> Grid:
+    p = model.config.patch_size
+    return _video_grid(inputs["hidden_states"], 2, (1, p, p))
+
+
+def _ltx_grid(model, inputs: dict[str, Any]) -> Grid | None:
+    # LTX takes packed tokens (B, S, C); the pipeline passes the token grid it packed, which RoPE also uses.
+    sizes = (inputs.get("num_frames"), inputs.get("height"), inputs.get("width"))
+    return None if any(s is None for s in sizes) else tuple(int(s) for s in sizes)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One supported transformer class.
+
+    Args:
+        name (str): short family name used in messages and stats.
+        transformer (str): the diffusers class name of the denoiser.
+        pipelines (tuple[str, ...]): pipeline classes that carry it (for messages).
+        attention (str): regular expression matching the module paths of its video self-attention.
+        text (str | None): where text joins that attention: "before", "after", or None for video only.
+        grid (Callable): `(model, forward inputs by name) -> (frames, height, width)` after patchify, or None.
+    """
+
+    name: str
+    transformer: str
+    pipelines: tuple[str, ...]
+    attention: str
+    text: str | None
+    grid: Callable[[torch.nn.Module, dict[str, Any]], Grid | None]
+
+    def self_attention(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+        pattern = re.compile(self.attention)
+        return [(name, module) for name, module in model.named_modules() if pattern.fullmatch(name)]
+
+    def forward_inputs(self, model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The transformer's forward arguments by name, whether passed by position or keyword."""
+        bound = inspect.signature(type(model).forward).bind_partial(model, *args, **kwargs)
+        return dict(bound.arguments)
+
+
+FAMILIES = (
+    Family("wan", "WanTransformer3DModel", ("WanPipeline", "WanImageToVideoPipeline"), r"blocks\.\d+\.attn1", None, _wan_grid),
+    Family("cogvideox", "CogVideoXTransformer3DModel", ("CogVideoXPipeline",), r"transformer_blocks\.\d+\.attn1", "before", _cogvideox_grid),
+    Family(
+        "hunyuan_video",
+        "HunyuanVideoTransformer3DModel",
+        ("HunyuanVideoPipeline",),
+        r"(single_)?transformer_blocks\.\d+\.attn",
+        "after",
+        _hunyuan_grid,
+    ),
+    Family("ltx", "LTXVideoTransformer3DModel", ("LTXPipeline",), r"transformer_blocks\.\d+\.attn1", None, _ltx_grid),
+    Family("mochi", "MochiTransformer3DModel", ("MochiPipeline",), r"transformer_blocks\.\d+\.attn1", "after", _mochi_grid),
+)
+
+
+def supported() -> str:
+    """One sentence-part naming every supported pipeline and transformer."""
+    pipes = ", ".join(p for f in FAMILIES for p in f.pipelines)
+    models = ", ".join(f.transformer for f in FAMILIES)
+    return f"pipelines {pipes} (Wan 2.1 and 2.2 included) and the bare transformers {models}"
+
+
+def family_of(model: Any) -> Family | None:
+    """The family of a denoiser, matched on its class or a base class (so subclasses keep working)."""
+    names = {cls.__name__ for cls in type(model).__mro__}
+    return next((f for f in FAMILIES if f.transformer in names), None)
+
+
+def fingerprint(model: torch.nn.Module) -> ModelFingerprint:
+    """What a plan for `model` must match: class, number of accelerated layers, heads, head dim, config hash.
+
+    >>> from diffusers import WanTransformer3DModel
+    >>> m = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=12, text_dim=32, ffn_dim=32, num_layers=2)
+    >>> fp = fingerprint(m)
+    >>> fp.model_class, fp.num_layers, fp.num_heads, fp.head_dim
+    ('WanTransformer3DModel', 2, 2, 12)
+    """
+    family = family_of(model)
+    if family is None:
+        raise ValueError(f"{type(model).__name__} is not a supported denoiser; sparsediff supports {supported()}.")
+    layers = family.self_attention(model)
+    first = layers[0][1]
+    return ModelFingerprint(
+        model_class=type(model).__name__,
+        num_layers=len(layers),
+        num_heads=first.heads,
+        head_dim=first.to_q.out_features // first.heads,
+        config_hash=ModelFingerprint.hash_config(dict(model.config)),
+    )

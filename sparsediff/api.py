@@ -1,0 +1,312 @@
+"""The public face: `accelerate` a diffusers video pipeline (or its transformer) with a sparse plan, `profile` it.
+
+`accelerate` puts a step-tracking hook on each denoiser and wraps each video self-attention processor; the returned
+`SparsediffHandle` reports per-step stats and `.remove()` restores the original processors and hooks. `profile`
+runs the pipeline (or the bare denoiser on given inputs) with the same machinery in observe mode and records the
+block attention mass and every candidate pattern's error per (step, layer, head).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .plan import SparsePlan
+from .runtime import BACKENDS
+
+logger = logging.getLogger("sparsediff")
+
+
+@dataclass
+class AccelerateConfig:
+    """How `accelerate` plugs sparse attention into a pipeline or denoiser.
+
+    Args:
+        plan (SparsePlan | str | dict, defaults to None): the plan, or a path to its JSON. None (or an all-`full`
+            plan) keeps every attention call the model's own, bit for bit. For Wan 2.2 A14B one plan applies to both
+            `transformer` and `transformer_2` (each step runs on one of them, and the plan is indexed by step); a dict
+            `{"transformer": plan, "transformer_2": plan}` gives each its own, and a denoiser left out runs dense.
+        backend (str, defaults to None): kernel backend ("torch", "triton", "flex", "reference"); automatic when None.
+        num_steps (int, defaults to None): denoising steps per run, needed only for a bare transformer with a sparse
+            plan (a pipeline's scheduler knows its steps).
+
+    >>> AccelerateConfig(plan=None, backend="torch").backend
+    'torch'
+    """
+
+    plan: Any = None
+    backend: str | None = None
+    num_steps: int | None = None
+
+    def __post_init__(self):
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r} is not a sparsediff backend; use one of {', '.join(BACKENDS)} or None.")
+        if self.num_steps is not None and (not isinstance(self.num_steps, int) or self.num_steps <= 0):
+            raise ValueError(f"num_steps={self.num_steps!r} must be a positive integer (the denoising steps of one run).")
+
+
+class SparsediffHandle:
+    """sparsediff inside a pipeline or denoiser.
+
+    `.stats` lists one `StepStats` per (denoiser, cache context, step) of the latest run (see
+    `sparsediff.pipelines.state.StepStats`); `.summary()` folds them into one dict; `.reset()` forgets the current
+    run (stats, step counters, top-k scores); `.remove()` restores the original processors and hooks. Also a
+    context manager that removes itself on exit.
+    """
+
+    def __init__(self, installations: list, log, config: AccelerateConfig | None = None):
+        self._installations = installations
+        self._log = log
+        self.config = config
+        self._removed = False
+
+    @property
+    def models(self) -> list[str]:
+        return [inst.name for inst in self._installations]
+
+    @property
+    def stats(self) -> list:
+        return self._log.stats()
+
+    def summary(self) -> dict[str, Any]:
+        """Steps, dense steps, mean density of the sparse steps, heads skipped and attention time of the last run."""
+        stats = self.stats
+        sparse = [s for s in stats if not s.dense]
+        return {
+            "models": self.models,
+            "calls": len(stats),
+            "dense_calls": len(stats) - len(sparse),
+            "sparse_density": round(sum(s.density for s in sparse) / len(sparse), 4) if sparse else 1.0,
+            "heads_skipped": sum(s.heads_skipped for s in stats),
+            "attention_ms": round(sum(s.attention_ms for s in stats), 3),
+        }
+
+    def reset(self) -> None:
+        for inst in self._installations:
+            inst.reset()
+        self._log.reset()
+
+    def remove(self) -> None:
+        if self._removed:
+            return
+        for inst in self._installations:
+            inst.remove()
+        self._removed = True
+
+    def __enter__(self) -> "SparsediffHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "removed" if self._removed else "active"
+        return f"SparsediffHandle({', '.join(self.models)}, {state})"
+
+
+def _load_plan(plan: Any) -> SparsePlan | None:
+    if plan is None or isinstance(plan, SparsePlan):
+        return plan
+    if isinstance(plan, (str, os.PathLike)):
+        return SparsePlan.load(plan)
+    raise ValueError(f"plan must be a SparsePlan, a path to a plan JSON file or None, not {type(plan).__name__}.")
+
+
+def _plans_for(plan: Any, names: list[str]) -> dict[str, SparsePlan | None]:
+    if not isinstance(plan, dict):
+        loaded = _load_plan(plan)
+        return {name: loaded for name in names}
+    unknown = sorted(set(plan) - set(names))
+    if unknown:
+        raise ValueError(f"plan names {unknown}, but the denoisers here are {names}; key the dict by those names.")
+    return {name: _load_plan(plan.get(name)) for name in names}
+
+
+def _check_plan(model: torch.nn.Module, plan: SparsePlan | None, config: AccelerateConfig, is_pipeline: bool) -> None:
+    from .pipelines.controllers import layout_bound_patterns
+    from .pipelines.families import fingerprint
+
+    if plan is None:
+        return
+    plan.check_model(fingerprint(model))
+    bound = layout_bound_patterns(plan)
+    if bound and plan.layout is None:
+        raise ValueError(
+            f"The plan's patterns {', '.join(bound)} are tied to one layout, but the plan records no calibration "
+            "layout; re-create it with `sparsediff search`, which stores the layout."
+        )
+    if not is_pipeline and not plan.is_all_dense and config.num_steps is None:
+        raise ValueError(
+            f"Accelerating a bare {type(model).__name__} with a sparse plan needs num_steps (the denoising steps of one "
+            "run) to place each call in the plan; pass num_steps=, or accelerate the pipeline, whose scheduler knows it."
+        )
+
+
+def accelerate(pipe_or_model: Any, plan: Any = None, backend: str | None = None, *, num_steps: int | None = None) -> SparsediffHandle:
+    """Make a diffusers video pipeline (or its bare transformer) run sparse attention from a plan.
+
+    Args:
+        pipe_or_model: a `WanPipeline` (2.1 or 2.2), `CogVideoXPipeline`, `HunyuanVideoPipeline`, `LTXPipeline`,
+            `MochiPipeline`, or one of their transformers.
+        plan (SparsePlan | str | dict, defaults to None): see `AccelerateConfig.plan`.
+        backend (str, defaults to None): see `AccelerateConfig.backend`.
+        num_steps (int, defaults to None): see `AccelerateConfig.num_steps`.
+
+    Returns:
+        SparsediffHandle: `.stats`, `.summary()`, `.reset()`, `.remove()`.
+
+    >>> import torch, sparsediff
+    >>> from diffusers import WanTransformer3DModel
+    >>> model = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=12, text_dim=32, ffn_dim=32, num_layers=2)
+    >>> x, text = torch.randn(1, 16, 2, 8, 8), torch.randn(1, 4, 32)
+    >>> before = model(x, torch.tensor([500]), text).sample
+    >>> with sparsediff.accelerate(model) as handle:
+    ...     after = model(x, torch.tensor([500]), text).sample
+    >>> torch.equal(before, after), handle.stats[0].dense
+    (True, True)
+    """
+    from .pipelines.controllers import PlanController
+    from .pipelines.install import check_not_installed, find_denoisers, install
+    from .pipelines.state import RunLog
+
+    config = AccelerateConfig(plan=plan, backend=backend, num_steps=num_steps)
+    denoisers = find_denoisers(pipe_or_model)
+    is_pipeline = not isinstance(pipe_or_model, torch.nn.Module)
+    plans = _plans_for(config.plan, list(denoisers))
+    for name, (model, _) in denoisers.items():
+        check_not_installed(name, model)
+        _check_plan(model, plans[name], config, is_pipeline)
+    log = RunLog()
+    installations = []
+    for name, (model, family) in denoisers.items():
+        make = lambda n, p=plans[name]: PlanController(p, n, log, config.backend)  # noqa: E731
+        pipeline = pipe_or_model if is_pipeline else None
+        installations.append(install(name, model, family, make, log, pipeline=pipeline, num_steps=config.num_steps))
+    return SparsediffHandle(installations, log, config)
+
+
+def profile(
+    pipe_or_model: Any,
+    inputs: "dict | list[dict]",
+    *,
+    out: "str | os.PathLike | None" = None,
+    steps: "list[int] | None" = None,
+    layers: "list[int] | None" = None,
+    candidates: "list[str] | None" = None,
+    block_size: int = 64,
+    rows_per_block: int = 4,
+    max_mass_blocks: int = 128,
+    backend: str | None = None,
+    progress: bool = True,
+):
+    """Record, per (step, layer, head), block attention mass and each candidate pattern's error against full attention.
+
+    The model runs dense throughout (its outputs are unchanged); each observed attention call is measured on the
+    same q, k, v. See `sparsediff.search.profile` for the returned `AttentionProfile` and its directory format.
+
+    Args:
+        pipe_or_model: a supported pipeline or bare transformer (see `accelerate`).
+        inputs (dict | list[dict]): pipeline call kwargs, one dict per calibration prompt (each a full run); for a
+            bare transformer, forward kwargs, one dict per denoising step in order.
+        out (str, defaults to None): directory to save the profile to.
+        steps (list[int], defaults to None): step indices to record; all when None.
+        layers (list[int], defaults to None): layer indices to record; all when None.
+        candidates (list[str], defaults to None): pattern names to measure; `DEFAULT_CANDIDATES` when None.
+        block_size (int, defaults to 64): block size of the candidates' block masks.
+        rows_per_block (int, defaults to 4): query rows sampled per block for the attention mass.
+        max_mass_blocks (int, defaults to 128): most mass blocks per side (coarser blocks beyond).
+        backend (str, defaults to None): kernel backend for the candidates.
+        progress (bool, defaults to True): show a progress bar on stderr.
+
+    >>> import torch, sparsediff
+    >>> from diffusers import WanTransformer3DModel
+    >>> model = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=12, text_dim=32, ffn_dim=32, num_layers=2)
+    >>> step = dict(hidden_states=torch.randn(1, 16, 2, 8, 8), timestep=torch.tensor([500]), encoder_hidden_states=torch.randn(1, 4, 32))
+    >>> prof = sparsediff.profile(model, [step, step], candidates=["full", "skip"], block_size=8, progress=False)
+    >>> tuple(prof.errors.shape), float(prof.errors[..., 0].max())
+    ((2, 2, 2, 2), 0.0)
+    """
+    from tqdm.auto import tqdm
+
+    from .pipelines.controllers import ObserveController
+    from .pipelines.families import fingerprint
+    from .pipelines.install import check_not_installed, find_denoisers, install
+    from .pipelines.state import RunLog
+    from .search.profile import DEFAULT_CANDIDATES, ProfileRecorder
+
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not a sparsediff backend; use one of {', '.join(BACKENDS)} or None.")
+    inputs = [inputs] if isinstance(inputs, dict) else list(inputs or [])
+    if not inputs or not all(isinstance(i, dict) for i in inputs):
+        raise ValueError("profile needs inputs: a dict of call kwargs or a non-empty list of them (one per prompt, or per step for a bare model).")
+    denoisers = find_denoisers(pipe_or_model)
+    is_pipeline = not isinstance(pipe_or_model, torch.nn.Module)
+    prints = {name: fingerprint(model) for name, (model, _) in denoisers.items()}
+    first = next(iter(prints.values()))
+    for name, fp in prints.items():
+        check_not_installed(name, denoisers[name][0])
+        if fp != first:
+            raise ValueError(f"The denoisers {list(prints)} differ ({first.mismatch(fp)}); profile each bare transformer on its own.")
+    recorder = ProfileRecorder(
+        first.num_heads, candidates or DEFAULT_CANDIDATES, block_size, rows_per_block, max_mass_blocks, backend, steps, layers
+    )
+    runs = len(inputs)
+    per_run = len(steps) if steps else (inputs[0].get("num_inference_steps") if is_pipeline else len(inputs))
+    total = None if per_run is None else (runs if is_pipeline else 1) * per_run * len(layers or range(first.num_layers))
+    bar = tqdm(total=total, desc="profile", unit="layer", disable=not progress)
+    seen: set = set()
+
+    def observe(**call):
+        recorder.observe(**call)
+        key = (run, call["step"], call["layer"])
+        if key not in seen:
+            seen.add(key)
+            bar.update()
+
+    log = RunLog()
+    installed = []
+    try:
+        for name, (model, family) in denoisers.items():
+            make = lambda n: ObserveController(log, observe, recorder.wants)  # noqa: E731
+            installed.append(install(name, model, family, make, log, pipeline=pipe_or_model if is_pipeline else None, num_steps=None if is_pipeline else len(inputs)))
+        with torch.no_grad():
+            for run, call in enumerate(inputs if is_pipeline else [None]):
+                if is_pipeline:
+                    pipe_or_model(**call)
+                else:
+                    for step_inputs in inputs:
+                        pipe_or_model(**step_inputs)
+    finally:
+        for inst in installed:
+            inst.remove()
+        bar.close()
+    meta = {"runs": runs if is_pipeline else 1, "models": list(denoisers), "source": type(pipe_or_model).__name__}
+    result = recorder.result(first, meta)
+    if out is not None:
+        result.save(out)
+        logger.info("profile saved to %s", out)
+    return result
+
+
+def load_pipeline(model: str, device: "str | None" = None):
+    """A locally saved diffusers pipeline (`save_pretrained` directory), on `device` (CUDA when available)."""
+    if model == "embedded":
+        raise ValueError(
+            "--model embedded is not available yet (the project's own small model comes in a later release); pass the "
+            "path of a locally saved diffusers pipeline, e.g. --model ./wan-tiny."
+        )
+    path = Path(model)
+    if not (path / "model_index.json").is_file():
+        raise ValueError(
+            f"--model {model!r} is not a saved diffusers pipeline (no model_index.json there); pass a directory written by "
+            "pipe.save_pretrained()."
+        )
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
+    return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -1,0 +1,195 @@
+"""accelerate() on bare transformers, its error messages, diffusers' switches, and the padded-text attention path."""
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import ClassVar
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pipeline_factories
+import sparsediff
+from sparsediff.kernels.reference import reference_attention
+from sparsediff.patterns import PATTERNS, Diagonal, get_pattern, register_pattern
+from sparsediff.pipelines.controllers import PlanController
+from sparsediff.pipelines.families import fingerprint
+from sparsediff.pipelines.state import CallState, RunLog
+from sparsediff.plan import SparsePlan, StepRange
+
+
+@pytest.fixture(scope="module")
+def wan_model():
+    return pipeline_factories.wan_transformer()
+
+
+def wan_inputs(seed=0, frames=3, size=8):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        hidden_states=torch.randn(1, 16, frames, size, size, generator=g),  # -> frames x size/2 x size/2 tokens
+        timestep=torch.tensor([500]),
+        encoder_hidden_states=torch.randn(1, 16, 32, generator=g),
+    )
+
+
+def run_step(model, context, seed=0):
+    with model.cache_context(context):
+        return model(**wan_inputs(seed), return_dict=False)[0]
+
+
+def test_bare_model_counts_steps_per_context_and_wraps(wan_model):
+    plan = SparsePlan.uniform(fingerprint(wan_model), "skip", block_size=8, dense_steps=1)
+    with sparsediff.accelerate(wan_model, plan, num_steps=2) as handle:
+        for _ in range(2):
+            run_step(wan_model, "cond")
+            run_step(wan_model, "uncond")
+        seen = [(s.context, s.step, s.dense, s.heads_skipped, s.source) for s in handle.stats]
+        assert seen == [("cond", 0, True, 0, "count"), ("uncond", 0, True, 0, "count"),
+                        ("cond", 1, False, 4, "count"), ("uncond", 1, False, 4, "count")]
+        assert all(s.density == 0.0 for s in handle.stats if not s.dense)
+        run_step(wan_model, "cond")  # the count wraps at num_steps: a new run begins
+        assert [(s.context, s.step) for s in handle.stats] == [("cond", 0)]
+        handle.reset()
+        assert handle.stats == []
+        run_step(wan_model, "uncond")
+        assert [(s.context, s.step) for s in handle.stats] == [("uncond", 0)]
+        assert handle.summary()["calls"] == 1
+
+
+def test_dense_layers_of_the_plan_stay_dense(wan_model):
+    plan = SparsePlan.uniform(fingerprint(wan_model), "skip", block_size=8, dense_layers=(0,))
+    with sparsediff.accelerate(wan_model, plan, num_steps=1) as handle:
+        run_step(wan_model, "cond")
+        (s,) = handle.stats
+    assert not s.dense and s.density == 0.5 and s.heads_skipped == 2 and s.layers == 2  # layer 0 full, layer 1 skipped
+
+
+def test_bare_model_all_full_is_exact_and_remove_restores_identity(wan_model):
+    before = [m.processor for m in wan_model.modules() if hasattr(m, "processor")]
+    reference = run_step(wan_model, "cond")
+    handle = sparsediff.accelerate(wan_model)
+    assert torch.equal(run_step(wan_model, "cond"), reference)
+    handle.remove()
+    handle.remove()  # a second remove is a no-op
+    after = [m.processor for m in wan_model.modules() if hasattr(m, "processor")]
+    assert all(a is b for a, b in zip(after, before, strict=True))
+
+
+def test_attention_backend_switch_reaches_the_original_processor(wan_model):
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    reference = run_step(wan_model, "cond")
+    original = wan_model.blocks[0].attn1.processor
+    handle = sparsediff.accelerate(wan_model)
+    wan_model.set_attention_backend("native")
+    assert wan_model.blocks[0].attn1.processor._attention_backend == AttentionBackendName.NATIVE
+    assert torch.equal(run_step(wan_model, "cond"), reference)
+    handle.remove()
+    assert wan_model.blocks[0].attn1.processor is original
+    assert original._attention_backend == AttentionBackendName.NATIVE  # the user's choice survives remove()
+    wan_model.reset_attention_backend()
+
+
+def test_accelerating_twice_raises_with_the_fix(wan_model):
+    with sparsediff.accelerate(wan_model):
+        with pytest.raises(ValueError, match=r"already accelerated .*call \.remove\(\) on the existing handle first"):
+            sparsediff.accelerate(wan_model)
+        with pytest.raises(ValueError, match="already accelerated"):
+            sparsediff.profile(wan_model, wan_inputs(), progress=False)
+
+
+def test_unsupported_models_name_the_supported_families():
+    with pytest.raises(ValueError, match=r"no adapter for Linear; it supports pipelines WanPipeline.*MochiPipeline.*MochiTransformer3DModel"):
+        sparsediff.accelerate(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"no adapter for SimpleNamespace \(its transformer is a Linear\)"):
+        sparsediff.accelerate(SimpleNamespace(transformer=torch.nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match=r"SimpleNamespace has no `transformer` denoiser.*HunyuanVideoPipeline"):
+        sparsediff.accelerate(SimpleNamespace(unet=torch.nn.Linear(2, 2)))
+
+
+def test_plan_for_another_model_is_refused(wan_model):
+    other = pipeline_factories.wan_transformer(num_layers=3)
+    plan = SparsePlan.uniform(fingerprint(other), "diagonal_w1", block_size=8)
+    with pytest.raises(ValueError, match=r"made for another model: model.num_layers is 3 in the plan but 2 for this model"):
+        sparsediff.accelerate(wan_model, plan, num_steps=2)
+    registry = getattr(wan_model, "_diffusers_hook", None)
+    assert registry is None or registry.get_hook("sparsediff") is None  # nothing was installed
+
+
+def test_bad_options_raise_one_sentence(wan_model, tmp_path):
+    plan = SparsePlan.uniform(fingerprint(wan_model), "diagonal_w1", block_size=8)
+    with pytest.raises(ValueError, match=r"needs num_steps .*pass num_steps="):
+        sparsediff.accelerate(wan_model, plan)
+    with pytest.raises(ValueError, match=r"backend='cuda' is not a sparsediff backend"):
+        sparsediff.accelerate(wan_model, backend="cuda")
+    with pytest.raises(ValueError, match=r"plan names \['transformer_3'\]"):
+        sparsediff.accelerate(wan_model, {"transformer_3": plan})
+    with pytest.raises(ValueError, match="does not exist"):
+        sparsediff.accelerate(wan_model, tmp_path / "missing.json")
+    path = plan.save(tmp_path / "plan.json")  # a path works as well as a plan
+    with sparsediff.accelerate(wan_model, str(path), num_steps=1) as handle:
+        run_step(wan_model, "cond")
+        assert not handle.stats[0].dense
+
+
+@dataclass(frozen=True)
+class FixedWindow(Diagonal):
+    """A test pattern whose parameters only hold on its calibration layout (registered inside its test only)."""
+
+    kind: ClassVar[str] = "fixed_window"
+    layout_bound: ClassVar[bool] = True
+
+
+def test_layout_bound_plan_refuses_another_layout(wan_model):
+    register_pattern(FixedWindow)
+    try:
+        fp = fingerprint(wan_model)
+        with pytest.raises(ValueError, match="records no calibration layout"):
+            sparsediff.accelerate(wan_model, SparsePlan.uniform(fp, FixedWindow(1.0), block_size=8), num_steps=1)
+        plan = SparsePlan.uniform(fp, FixedWindow(1.0), block_size=8, layout="video:3x4x4")
+        with sparsediff.accelerate(wan_model, plan, num_steps=1) as handle:
+            run_step(wan_model, "cond")  # the calibration layout runs
+            assert not handle.stats[0].dense
+            with pytest.raises(ValueError, match=r"tied to its calibration layout video:3x4x4, but the model now runs on layout video:3x8x8"):
+                with wan_model.cache_context("cond"):
+                    wan_model(**wan_inputs(size=16))
+    finally:
+        PATTERNS.pop(FixedWindow.kind)
+
+
+def test_padded_text_groups_match_the_masked_reference():
+    """HunyuanVideo's key-padding mask: rows grouped by valid length, padded queries attend valid keys densely."""
+    torch.manual_seed(0)
+    state = CallState(model="transformer", text="after", grid=(2, 2, 4))  # 16 video tokens, then text
+    B, H, S, D = 3, 2, 24, 8
+    q, k, v = (torch.randn(B, H, S, D) for _ in range(3))
+    lengths = [20, 24, 20]
+    mask = (torch.arange(S)[None] < torch.tensor(lengths)[:, None])[:, None, None]  # (B, 1, 1, S)
+    patterns = (get_pattern("full"), get_pattern("diagonal_w0.5"))
+    layers = ((patterns[0], patterns[1]),)
+    plan = SparsePlan(model=fingerprint_like(H, D), ranges=[StepRange(0.0, 1.0, layers)], block_size=4)
+    out, replaced = PlanController(plan, 1, RunLog(), backend="reference")._attend(0, patterns, state, q, k, v, attn_mask=mask)
+    masked = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    for b, n in enumerate(lengths):
+        layout = state.layout(n)
+        masks = torch.stack([p.token_mask(layout, 4) for p in patterns])
+        expect = reference_attention(q[b : b + 1, :, :n], k[b : b + 1, :, :n], v[b : b + 1, :, :n], masks)
+        torch.testing.assert_close(out[b : b + 1, :, :n], expect, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[b, :, n:], masked[b, :, n:], atol=1e-5, rtol=1e-5)  # padded queries
+    torch.testing.assert_close(out[:, 0], masked[:, 0], atol=1e-5, rtol=1e-5)  # the full head is the masked SDPA
+    assert replaced.heads_sparse == 1 and 0.5 < replaced.density < 1.0
+
+
+def fingerprint_like(heads, head_dim):
+    from sparsediff.plan import ModelFingerprint
+
+    return ModelFingerprint("HunyuanVideoTransformer3DModel", 1, heads, head_dim, "test")
+
+
+def test_wan22_plan_per_transformer():
+    pipe, call_kwargs = pipeline_factories.make("wan22")
+    plan = SparsePlan.uniform(fingerprint(pipe.transformer_2), "skip", block_size=8)
+    with sparsediff.accelerate(pipe, {"transformer_2": plan}) as handle:
+        pipe(**call_kwargs())
+        by_model = {(s.model, s.dense) for s in handle.stats}
+    assert by_model == {("transformer", True), ("transformer_2", False)}  # the high-noise expert left dense
