@@ -198,16 +198,7 @@ class PlanSearch:
         self.seed = seed
         if storage.startswith("sqlite:///"):  # a new file beside the plan: create its folder
             Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.study = optuna.create_study(
-                study_name=self.study_name,
-                storage=storage,
-                directions=["minimize", "maximize"],
-                sampler=optuna.samplers.NSGAIISampler(seed=seed, population_size=8),
-                load_if_exists=True,
-            )
-        except Exception as e:  # SQLAlchemy raises many kinds for a bad URL or an unreachable server
-            raise ValueError(f"Cannot open the study storage {storage!r} ({type(e).__name__}: {e}); give a reachable SQLAlchemy URL such as sqlite:///search.db.") from None
+        self.study = self._open_study(storage, seed)
         with warnings.catch_warnings():  # experimental in Optuna, harmless
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             self.study.set_metric_names(["predicted_attention_ms", "psnr_db"])
@@ -218,6 +209,30 @@ class PlanSearch:
                  "block_size": self.space.block_sizes[0], "allowance": self.space.allowance[0],
                  **{f"layer_scale_{l}": 1.0 for l in range(L)}}
             )
+
+    def _open_study(self, storage: str, seed: int) -> optuna.Study:
+        """Create or load the study; workers starting together on a new database may race to create its tables,
+        so a failed first attempt is retried once the other worker has made them."""
+        import time
+
+        for attempt in range(3):
+            try:
+                return optuna.create_study(
+                    study_name=self.study_name,
+                    storage=storage,
+                    directions=["minimize", "maximize"],
+                    sampler=optuna.samplers.NSGAIISampler(seed=seed, population_size=8),
+                    load_if_exists=True,
+                )
+            except Exception as e:  # SQLAlchemy raises many kinds for a bad URL or an unreachable server
+                if attempt < 2:  # a race with another worker (tables, schema version) or a hiccup: retry
+                    time.sleep(0.5 * (attempt + 1))
+                    continue
+                raise ValueError(
+                    f"Cannot open the study storage {storage!r} ({type(e).__name__}: {str(e).splitlines()[0]}); give a "
+                    "reachable SQLAlchemy URL such as sqlite:///search.db."
+                ) from None
+        raise AssertionError("unreachable")
 
     @property
     def max_dense_steps(self) -> int:

@@ -41,7 +41,8 @@ class PipelineEvaluator:
     Args:
         pipe: the pipeline (not accelerated).
         calls (Sequence[dict]): keyword arguments of each calibration call (prompt or embeddings, sizes,
-            `num_inference_steps`); each may hold `seed` (default 0) for its generator.
+            `num_inference_steps`); each may hold `seed` (default 0) for its generator. `generator` and
+            `output_type` are set by the evaluator (a fresh seeded generator per run, "np" frames) and dropped here.
         apply (Callable): `apply(pipe, plan)` installs a plan and returns a handle with `.remove()`
             (`sparsediff.accelerate` with the backend bound; injected so the search stays below the public API).
     """
@@ -52,7 +53,8 @@ class PipelineEvaluator:
         steps = {c.get("num_inference_steps") for c in calls}
         if len(steps) != 1 or None in steps:
             raise ValueError(f"Every calibration call needs the same num_inference_steps; got {sorted(map(str, steps))}.")
-        self.pipe, self.calls, self.apply = pipe, [dict(c) for c in calls], apply
+        self.calls = [{k: v for k, v in c.items() if k not in ("generator", "output_type")} for c in calls]
+        self.pipe, self.apply = pipe, apply
         self.num_steps = int(steps.pop())
         start = time.perf_counter()
         self.reference = [self._run(c) for c in self.calls]  # (per-step latents, final output) per call

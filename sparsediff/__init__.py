@@ -16,11 +16,14 @@ _LAZY = {
     "accelerate": "sparsediff.api",
     "profile": "sparsediff.api",
 }
+# `sparsediff.search` is the search subpackage, and calling it runs `sparsediff.api.search` (see search/__init__.py).
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["__version__", "search", *_LAZY]
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in ("search", "kernels", "pipelines"):  # subpackages; `sparsediff.search(...)` runs a search
+        return importlib.import_module(f"sparsediff.{name}")
     raise AttributeError(f"module 'sparsediff' has no attribute {name!r}")

@@ -203,6 +203,7 @@ def profile(
     max_mass_blocks: int = 128,
     backend: str | None = None,
     progress: bool = True,
+    meta: "dict[str, Any] | None" = None,
 ):
     """Record, per (step, layer, head), block attention mass and each candidate pattern's error against full attention.
 
@@ -222,6 +223,8 @@ def profile(
         max_mass_blocks (int, defaults to 128): most mass blocks per side (coarser blocks beyond).
         backend (str, defaults to None): kernel backend for the candidates.
         progress (bool, defaults to True): show a progress bar on stderr.
+        meta (dict, defaults to None): extra metadata saved with the profile (the CLI stores its calibration calls
+            here, which `sparsediff search` reuses).
 
     >>> import torch, sparsediff
     >>> from diffusers import WanTransformer3DModel
@@ -285,7 +288,7 @@ def profile(
         for inst in installed:
             inst.remove()
         bar.close()
-    meta = {"runs": runs if is_pipeline else 1, "models": list(denoisers), "source": type(pipe_or_model).__name__}
+    meta = {"runs": runs if is_pipeline else 1, "models": list(denoisers), "source": type(pipe_or_model).__name__, **(meta or {})}
     result = recorder.result(first, meta)
     if out is not None:
         result.save(out)
@@ -310,3 +313,110 @@ def load_pipeline(model: str, device: "str | None" = None):
 
     pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def search(
+    pipe: Any,
+    profile: Any,
+    calls: "list[dict] | None" = None,
+    *,
+    out: "str | os.PathLike | None" = None,
+    min_psnr: float = 30.0,
+    target_speedup: "float | None" = None,
+    trials: int = 20,
+    timeout: "float | None" = None,
+    storage: "str | None" = None,
+    backend: "str | None" = None,
+    block_sizes: "tuple[int, ...] | None" = None,
+    force: bool = False,
+    progress: bool = True,
+    log=None,
+    return_summary: bool = False,
+):
+    """Search the fastest plan for `pipe` on this machine that meets a quality floor (or a speed target).
+
+    Costs are kernel latencies measured here (cached per device, backend, dtype and shape); quality is the PSNR of
+    the calibration runs under the plan against the dense runs. See `sparsediff.search.optimize` for the study.
+
+    Args:
+        pipe: a supported diffusers video pipeline (not accelerated).
+        profile (AttentionProfile | str): the profile, or its directory, recorded on this model.
+        calls (list[dict], defaults to None): calibration pipeline arguments, one dict per run, each with
+            `num_inference_steps` and optionally `seed`; None uses the calls stored in the profile by `sparsediff profile`.
+        out (str, defaults to None): where to save the plan; with `search_report.png` beside it. An existing file is
+            refused unless `force`.
+        min_psnr (float, defaults to 30.0): the quality floor in dB; trials falling below it are pruned.
+        target_speedup (float, defaults to None): choose the best-quality plan reaching this predicted speedup instead.
+        trials (int, defaults to 20): trials in the study, shared by every worker on the same storage.
+        timeout (float, defaults to None): stop starting trials after this many seconds.
+        storage (str, defaults to None): SQLAlchemy URL of the study; default an SQLite file beside `out`.
+        backend (str, defaults to None): kernel backend to cost and run ("torch", "triton", "flex"); automatic when None.
+        block_sizes (tuple[int, ...], defaults to None): block sizes to try; default the profile's.
+        force (bool, defaults to False): overwrite an existing plan file and report.
+        progress (bool, defaults to True): progress bars on stderr.
+        log (Callable[[str], None], defaults to None): one line per trial (default: the `sparsediff` logger).
+        return_summary (bool, defaults to False): also return a summary dict (trials, pruned, Pareto front, chosen).
+
+    Returns:
+        SparsePlan: the chosen plan (its `search` field records the study, trial, PSNR and speedups), or
+        `(plan, summary)` with `return_summary=True`.
+
+    >>> # see tests/test_search.py::test_search_on_a_tiny_wan_pipeline for a complete run
+    """
+    from .pipelines.families import fingerprint
+    from .pipelines.install import find_denoisers
+    from .render import render_search_report
+    from .search.cost import CostModel
+    from .search.optimize import PlanSearch, SearchSpace
+    from .search.profile import AttentionProfile
+    from .search.quality import PipelineEvaluator
+
+    out = Path(out) if out is not None else None
+    report_path = out.with_name("search_report.png") if out is not None else None
+    if out is not None and not force:
+        for existing in (out, report_path):
+            if existing.exists():
+                raise ValueError(f"{str(existing)!r} already exists; pass force=True (--force) to overwrite it, or choose another --out.")
+    if isinstance(profile, (str, os.PathLike)):
+        profile = AttentionProfile.load(profile)
+    denoisers = find_denoisers(pipe)
+    model, _ = next(iter(denoisers.values()))
+    problem = profile.model.mismatch(fingerprint(model))
+    if problem:
+        raise ValueError(f"The profile was recorded on another model ({problem}); profile this one with `sparsediff profile`.")
+    if len(profile.layers) != profile.model.num_layers:
+        raise ValueError(
+            f"The profile recorded layers {profile.layers} of {profile.model.num_layers}; the search needs every layer, so "
+            "re-record it without --layers."
+        )
+    calls = calls if calls is not None else profile.meta.get("calls")
+    if not calls:
+        raise ValueError("No calibration calls: pass calls=[{...pipeline arguments...}], or record the profile with `sparsediff profile`, which stores them.")
+    param = next(model.parameters())
+    block_sizes = tuple(block_sizes or (profile.block_size,))
+    costs = {
+        b: CostModel.load_or_measure(profile.layout, profile.model.num_heads, profile.model.head_dim, profile.candidates,
+                                     block_size=b, backend=backend, dtype=param.dtype, device=str(param.device))
+        for b in block_sizes
+    }
+    evaluator = PipelineEvaluator(pipe, calls, apply=lambda p, plan: accelerate(p, plan, backend=backend))
+    if storage is None:
+        storage = f"sqlite:///{(out.with_suffix('.optuna.db') if out is not None else Path('sparsediff_search.db')).resolve()}"
+    run = PlanSearch(profile, costs, evaluator, SearchSpace(block_sizes=block_sizes), min_psnr=min_psnr, storage=storage)
+    run.run(trials, timeout, log=log or logger.info, progress=progress)
+    chosen, plan = run.choose(target_speedup)
+    outcomes = run.outcomes()
+    summary = {
+        "study": run.study_name,
+        "storage": storage,
+        "trials": len(outcomes),
+        "pruned": sum(o.state == "pruned" for o in outcomes),
+        "pareto_front": [o.__dict__ for o in run.pareto_front()],
+        "chosen": {**chosen.__dict__, "measured_speedup": plan.search.get("measured_speedup")},
+        "dense_seconds": evaluator.dense_seconds,
+    }
+    if out is not None:
+        plan.save(out)
+        render_search_report(outcomes, run.pareto_front(), chosen, plan, report_path, min_psnr)
+        summary.update(plan=str(out), report=str(report_path))
+    return (plan, summary) if return_summary else plan

@@ -55,6 +55,52 @@ def _ints(text: str | None) -> list[int] | None:
         raise ValueError(f"{text!r} is not a comma-separated list of integers, e.g. 0,5,9.") from None
 
 
+def _calibration_calls(args: argparse.Namespace) -> list[dict]:
+    """Pipeline arguments of the calibration runs: one per prompt, seeded by its position."""
+    prompts = ["A red panda climbs a mossy tree in the rain, cinematic lighting."]
+    if args.prompts:
+        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"--prompts {args.prompts!r} holds no prompt; write one prompt per line.")
+    sizes = {"height": args.height, "width": args.width, "num_frames": args.frames}
+    return [dict(prompt=p, num_inference_steps=args.steps, seed=i, **{k: v for k, v in sizes.items() if v is not None})
+            for i, p in enumerate(prompts)]
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from .api import load_pipeline, search
+    from .search.profile import AttentionProfile
+
+    out = Path(args.out)
+    if not args.force and (out.exists() or out.with_name("search_report.png").exists()):
+        raise ValueError(f"{str(out)!r} or its search_report.png already exists; pass --force to overwrite, or choose another --out.")
+    profile = AttentionProfile.load(args.profile)
+    pipe = load_pipeline(args.model, args.device)
+    pipe.set_progress_bar_config(disable=True)
+    calls = None
+    if args.prompts or args.steps:
+        args.steps = args.steps or profile.num_steps or 10
+        calls = _calibration_calls(args)
+    block_sizes = tuple(_ints(args.block_sizes)) if args.block_sizes else None
+    plan, summary = search(pipe, profile, calls, out=out, min_psnr=args.min_psnr, target_speedup=args.target_speedup,
+                           trials=args.trials, timeout=args.timeout, storage=args.storage, backend=args.backend,
+                           block_sizes=block_sizes, force=args.force, progress=not args.json,
+                           log=lambda line: logger.info(line), return_summary=True)
+    if args.json:
+        print(json.dumps(summary, indent=1, default=str))
+        return 0
+    c = summary["chosen"]
+    print(f"trials {summary['trials']} (pruned {summary['pruned']}), Pareto front {len(summary['pareto_front'])}, study {summary['study']}")
+    print(f"{'trial':>5} {'pred. attn x':>12} {'PSNR dB':>8} {'dense steps':>11} {'allowance':>9}")
+    for o in summary["pareto_front"]:
+        mark = "  <- chosen" if o["number"] == c["number"] else ""
+        print(f"{o['number']:>5} {o['predicted_speedup']:>12.2f} {o['psnr']:>8.1f} {o['params'].get('dense_steps', 0):>11} "
+              f"{o['params'].get('allowance', 0):>9.3f}{mark}")
+    print(f"chosen plan {summary['plan']}: predicted attention speedup {c['predicted_speedup']:.2f}x, measured run "
+          f"speedup {c['measured_speedup']:.2f}x, PSNR {c['psnr']:.1f} dB; report {summary['report']}")
+    return 0
+
+
 def _cmd_profile(args: argparse.Namespace) -> int:
     import torch
 
@@ -62,19 +108,13 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
     pipe = load_pipeline(args.model, args.device)
     pipe.set_progress_bar_config(disable=True)  # the profile's own bar counts the work
-    prompts = ["A red panda climbs a mossy tree in the rain, cinematic lighting."]
-    if args.prompts:
-        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise ValueError(f"--prompts {args.prompts!r} holds no prompt; write one prompt per line.")
-    sizes = {"height": args.height, "width": args.width, "num_frames": args.frames}
-    inputs = [dict(prompt=p, num_inference_steps=args.steps, output_type="latent",
-                   generator=torch.Generator().manual_seed(i), **{k: v for k, v in sizes.items() if v is not None})
-              for i, p in enumerate(prompts)]
+    calls = _calibration_calls(args)
+    inputs = [dict(c, output_type="latent", generator=torch.Generator().manual_seed(c.pop("seed"))) for c in map(dict, calls)]
     candidates = args.candidates.split(",") if args.candidates else None
     prof = profile(pipe, inputs, out=args.out, candidates=candidates, block_size=args.block_size,
-                   steps=_ints(args.record_steps), layers=_ints(args.layers), progress=not args.json)
-    info = {"out": args.out, "model": prof.model.model_class, "layout": str(prof.layout), "prompts": len(prompts),
+                   steps=_ints(args.record_steps), layers=_ints(args.layers), progress=not args.json,
+                   meta={"calls": calls})
+    info = {"out": args.out, "model": prof.model.model_class, "layout": str(prof.layout), "prompts": len(calls),
             "steps": len(prof.steps), "layers": len(prof.layers), "heads": prof.num_heads,
             "mass_shape": list(prof.mass.shape), "errors_shape": list(prof.errors.shape),
             "mean_errors": prof.mean_errors()}
@@ -190,6 +230,27 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     prof.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     prof.set_defaults(func=_cmd_profile)
+
+    srch = sub.add_parser("search", help="search the fastest plan within a quality floor (Optuna, measured costs)")
+    srch.add_argument("--model", required=True, help="the saved diffusers pipeline the profile was recorded on")
+    srch.add_argument("--profile", required=True, help="profile directory from `sparsediff profile`")
+    srch.add_argument("--out", required=True, help="plan JSON to write (search_report.png goes beside it)")
+    srch.add_argument("--min-psnr", type=float, default=30.0, help="quality floor in dB against the dense output")
+    srch.add_argument("--target-speedup", type=float, help="instead: best quality reaching this predicted speedup")
+    srch.add_argument("--trials", type=int, default=20, help="trials in the study (shared by all workers)")
+    srch.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    srch.add_argument("--storage", help="SQLAlchemy URL of the study (default: an SQLite file beside --out)")
+    srch.add_argument("--backend", help="kernel backend to cost and run (default: automatic)")
+    srch.add_argument("--block-sizes", help="block sizes to try, comma-separated (default: the profile's)")
+    srch.add_argument("--prompts", help="calibration prompts, one per line (default: the profile's)")
+    srch.add_argument("--steps", type=int, help="denoising steps of the calibration runs (default: the profile's)")
+    srch.add_argument("--height", type=int)
+    srch.add_argument("--width", type=int)
+    srch.add_argument("--frames", type=int)
+    srch.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    srch.add_argument("--force", action="store_true", help="overwrite an existing plan and report")
+    srch.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    srch.set_defaults(func=_cmd_search)
 
     bench = sub.add_parser("bench", help="benchmarks: sparse vs dense SDPA vs FlexAttention, in one run")
     bench_sub = bench.add_subparsers(dest="bench_what", metavar="WHAT", required=True)

@@ -174,3 +174,50 @@ def render_profile(
     fig.savefig(errors_out, dpi=dpi)
     plt.close(fig)
     return out, errors_out
+
+
+def render_search_report(outcomes, front, chosen, plan: SparsePlan, out: "str | Path", min_psnr: float, dpi: int = 100) -> Path:
+    """`search_report.png`: every trial as predicted attention speedup vs PSNR (Pareto front joined, pruned trials
+    marked at the floor, the chosen plan circled), beside the chosen plan's layer x head map (last step range)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    fig, (ax, grid) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=dpi, gridspec_kw={"width_ratios": [1.3, 1]})
+    done = [o for o in outcomes if o.state == "complete"]
+    pruned = [o for o in outcomes if o.state == "pruned"]
+    ax.scatter([o.predicted_speedup for o in done], [o.psnr for o in done], s=18, color="0.6", label="trials")
+    if pruned:
+        ax.scatter([o.predicted_speedup for o in pruned], [min_psnr] * len(pruned), marker="x", color="tab:red",
+                   s=18, label="pruned (below floor)")
+    front = sorted(front, key=lambda o: o.predicted_speedup)
+    ax.plot([o.predicted_speedup for o in front], [o.psnr for o in front], "-o", color="tab:blue", ms=4, label="Pareto front")
+    ax.scatter([chosen.predicted_speedup], [chosen.psnr], s=160, facecolors="none", edgecolors="black", linewidths=1.5,
+               label=f"chosen: {chosen.predicted_speedup:.2f}x, {chosen.psnr:.1f} dB")
+    ax.axhline(min_psnr, color="tab:red", lw=0.8, ls="--")
+    ax.set_xlabel("predicted attention speedup (measured cost model)")
+    ax.set_ylabel("PSNR vs dense (dB)")
+    ax.legend(fontsize=7, loc="lower left")
+    r = plan.ranges[-1]
+    L, H = plan.model.num_layers, plan.model.num_heads
+    img = np.zeros((L, H, 3), dtype=np.uint8)
+    kinds = set()
+    for li, layer in enumerate(r.layers):
+        for hi, p in enumerate(layer):
+            kind = "full" if li in plan.dense_layers else p.kind
+            kinds.add(kind)
+            img[li, hi] = kind_colour(kind)
+    grid.imshow(img, aspect="auto", interpolation="nearest")
+    grid.set_title(f"chosen plan, progress [{r.start:.2f}, {r.end:.2f}), dense steps {plan.dense_steps}", fontsize=9)
+    grid.set_xlabel("head")
+    grid.set_ylabel("layer")
+    grid.legend(handles=[Patch(color=np.array(kind_colour(k)) / 255, label=k) for k in sorted(kinds)], fontsize=7,
+                loc="upper right", bbox_to_anchor=(1.0, -0.12), ncol=3)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out

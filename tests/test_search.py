@@ -90,8 +90,7 @@ def test_unreachable_storage_is_a_clear_error(tmp_path):
 
 
 def test_two_workers_share_the_trial_budget(tmp_path):
-    storage = f"sqlite:///{tmp_path / 'shared.db'}"
-    make_search(tmp_path).study  # create the study once, as `sparsediff search` does before workers start
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"  # a new database: the workers also race to create it
     script = textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(tmp_path.parent)!r})
         from sparsediff.search.optimize import PlanSearch, SearchSpace
@@ -109,3 +108,78 @@ def test_two_workers_share_the_trial_budget(tmp_path):
     done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
     assert len(done) == 10
     assert len({t.number for t in done}) == 10
+
+
+def test_search_on_a_tiny_wan_pipeline(tmp_path, monkeypatch):
+    """End to end on real diffusers parts: profile -> search (measured costs, PSNR vs dense) -> plan -> accelerate."""
+    import torch
+
+    import sparsediff
+    from sparsediff.plan import SparsePlan
+    from sparsediff.search.quality import PipelineEvaluator
+    from tests import pipeline_factories
+
+    monkeypatch.setenv("SPARSEDIFF_CACHE_DIR", str(tmp_path / "cache"))
+    pipe, call_kwargs = pipeline_factories.wan()
+    calls = [dict(call_kwargs(), seed=0)]
+    prof = sparsediff.profile(pipe, [call_kwargs()], candidates=["full", "skip", "diagonal_w1", "vertical_stripe_f1"],
+                              block_size=8, progress=False)
+    out = tmp_path / "plan.json"
+    plan, summary = sparsediff.search(pipe, prof, calls, out=out, min_psnr=20.0, trials=4, backend="torch",
+                                      progress=False, return_summary=True)
+    assert out.is_file() and (tmp_path / "search_report.png").is_file()
+    assert summary["trials"] == 4 and summary["chosen"]["psnr"] >= 20.0
+    loaded = SparsePlan.load(out)
+    assert loaded == plan and loaded.search["psnr"] == summary["chosen"]["psnr"]
+    # measured again, the chosen plan meets its floor
+    evaluator = PipelineEvaluator(pipe, calls, apply=lambda p, pl: sparsediff.accelerate(p, pl, backend="torch"))
+    again = evaluator(loaded, lambda step, value: None)
+    assert again.psnr >= 20.0
+    assert abs(again.psnr - summary["chosen"]["psnr"]) < 1e-6  # deterministic: same seeds, same kernels
+    with sparsediff.accelerate(pipe, loaded, backend="torch"):
+        frames = pipe(**call_kwargs(output_type="np")).frames
+    assert torch.isfinite(torch.as_tensor(frames)).all()
+    # nothing the user had is overwritten without force
+    with pytest.raises(ValueError, match="already exists; pass force=True"):
+        sparsediff.search(pipe, prof, calls, out=out, trials=4, progress=False)
+
+
+def test_search_refuses_a_foreign_profile(tmp_path):
+    import sparsediff
+    from tests import pipeline_factories
+
+    pipe, call_kwargs = pipeline_factories.wan()
+    with pytest.raises(ValueError, match="recorded on another model"):
+        sparsediff.search(pipe, synthetic_profile(), [call_kwargs()], out=tmp_path / "p.json", trials=1, progress=False)
+    with pytest.raises(ValueError, match="is not a profile directory"):
+        sparsediff.search(pipe, str(tmp_path), [call_kwargs()], out=tmp_path / "p.json", trials=1, progress=False)
+
+
+def test_cli_profile_then_search(tmp_path, capsys, monkeypatch):
+    import json
+
+    from sparsediff.cli import main
+    from sparsediff.plan import SparsePlan
+    from tests import pipeline_factories
+
+    monkeypatch.setenv("SPARSEDIFF_CACHE_DIR", str(tmp_path / "cache"))
+    pipe, _ = pipeline_factories.wan_with_text_encoder()
+    pipe.save_pretrained(tmp_path / "wan-tiny")
+    model = str(tmp_path / "wan-tiny")
+    sizes = ["--height", "64", "--width", "64", "--frames", "9"]
+    assert main(["profile", "--model", model, "--steps", "3", *sizes, "--out", str(tmp_path / "prof"),
+                 "--candidates", "full,skip,diagonal_w1", "--block-size", "8", "--json"]) == 0
+    capsys.readouterr()
+    plan_path = tmp_path / "plans" / "plan.json"
+    args = ["search", "--model", model, "--profile", str(tmp_path / "prof"), "--out", str(plan_path),
+            "--trials", "3", "--min-psnr", "15", "--backend", "torch", "--json"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["trials"] == 3 and summary["chosen"]["psnr"] >= 15
+    assert SparsePlan.load(plan_path).search["trial"] == summary["chosen"]["number"]
+    assert (tmp_path / "plans" / "search_report.png").is_file() and (tmp_path / "plans" / "plan.optuna.db").is_file()
+    before = plan_path.read_text()
+    assert main(args) == 2  # exists: refused, file untouched
+    assert "pass --force" in capsys.readouterr().err and plan_path.read_text() == before
+    assert main(["search", "--model", model, "--profile", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.json")]) == 2
+    assert "is not a profile directory" in capsys.readouterr().err
