@@ -1,8 +1,9 @@
 """The measured cost model: kernel latency of each candidate pattern on *this* machine, layout and backend.
 
 A layer's time is predicted as the sum over its fused head groups (one kernel call per group, skipped heads
-free). Each candidate is timed through the runtime at a few group sizes and fitted as `t(n) = a + b * n`
-(launch overhead plus per-head work); dense heads likewise. Tables are cached as JSON per device, backend,
+free). Each candidate is timed through the runtime at group sizes 1, 2, 4, ... up to all heads, and a group of
+n heads is predicted by interpolating linearly between the measured sizes (time is not linear in n: a small
+group parallelises less well); dense heads likewise. Tables are cached as JSON per device, backend,
 dtype and shape under the user's cache directory (`$SPARSEDIFF_CACHE_DIR`, default
 `~/.cache/sparsediff/costs`), and a table for another device or shape is never reused.
 
@@ -30,7 +31,7 @@ from sparsediff.patterns import Pattern, get_pattern
 from sparsediff.runtime import SparseAttention, group_heads, resolve_backend
 from sparsediff.timing import device_name, median_ms
 
-COST_SCHEMA = 1
+COST_SCHEMA = 2
 
 
 def cache_dir() -> Path:
@@ -66,20 +67,19 @@ class CostKey:
 
 @dataclass
 class CostModel:
-    """Fitted latency (ms) per pattern name: `fits[name] = (a, b)` so that a group of n heads takes a + b * n."""
+    """Measured latency (ms) per pattern name: `points[name] = [(heads, ms), ...]`, ascending in heads."""
 
     key: CostKey
-    fits: dict[str, tuple[float, float]] = field(default_factory=dict)
+    points: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
     # ---- prediction -----------------------------------------------------------------------------------
     def group_time(self, pattern: "Pattern | str", heads: int) -> float:
         p = get_pattern(pattern)
         if p.kind == "skip" or heads == 0:
             return 0.0
-        if p.name not in self.fits:
+        if p.name not in self.points:
             raise ValueError(f"The cost model has no measurement for {p.name!r}; measure it with candidates=[..., {p.name!r}].")
-        a, b = self.fits[p.name]
-        return max(0.0, a + b * heads)
+        return interpolate(self.points[p.name], heads)
 
     def layer_time(self, patterns: Sequence["Pattern | str"]) -> float:
         """Predicted ms of one layer call: the sum over its fused groups."""
@@ -104,13 +104,13 @@ class CostModel:
         repeats: int = 3,
         progress: bool = False,
     ) -> "CostModel":
-        """Time every candidate (and dense) through the runtime at group sizes 1, H/2 and H."""
+        """Time every candidate (and dense) through the runtime at group sizes 1, 2, 4, ... and H."""
         dev = torch.device(device)
         key = CostKey.for_setting(layout, num_heads, head_dim, block_size, backend, dtype, device, batch)
         backend = key.backend
         names = ["full", *(get_pattern(c).name for c in candidates)]
         names = [n for n in dict.fromkeys(names) if get_pattern(n).kind != "skip"]
-        sizes = sorted({1, max(1, num_heads // 2), num_heads})
+        sizes = sorted({*(2**i for i in range(num_heads.bit_length()) if 2**i <= num_heads), num_heads})
         g = torch.Generator(device=dev).manual_seed(0)
         q, k, v = (torch.randn(batch, num_heads, layout.num_tokens, head_dim, generator=g, device=dev, dtype=dtype) for _ in range(3))
         model = cls(key)
@@ -127,8 +127,8 @@ class CostModel:
                 else:
                     fn = lambda: runtime(qs, ks, vs, layout, [pattern] * n, block_size)  # noqa: E731
                 points.append((n, median_ms({name: fn}, repeats, dev)[name]))
-            model.fits[name] = _fit_line(points)
-        model.fits = monotone_in_density(model.fits, layout, block_size, num_heads)
+            model.points[name] = points
+        model.points = monotone_in_density(model.points, layout, block_size)
         return model
 
     @classmethod
@@ -140,7 +140,7 @@ class CostModel:
         wanted = {get_pattern(c).name for c in candidates if get_pattern(c).kind != "skip"} | {"full"}
         if path.is_file():
             cached = cls.load(path)
-            if cached.key == key and wanted <= set(cached.fits):
+            if cached.key == key and wanted <= set(cached.points):
                 return cached
         model = cls.measure(layout, num_heads, head_dim, candidates, **kwargs)
         model.save(path)
@@ -151,7 +151,7 @@ class CostModel:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"schema": COST_SCHEMA, "key": asdict(self.key), "fits": self.fits}, indent=1))
+        tmp.write_text(json.dumps({"schema": COST_SCHEMA, "key": asdict(self.key), "points": self.points}, indent=1))
         os.replace(tmp, path)
         return path
 
@@ -160,7 +160,7 @@ class CostModel:
         data = json.loads(Path(path).read_text())
         if data.get("schema") != COST_SCHEMA:
             raise ValueError(f"Cost table {str(path)!r} has schema {data.get('schema')!r}, not {COST_SCHEMA}; delete it to re-measure.")
-        return cls(CostKey(**data["key"]), {k: tuple(v) for k, v in data["fits"].items()})
+        return cls(CostKey(**data["key"]), {k: [tuple(p) for p in v] for k, v in data["points"].items()})
 
     def check_key(self, key: CostKey) -> None:
         """Refuse a table measured for another device, backend, dtype or shape."""
@@ -169,28 +169,39 @@ class CostModel:
             raise ValueError(f"This cost table was measured for another setting ({'; '.join(diff)}); re-measure it here.")
 
 
+def interpolate(points: list[tuple[int, float]], heads: int) -> float:
+    """Piecewise-linear time of `heads` heads through the measured (heads, ms) points; beyond the last point
+    it grows in proportion to the heads."""
+    if heads <= points[0][0]:
+        return points[0][1] * heads / points[0][0]
+    for (n0, t0), (n1, t1) in zip(points, points[1:]):
+        if heads <= n1:
+            return t0 + (t1 - t0) * (heads - n0) / (n1 - n0)
+    n, t = points[-1]
+    return t * heads / n
+
+
 def monotone_in_density(
-    fits: dict[str, tuple[float, float]], layout: TokenLayout, block_size: int, num_heads: int
-) -> dict[str, tuple[float, float]]:
+    points: dict[str, list[tuple[int, float]]], layout: TokenLayout, block_size: int
+) -> dict[str, list[tuple[int, float]]]:
     """Within each pattern kind, a denser candidate must not be predicted faster than a sparser one.
 
-    Timing noise can invert two close candidates; pooling adjacent violators (isotonic regression) on the
-    line's ends t(1) and t(H), ordered by density, removes such inversions while keeping every real
-    difference. Lines between monotone ends stay monotone for every group size in between.
+    Timing noise can invert two close candidates; pooling adjacent violators (isotonic regression) at every
+    measured group size, candidates ordered by density, removes such inversions while keeping every real
+    difference; interpolation between monotone points stays monotone.
     """
-    out = dict(fits)
+    out = dict(points)
     by_kind: dict[str, list[tuple[float, str]]] = {}
-    for name in fits:
+    for name in points:
         p = get_pattern(name)
         if p.kind not in ("full", "skip"):
             by_kind.setdefault(p.kind, []).append((p.estimated_density(layout, block_size), name))
     for members in by_kind.values():
         names = [n for _, n in sorted(members)]
-        ends = [[fits[n][0] + fits[n][1] * h for n in names] for h in (1, num_heads)]
-        t1, th = (_pool_adjacent_violators(e) for e in ends)
-        for n, lo, hi in zip(names, t1, th):
-            b = (hi - lo) / (num_heads - 1) if num_heads > 1 else fits[n][1]
-            out[n] = (lo - b, b)
+        sizes = [n for n, _ in points[names[0]]]
+        pooled = [_pool_adjacent_violators([dict(points[name])[n] for name in names]) for n in sizes]
+        for i, name in enumerate(names):
+            out[name] = [(n, pooled[j][i]) for j, n in enumerate(sizes)]
     return out
 
 
@@ -205,16 +216,3 @@ def _pool_adjacent_violators(values: list[float]) -> list[float]:
             blocks.append([(m1 * c1 + m2 * c2) / (c1 + c2), c1 + c2])
     return [m for m, c in blocks for _ in range(int(c))]
 
-
-def _fit_line(points: list[tuple[int, float]]) -> tuple[float, float]:
-    """Least squares a + b * n through the (heads, ms) points; a single point gives a pure per-head slope."""
-    if len(points) == 1:
-        n, t = points[0]
-        return 0.0, t / n
-    xs, ys = zip(*points)
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    b = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x in xs)
-    a = my - b * mx
-    if a < 0:  # no negative overhead: refit through the origin
-        a, b = 0.0, sum(x * y for x, y in points) / sum(x * x for x in xs)
-    return a, b

@@ -188,7 +188,7 @@ class PlanSearch:
         if missing:
             raise ValueError(f"No cost model for block size(s) {missing}; measure one per block size in SearchSpace.block_sizes.")
         for b, c in costs.items():
-            lacking = [n for n in profile.candidates if get_pattern(n).kind != "skip" and n not in c.fits]
+            lacking = [n for n in profile.candidates if get_pattern(n).kind != "skip" and n not in c.points]
             if lacking:
                 raise ValueError(f"The block-{b} cost model lacks the profile's candidates {lacking}; measure them too.")
         self.min_psnr = min_psnr

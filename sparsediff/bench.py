@@ -282,5 +282,5 @@ def validate_cost_model(
         rows.append({"patterns": patterns, "predicted_ms": predicted, "measured_ms": measured,
                      "error": predicted / measured - 1 if measured else 0.0})
     errors = [abs(r["error"]) for r in rows]
-    return {"key": model.key.__dict__, "fits": model.fits, "layers": rows,
+    return {"key": model.key.__dict__, "points": model.points, "layers": rows,
             "mean_abs_error": sum(errors) / len(errors), "max_abs_error": max(errors)}

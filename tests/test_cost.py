@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sparsediff.layout import TokenLayout
-from sparsediff.search.cost import CostKey, CostModel, _fit_line, cache_dir, monotone_in_density
+from sparsediff.search.cost import CostKey, CostModel, cache_dir, interpolate, monotone_in_density
 
 LAYOUT = TokenLayout.parse("video:4x16x16")  # 1024 tokens: big enough that density shows in the time
 
@@ -30,13 +30,14 @@ def test_prediction_is_monotone_in_density(model):
 def test_noisy_inversions_are_pooled():
     layout = TokenLayout.parse("video:4x16x16")
     # w2 measured faster than w1 (noise): the pooled model predicts them equal, and keeps w0.25 below
-    fits = {"diagonal_w0.25": (1.0, 1.0), "diagonal_w1": (1.0, 3.0), "diagonal_w2": (1.0, 2.0), "full": (1.0, 9.0)}
-    pooled = monotone_in_density(fits, layout, 64, 4)
-    at = lambda name, n: pooled[name][0] + pooled[name][1] * n  # noqa: E731
-    for n in (1, 2, 4):
-        assert at("diagonal_w1", n) == pytest.approx(at("diagonal_w2", n))
-        assert at("diagonal_w0.25", n) < at("diagonal_w1", n)
-    assert pooled["full"] == fits["full"] and pooled["diagonal_w0.25"] == pytest.approx(fits["diagonal_w0.25"])
+    line = lambda a, b: [(n, a + b * n) for n in (1, 2, 4)]  # noqa: E731
+    points = {"diagonal_w0.25": line(1.0, 1.0), "diagonal_w1": line(1.0, 3.0), "diagonal_w2": line(1.0, 2.0), "full": line(1.0, 9.0)}
+    pooled = monotone_in_density(points, layout, 64)
+    for n in (1, 2, 3, 4):
+        assert interpolate(pooled["diagonal_w1"], n) == pytest.approx(interpolate(pooled["diagonal_w2"], n))
+        assert interpolate(pooled["diagonal_w0.25"], n) < interpolate(pooled["diagonal_w1"], n)
+    assert pooled["full"] == points["full"]
+    assert [t for _, t in pooled["diagonal_w0.25"]] == pytest.approx([t for _, t in points["diagonal_w0.25"]])
 
 
 def test_layer_time_is_the_sum_over_fused_groups(model):
@@ -63,14 +64,13 @@ def test_cache_is_keyed_by_device_and_shape(tmp_path, monkeypatch):
         first.check_key(foreign)
     # a table for another device never answers for this one, even under the same file name
     path = cache_dir() / f"{first.key.digest()}.json"
-    CostModel(foreign, {"full": (0.0, 1.0), "diagonal_w1": (0.0, 0.1)}).save(path)
+    CostModel(foreign, {"full": [(1, 1.0)], "diagonal_w1": [(1, 0.1)]}).save(path)
     remeasured = CostModel.load_or_measure(small, 2, 16, ["diagonal_w1"], block_size=16, repeats=1)
     assert remeasured.key == first.key
 
 
-def test_fit_line():
-    a, b = _fit_line([(1, 3.0), (2, 5.0), (4, 9.0)])
-    assert a == pytest.approx(1.0) and b == pytest.approx(2.0)
-    assert _fit_line([(4, 8.0)]) == (0.0, 2.0)
-    a, b = _fit_line([(1, 1.0), (2, 4.0)])  # negative intercept refits through the origin
-    assert a == 0.0 and b > 0
+def test_interpolation_between_measured_group_sizes():
+    points = [(1, 3.0), (2, 5.0), (4, 7.0)]
+    assert interpolate(points, 1) == 3.0 and interpolate(points, 3) == pytest.approx(6.0)
+    assert interpolate(points, 8) == pytest.approx(14.0)  # proportional beyond the last point
+    assert interpolate([(2, 4.0)], 1) == pytest.approx(2.0)
