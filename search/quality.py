@@ -45,16 +45,20 @@ class PipelineEvaluator:
             `output_type` are set by the evaluator (a fresh seeded generator per run, "np" frames) and dropped here.
         apply (Callable): `apply(pipe, plan)` installs a plan and returns a handle with `.remove()`
             (`sparsediff.accelerate` with the backend bound; injected so the search stays below the public API).
+        output_type (str, defaults to "np"): the final output compared: decoded frames ("np") or "latent"
+            (skips the VAE, for quick checks on models whose VAE is not the point).
     """
 
-    def __init__(self, pipe: Any, calls: Sequence[dict[str, Any]], apply: Callable[[Any, SparsePlan], Any]):
+    def __init__(
+        self, pipe: Any, calls: Sequence[dict[str, Any]], apply: Callable[[Any, SparsePlan], Any], output_type: str = "np"
+    ):
         if not calls:
             raise ValueError("PipelineEvaluator needs at least one calibration call (a dict of pipeline arguments).")
         steps = {c.get("num_inference_steps") for c in calls}
         if len(steps) != 1 or None in steps:
             raise ValueError(f"Every calibration call needs the same num_inference_steps; got {sorted(map(str, steps))}.")
         self.calls = [{k: v for k, v in c.items() if k not in ("generator", "output_type")} for c in calls]
-        self.pipe, self.apply = pipe, apply
+        self.pipe, self.apply, self.output_type = pipe, apply, output_type
         self.num_steps = int(steps.pop())
         start = time.perf_counter()
         self.reference = [self._run(c) for c in self.calls]  # (per-step latents, final output) per call
@@ -75,12 +79,12 @@ class PipelineEvaluator:
         out = self.pipe(
             **kwargs,
             generator=torch.Generator().manual_seed(seed),
-            output_type="np",
+            output_type=self.output_type,
             callback_on_step_end=callback,
             callback_on_step_end_tensor_inputs=["latents"],
         )
         frames = out.frames if hasattr(out, "frames") else out[0]
-        return steps, torch.as_tensor(frames).float()
+        return steps, torch.as_tensor(frames).float().cpu()
 
     def __call__(self, plan: SparsePlan, report: Callable[[int, float], None]) -> Evaluation:
         handle = self.apply(self.pipe, plan)

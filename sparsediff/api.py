@@ -332,6 +332,7 @@ def search(
     progress: bool = True,
     log=None,
     return_summary: bool = False,
+    output_type: str = "np",
 ):
     """Search the fastest plan for `pipe` on this machine that meets a quality floor (or a speed target).
 
@@ -356,6 +357,7 @@ def search(
         progress (bool, defaults to True): progress bars on stderr.
         log (Callable[[str], None], defaults to None): one line per trial (default: the `sparsediff` logger).
         return_summary (bool, defaults to False): also return a summary dict (trials, pruned, Pareto front, chosen).
+        output_type (str, defaults to "np"): compare decoded frames ("np") or latents ("latent") for the final PSNR.
 
     Returns:
         SparsePlan: the chosen plan (its `search` field records the study, trial, PSNR and speedups), or
@@ -399,7 +401,7 @@ def search(
                                      block_size=b, backend=backend, dtype=param.dtype, device=str(param.device))
         for b in block_sizes
     }
-    evaluator = PipelineEvaluator(pipe, calls, apply=lambda p, plan: accelerate(p, plan, backend=backend))
+    evaluator = PipelineEvaluator(pipe, calls, apply=lambda p, plan: accelerate(p, plan, backend=backend), output_type=output_type)
     if storage is None:
         storage = f"sqlite:///{(out.with_suffix('.optuna.db') if out is not None else Path('sparsediff_search.db')).resolve()}"
     run = PlanSearch(profile, costs, evaluator, SearchSpace(block_sizes=block_sizes), min_psnr=min_psnr, storage=storage)
