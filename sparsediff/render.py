@@ -73,12 +73,8 @@ def render_plan(plan: SparsePlan, out: "str | Path", layout: TokenLayout | None 
     fig, axes = plt.subplots(1, n_ranges, figsize=(plan_figure_width(plan), 4.8), dpi=dpi, squeeze=False)
     kinds_used = set()
     for ax, r in zip(axes[0], plan.ranges):
-        img = np.zeros((L, H, 3), dtype=np.uint8)
-        for li, layer in enumerate(r.layers):
-            for hi, p in enumerate(layer):
-                kind = "full" if li in plan.dense_layers else p.kind
-                kinds_used.add(kind)
-                img[li, hi] = kind_colour(kind)
+        img, kinds = plan_grid(plan, r)
+        kinds_used |= kinds
         ax.imshow(img, aspect="auto", interpolation="nearest")
         ax.set_title(f"progress [{r.start:.2f}, {r.end:.2f})", fontsize=9)
         ax.set_xlabel("head")
@@ -98,6 +94,19 @@ def render_plan(plan: SparsePlan, out: "str | Path", layout: TokenLayout | None 
     fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out
+
+
+def plan_grid(plan: SparsePlan, step_range) -> tuple[np.ndarray, set[str]]:
+    """(L, H, 3) uint8 image of one step range's patterns, coloured by kind (dense layers as `full`), and the
+    kinds it shows."""
+    img = np.zeros((plan.model.num_layers, plan.model.num_heads, 3), dtype=np.uint8)
+    kinds = set()
+    for li, layer in enumerate(step_range.layers):
+        for hi, p in enumerate(layer):
+            kind = "full" if li in plan.dense_layers else p.kind
+            kinds.add(kind)
+            img[li, hi] = kind_colour(kind)
+    return img, kinds
 
 
 def plan_figure_width(plan: SparsePlan) -> float:
@@ -201,14 +210,7 @@ def render_search_report(outcomes, front, chosen, plan: SparsePlan, out: "str | 
     ax.set_ylabel("PSNR vs dense (dB)")
     ax.legend(fontsize=7, loc="lower left")
     r = plan.ranges[-1]
-    L, H = plan.model.num_layers, plan.model.num_heads
-    img = np.zeros((L, H, 3), dtype=np.uint8)
-    kinds = set()
-    for li, layer in enumerate(r.layers):
-        for hi, p in enumerate(layer):
-            kind = "full" if li in plan.dense_layers else p.kind
-            kinds.add(kind)
-            img[li, hi] = kind_colour(kind)
+    img, kinds = plan_grid(plan, r)
     grid.imshow(img, aspect="auto", interpolation="nearest")
     grid.set_title(f"chosen plan, progress [{r.start:.2f}, {r.end:.2f}), dense steps {plan.dense_steps}", fontsize=9)
     grid.set_xlabel("head")
