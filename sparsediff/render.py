@@ -69,7 +69,7 @@ def render_plan(plan: SparsePlan, out: "str | Path", layout: TokenLayout | None 
 
     if layout is None:
         layout = TokenLayout.parse(plan.layout or "video:8x32x32")
-    n_ranges, L, H = len(plan.ranges), plan.model.num_layers, plan.model.num_heads
+    n_ranges, H = len(plan.ranges), plan.model.num_heads
     fig, axes = plt.subplots(1, n_ranges, figsize=(plan_figure_width(plan), 4.8), dpi=dpi, squeeze=False)
     kinds_used = set()
     for ax, r in zip(axes[0], plan.ranges):
