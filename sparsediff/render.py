@@ -76,6 +76,7 @@ def render_plan(plan: SparsePlan, out: "str | Path", layout: TokenLayout | None 
         img, kinds = plan_grid(plan, r)
         kinds_used |= kinds
         ax.imshow(img, aspect="auto", interpolation="nearest")
+        _integer_ticks(ax, img)
         ax.set_title(f"progress [{r.start:.2f}, {r.end:.2f})", fontsize=9)
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
@@ -107,6 +108,13 @@ def plan_grid(plan: SparsePlan, step_range) -> tuple[np.ndarray, set[str]]:
             kinds.add(kind)
             img[li, hi] = kind_colour(kind)
     return img, kinds
+
+
+def _integer_ticks(ax, img: np.ndarray) -> None:
+    """Layer and head numbers as whole ticks (at most ~16 per axis)."""
+    rows, cols = img.shape[:2]
+    ax.set_yticks(range(0, rows, max(1, rows // 16)))
+    ax.set_xticks(range(0, cols, max(1, cols // 16)))
 
 
 def plan_figure_width(plan: SparsePlan) -> float:
@@ -212,6 +220,7 @@ def render_search_report(outcomes, front, chosen, plan: SparsePlan, out: "str | 
     r = plan.ranges[-1]
     img, kinds = plan_grid(plan, r)
     grid.imshow(img, aspect="auto", interpolation="nearest")
+    _integer_ticks(grid, img)
     grid.set_title(f"chosen plan, progress [{r.start:.2f}, {r.end:.2f}), dense steps {plan.dense_steps}", fontsize=9)
     grid.set_xlabel("head")
     grid.set_ylabel("layer")
