@@ -110,8 +110,8 @@ class SparsediffHandle:
 
 
 def _load_plan(plan: Any) -> SparsePlan | None:
-    if plan is None or isinstance(plan, SparsePlan):
-        return plan
+    if plan is None or plan == "dense" or isinstance(plan, SparsePlan):
+        return None if plan == "dense" else plan
     if isinstance(plan, (str, os.PathLike)):
         return SparsePlan.load(plan)
     raise ValueError(f"plan must be a SparsePlan, a path to a plan JSON file or None, not {type(plan).__name__}.")
@@ -153,7 +153,9 @@ def accelerate(pipe_or_model: Any, plan: Any = None, backend: str | None = None,
     Args:
         pipe_or_model: a `WanPipeline` (2.1 or 2.2), `CogVideoXPipeline`, `HunyuanVideoPipeline`, `LTXPipeline`,
             `MochiPipeline`, or one of their transformers.
-        plan (SparsePlan | str | dict, defaults to None): see `AccelerateConfig.plan`.
+        plan (SparsePlan | str | dict, defaults to None): see `AccelerateConfig.plan`. `"dense"` runs every call as the
+            model's own. A pipeline that ships its own searched plan (sparsediff's embedded model) uses that plan
+            when `plan` is None, and says so in the log.
         backend (str, defaults to None): see `AccelerateConfig.backend`.
         num_steps (int, defaults to None): see `AccelerateConfig.num_steps`.
 
@@ -174,6 +176,10 @@ def accelerate(pipe_or_model: Any, plan: Any = None, backend: str | None = None,
     from .pipelines.install import check_not_installed, find_denoisers, install
     from .pipelines.state import RunLog
 
+    if plan is None and callable(getattr(pipe_or_model, "shipped_plan", None)):
+        plan = pipe_or_model.shipped_plan()  # a model that ships its searched plan (the embedded model) uses it
+        if plan is not None:
+            logger.info("sparsediff: using the plan shipped with %s; pass plan='dense' for the exact dense model.", type(pipe_or_model).__name__)
     config = AccelerateConfig(plan=plan, backend=backend, num_steps=num_steps)
     denoisers = find_denoisers(pipe_or_model)
     is_pipeline = not isinstance(pipe_or_model, torch.nn.Module)
@@ -297,12 +303,19 @@ def profile(
 
 
 def load_pipeline(model: str, device: "str | None" = None):
-    """A locally saved diffusers pipeline (`save_pretrained` directory), on `device` (CUDA when available)."""
+    """A pipeline by name: `embedded` (sparsediff's own trained model, shipped in the package) or the path of a
+    locally saved diffusers pipeline (`save_pretrained` directory); on `device` (CUDA when available)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if model == "embedded":
-        raise ValueError(
-            "--model embedded is not available yet (the project's own small model comes in a later release); pass the "
-            "path of a locally saved diffusers pipeline, e.g. --model ./wan-tiny."
-        )
+        from .pipelines.embedded.pipeline import ShapesVideoPipeline, embedded_path
+
+        path = embedded_path()
+        if not (path / "model_index.json").is_file():
+            raise ValueError(
+                f"The embedded model is missing from {str(path)!r}; reinstall sparsediff, or train it with "
+                "`python samples/train_embedded.py`."
+            )
+        return ShapesVideoPipeline.from_pretrained(str(path)).to(device)
     path = Path(model)
     if not (path / "model_index.json").is_file():
         raise ValueError(
@@ -312,7 +325,7 @@ def load_pipeline(model: str, device: "str | None" = None):
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
-    return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return pipe.to(device)
 
 
 def search(

@@ -101,6 +101,39 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate_video(args: argparse.Namespace) -> int:
+    from .api import load_pipeline
+    from .generate import generate, write_video
+
+    pipe = load_pipeline(args.model, args.device)
+    pipe.set_progress_bar_config(disable=args.json)
+    plan = args.plan or (pipe.shipped_plan() if hasattr(pipe, "shipped_plan") else None)
+    plan = None if plan == "dense" else plan
+    sizes = {k: v for k, v in {"height": args.height, "width": args.width, "num_frames": args.frames}.items() if v}
+    result = generate(pipe, [args.prompt], plan, backend=args.backend, seed=args.seed, num_inference_steps=args.steps, **sizes)
+    out = write_video(result.frames[0], args.out, fps=args.fps)
+    frames = result.frames[0]
+    info = {"out": str(out), "prompt": args.prompt, "frames": int(frames.shape[0]), "height": int(frames.shape[1]),
+            "width": int(frames.shape[2]), "steps": args.steps, "seconds": round(result.seconds, 3),
+            "plan": "dense" if plan is None else str(args.plan or "shipped"), **result.stats}
+    _emit(info, args.json)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .generate import run_demo
+
+    result = run_demo(args.out, num_prompts=args.prompts, steps=args.steps, seed=args.seed, backend=args.backend)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+    else:
+        print(f"embedded model, {len(result.prompts)} prompts, {result.steps} steps, dense vs its shipped plan")
+        print(result.table())
+        for name, path in result.files.items():
+            print(f"{name}: {path}")
+    return 0
+
+
 def _cmd_profile(args: argparse.Namespace) -> int:
     import torch
 
@@ -251,6 +284,33 @@ def build_parser() -> argparse.ArgumentParser:
     srch.add_argument("--force", action="store_true", help="overwrite an existing plan and report")
     srch.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     srch.set_defaults(func=_cmd_search)
+
+    gen = sub.add_parser("generate", help="generate with a pipeline, dense or under a plan")
+    gen_sub = gen.add_subparsers(dest="generate_what", metavar="WHAT", required=True)
+    vid = gen_sub.add_parser("video", help="one clip to MP4 (GIF when ffmpeg is missing), with time and stats")
+    vid.add_argument("--model", default="embedded", help="`embedded` (default) or a saved diffusers pipeline directory")
+    vid.add_argument("--prompt", required=True)
+    vid.add_argument("--plan", help="plan JSON, or `dense`; default: the model's shipped plan if it has one, else dense")
+    vid.add_argument("--steps", type=int, default=20)
+    vid.add_argument("--seed", type=int, default=0)
+    vid.add_argument("--height", type=int)
+    vid.add_argument("--width", type=int)
+    vid.add_argument("--frames", type=int)
+    vid.add_argument("--fps", type=int, default=8)
+    vid.add_argument("--backend", help="kernel backend (default: automatic)")
+    vid.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    vid.add_argument("--out", required=True, help="video file to write (.mp4)")
+    vid.add_argument("--json", action="store_true")
+    vid.set_defaults(func=_cmd_generate_video)
+
+    demo = sub.add_parser("demo", help="the embedded model dense vs its shipped plan, side by side, with one table")
+    demo.add_argument("--out", default="demo", help="folder for the side-by-side MP4 and the frame strip")
+    demo.add_argument("--prompts", type=int, default=4, help="prompts to generate")
+    demo.add_argument("--steps", type=int, default=20)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--backend", help="kernel backend (default: automatic)")
+    demo.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
+    demo.set_defaults(func=_cmd_demo)
 
     bench = sub.add_parser("bench", help="benchmarks: sparse vs dense SDPA vs FlexAttention, in one run")
     bench_sub = bench.add_subparsers(dest="bench_what", metavar="WHAT", required=True)

@@ -100,7 +100,5 @@ def test_cli_profile_and_show(tmp_path, capsys):
 
 
 def test_cli_profile_model_errors(tmp_path, capsys):
-    assert main(["profile", "--model", "embedded", "--out", str(tmp_path)]) == 2
-    assert "not available yet" in capsys.readouterr().err
     assert main(["profile", "--model", str(tmp_path), "--out", str(tmp_path / "p")]) == 2
     assert "not a saved diffusers pipeline" in capsys.readouterr().err
