@@ -167,7 +167,10 @@ def run_demo(
     from .pipelines.embedded import detector
 
     pipe = load_pipeline("embedded")
+    pipe.set_progress_bar_config(disable=True)
     plan = pipe.shipped_plan()
+    if plan is None:
+        raise ValueError("The embedded model has no shipped plan yet; make one with `python samples/ship_embedded_plan.py`.")
     prompts = prompts or detector.eval_prompts(32)[:: max(1, 32 // num_prompts)][:num_prompts]
     call = dict(num_inference_steps=steps, seed=seed)
     generate(pipe, prompts[:1], None, num_inference_steps=2)  # warm-up: one-off costs stay out of the timings

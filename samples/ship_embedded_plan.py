@@ -1,0 +1,53 @@
+"""Profile and search the embedded model, then ship the chosen plan beside its weights.
+
+The plan that `accelerate(pipe)` and `sparsediff demo` use on the embedded model comes from here:
+
+    python samples/ship_embedded_plan.py            # ~15 min on a 2-core CPU
+
+It runs `sparsediff profile` on two calibration prompts (10 steps, 8 x 64 x 64 pixels = 8192 tokens), then
+`sparsediff search` (floor 28 dB PSNR of the final frames against dense), and copies the plan to
+`pipelines/assets/embedded/plan.json`. Outputs (profile, study, report) go to `samples/results/embedded/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from sparsediff.cli import main as cli
+from sparsediff.pipelines.embedded.pipeline import PLAN_FILE, embedded_path
+
+ROOT = Path(__file__).resolve().parents[1]
+CANDIDATES = ("full,skip,diagonal_w0.25,diagonal_w0.5,diagonal_w1,multi_diagonal_w32,multi_diagonal_w64,"
+              "multi_diagonal_w128,vertical_stripe_f0.5,vertical_stripe_f1,topk_blocks_k0.1,topk_blocks_k0.25")
+PROMPTS = ["a red circle moving right", "a blue square moving up"]
+
+
+def run(*args: str) -> None:
+    code = cli([str(a) for a in args])
+    if code:
+        raise SystemExit(f"sparsediff {args[0]} failed with exit code {code}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--trials", type=int, default=12)
+    p.add_argument("--min-psnr", type=float, default=28.0)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--out", type=Path, default=ROOT / "samples" / "results" / "embedded")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    prompts = args.out / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    size = ["--height", "64", "--width", "64", "--frames", "8"]
+    run("profile", "--model", "embedded", "--prompts", prompts, "--steps", args.steps, *size, "--candidates", CANDIDATES,
+        "--block-size", "64", "--out", args.out / "profile")
+    run("search", "--model", "embedded", "--profile", args.out / "profile", "--out", args.out / "plan.json",
+        "--min-psnr", args.min_psnr, "--trials", args.trials, "--force")
+    shutil.copy(args.out / "plan.json", embedded_path() / PLAN_FILE)
+    print(f"shipped {embedded_path() / PLAN_FILE}")
+
+
+if __name__ == "__main__":
+    main()

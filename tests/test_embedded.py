@@ -1,0 +1,223 @@
+"""The embedded shape-video model: its clips and captions, pipeline, detector, training loop and sparsediff hook-up."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sparsediff.pipelines.embedded import data, detector
+from sparsediff.pipelines.embedded.pipeline import EmbeddedModelConfig, ShapesVideoPipeline, build_pipeline
+from sparsediff.pipelines.embedded.train import TrainConfig, Trainer, flow_matching_loss, step_batch
+
+TINY = EmbeddedModelConfig(num_layers=1, num_heads=2, head_dim=12, ffn_dim=32, text_dim=16, text_layers=1)
+SMALL_CALL = dict(num_frames=3, height=8, width=12, num_inference_steps=3, guidance_scale=3.0)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_pipeline(TINY)
+
+
+def generate(pipe, prompt="a red circle moving right", seed=0, **kwargs):
+    return pipe(prompt, generator=torch.Generator().manual_seed(seed), **{**SMALL_CALL, **kwargs}).frames
+
+
+# Data
+
+
+def test_clips_are_a_pure_function_of_the_seed():
+    a, b = data.render(data.clip_spec(7, 0.5), 8, 32, 32), data.render(data.clip_spec(7, 0.5), 8, 32, 32)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, data.render(data.clip_spec(8, 0.5), 8, 32, 32))
+    assert a.shape == (3, 8, 32, 32) and a.min() >= -1 and a.max() <= 1
+
+
+def test_captions_state_the_clip_parameters():
+    for seed in range(50):
+        spec = data.clip_spec(seed, two_object_prob=0.5)
+        stated = data.parse_caption(spec.caption)
+        fields = lambda o: (o.shape, o.colour, o.direction, o.modifier)  # noqa: E731
+        assert [fields(o) for o in stated] == [fields(o) for o in spec.objects], spec.caption
+
+
+def test_bad_caption_names_the_grammar():
+    with pytest.raises(ValueError, match="grammar"):
+        data.parse_caption("a red blob")
+    with pytest.raises(ValueError, match="unknown colour"):
+        data.parse_caption("a teal circle moving left")
+
+
+# Pipeline
+
+
+def test_every_caption_word_is_in_the_vocabulary(pipe):
+    unk = pipe.tokenizer.unk_token_id
+    for seed in range(50):
+        ids = pipe.tokenizer(data.clip_spec(seed, 0.5).caption).input_ids
+        assert unk not in ids and ids[-1] == pipe.tokenizer.eos_token_id
+
+
+def test_output_shapes_follow_the_request(pipe):
+    frames = generate(pipe, ["a red circle moving right", "a blue square moving up"], num_videos_per_prompt=2)
+    assert frames.shape == (4, 3, 8, 12, 3) and frames.dtype == np.float32
+    assert frames.min() >= 0 and frames.max() <= 1
+    assert generate(pipe, output_type="pt").shape == (1, 3, 3, 8, 12)  # (B, F, C, H, W)
+    assert generate(pipe, output_type="latent").shape == (1, 3, 3, 8, 12)  # (B, C, F, H, W)
+    with pytest.raises(ValueError, match="multiples of the patch size"):
+        generate(pipe, height=9)
+
+
+def test_pipeline_save_and_load_round_trip(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == "ShapesVideoPipeline" and "vae" not in index
+    assert (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").exists()
+    assert (tmp_path / "tokenizer" / "tokenizer.json").exists()
+    loaded = ShapesVideoPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(generate(loaded), generate(pipe))
+    assert loaded.tokenizer("a red circle").input_ids == pipe.tokenizer("a red circle").input_ids
+
+
+def test_callback_sees_and_replaces_latents_every_step(pipe):
+    seen = []
+
+    def callback(p, step, timestep, tensors):
+        seen.append((step, tensors["latents"].shape))
+        return {"latents": torch.zeros_like(tensors["latents"])} if step == SMALL_CALL["num_inference_steps"] - 1 else {}
+
+    frames = generate(pipe, callback_on_step_end=callback)
+    assert seen == [(i, (1, 3, 3, 8, 12)) for i in range(3)]
+    assert np.all(frames == 0.5)  # zero latents are mid-grey pixels
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        generate(pipe, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["noise_pred"])
+
+
+def test_denoiser_calls_carry_cache_contexts_and_steps(pipe):
+    """As in WanPipeline: each call inside cache_context("cond"/"uncond", step_index=i), timestep t over the batch."""
+    contexts, timesteps = [], []
+    original = pipe.transformer.cache_context
+
+    def spy(name, **kwargs):
+        contexts.append((name, kwargs["step_index"]))
+        return original(name, **kwargs)
+
+    pipe.transformer.cache_context = spy
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, args, kwargs: timesteps.append(kwargs["timestep"].tolist()), with_kwargs=True)
+    try:
+        generate(pipe, ["a red circle moving right", "a blue square moving up"])
+    finally:
+        hook.remove()
+        del pipe.transformer.cache_context
+    assert contexts == [(name, i) for i in range(3) for name in ("cond", "uncond")]
+    assert timesteps == [[t, t] for t in pipe.scheduler.timesteps.tolist() for _ in range(2)]
+
+
+def test_flow_matching_target_is_what_the_scheduler_integrates(pipe):
+    """With the exact velocity noise - x0, the sampler lands on x0: training and sampling agree on conventions."""
+    x0 = data.render(data.clip_spec(1), 3, 8, 12)[None]
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(5)
+    scheduler.set_begin_index(0)
+    latents = noise.clone()  # the first sigma is 1: pure noise
+    for t in scheduler.timesteps:
+        latents = scheduler.step(noise - x0, t, latents, return_dict=False)[0]
+    torch.testing.assert_close(latents, x0, atol=1e-5, rtol=0)
+
+
+# Detector
+
+
+@pytest.mark.parametrize("size", [(8, 64, 64), (8, 32, 32)])
+def test_detector_is_right_on_ground_truth_clips(size):
+    specs = [data.clip_spec(seed, two_object_prob=0.3) for seed in range(1000, 1060)]
+    result = detector.accuracy([detector.frames_from_clip(data.render(s, *size)) for s in specs], [s.caption for s in specs])
+    for field in ("colour", "direction", "shape", "modifier"):
+        assert result[field] >= 0.95, (field, result[field])
+
+
+def test_detector_notices_a_wrong_clip():
+    spec = data.clip_spec(5)
+    frames = detector.frames_from_clip(data.render(spec, 8, 32, 32))
+    assert all(detector.score(frames, spec.caption).values())
+    assert not detector.score(frames[::-1], spec.caption)["direction"]  # played backwards
+    other = next(c for c in data.COLOURS if c != spec.objects[0].colour)
+    assert not detector.score(frames, spec.caption.replace(spec.objects[0].colour, other, 1))["colour"]
+
+
+def test_eval_prompts_cover_every_colour_and_direction():
+    prompts = detector.eval_prompts()
+    assert len(set(prompts)) == 32
+    parsed = [data.parse_caption(p)[0] for p in prompts]
+    assert {o.colour for o in parsed} == set(data.COLOURS) and {o.direction for o in parsed} == set(data.DIRECTIONS)
+
+
+# Training
+
+
+def tiny_run() -> TrainConfig:
+    return TrainConfig(
+        steps=4, batch_size=2, low_res=(2, 8, 8), full_res=(2, 16, 16), full_res_every=2, full_res_batch_size=1,
+        warmup=1, checkpoint_every=2, model=TINY,
+    )
+
+
+def test_resumed_training_repeats_the_uninterrupted_run(tmp_path):
+    config = tiny_run()
+    straight = Trainer(config, tmp_path / "straight")
+    straight.run()
+    assert (tmp_path / "straight" / "checkpoint.pt").exists()
+    assert [h["clips"] for h in straight.history] == ["2x2x8x8", "1x2x16x16"] * 2
+
+    first = Trainer(config, tmp_path / "resumed")
+    for _ in range(2):
+        first.train_step()
+    first.save_checkpoint()
+    second = Trainer(config, tmp_path / "resumed")
+    assert second.resume() and second.step == 2
+    second.run()
+    assert [h["loss"] for h in second.history] == [h["loss"] for h in straight.history]
+    for a, b in zip(straight.modules.parameters(), second.modules.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(straight.ema, second.ema):
+        assert torch.equal(a, b)
+
+    with pytest.raises(ValueError, match="another configuration"):
+        Trainer(TrainConfig(**{**config.__dict__, "lr": 0.5}), tmp_path / "resumed").resume()
+
+
+def test_training_steps_lower_the_loss_on_a_fixed_batch():
+    config = TrainConfig(steps=30, batch_size=2, low_res=(2, 8, 8), full_res_every=0, warmup=1, lr=3e-3, model=TINY)
+    trainer = Trainer(config, "unused")
+    clips, captions, _ = step_batch(config, 0)
+    loss = lambda: flow_matching_loss(trainer.pipe, clips, captions, torch.Generator().manual_seed(0)).item()  # noqa: E731
+    before = loss()
+    for _ in range(30):
+        trainer.optimizer.zero_grad()
+        flow_matching_loss(trainer.pipe, clips, captions, torch.Generator().manual_seed(0)).backward()
+        trainer.optimizer.step()
+    assert loss() < 0.5 * before
+
+
+def test_ema_pipeline_carries_the_averaged_weights(tmp_path):
+    trainer = Trainer(tiny_run(), tmp_path)
+    trainer.train_step()
+    shipped = trainer.ema_pipeline()
+    params = list(shipped.transformer.parameters()) + list(shipped.text_encoder.parameters())
+    assert all(torch.equal(p, e) for p, e in zip(params, trainer.ema))
+
+
+# sparsediff
+
+
+def test_accelerate_without_a_plan_leaves_outputs_unchanged(pipe):
+    api = pytest.importorskip("sparsediff.api")
+    before = generate(pipe, output_type="pt")
+    with api.accelerate(pipe, plan=None) as handle:
+        after = generate(pipe, output_type="pt")
+        stats = handle.stats
+    assert torch.equal(before, after)
+    assert {(s.context, s.source) for s in stats} == {("cond", "cache_context"), ("uncond", "cache_context")}
+    assert sorted({s.step for s in stats}) == [0, 1, 2]
