@@ -1,12 +1,15 @@
 """Train sparsediff's embedded video model (`ShapesVideoPipeline`) on procedural shape clips, on the CPU.
 
 The model generates 8 frames of 64 x 64 pixels: with patch (1, 2, 2) that is 8 x 32 x 32 = 8192 video tokens, and
-attention grows with the square of that. Measured on a 2-core CPU (shared with other work), one step of 8 clips at
-8 x 32 x 32 pixels (2048 tokens each) took 10-13 s and one of 2 clips at 8 x 64 x 64 took 19-21 s; attention is a
-quarter of the time at 2048 tokens, the rest is elementwise work (RoPE, norms, modulation). So most steps run at
-8 x 32 x 32 with 4 clips, and every 5th step runs one clip at the full 8 x 64 x 64, so the model sees the whole RoPE
-position range and the object sizes in pixels it generates at. The run is capped at 90 minutes (`--max-minutes`);
-the learning-rate schedule assumes all `--steps` run.
+attention grows with the square of that. Measured on the 2-core CPU this was written on: eager, one step of 8 clips at
+8 x 32 x 32 pixels (2048 tokens each) took 10-13 s and one of 2 clips at 8 x 64 x 64 took 19-21 s (attention is a
+quarter of the time at 2048 tokens; RoPE, norms and modulation are most of the rest), so the transformer is
+`torch.compile`d (a minute or two, once per step shape), which brought a step of 4 clips at 8 x 32 x 32 to 1.26 s
+(median; 1.0 s at best) and one clip at 8 x 64 x 64 to 3.7 s. Most steps therefore run 4 clips at 8 x 32 x 32, and
+every 5th step one clip at the full 8 x 64 x 64, so the model sees the whole RoPE position range and the object sizes
+in pixels it generates at (these take 40% of the time). The run stops after 90 minutes of wall time
+(`--max-minutes`, per invocation); the learning-rate schedule assumes all `--steps` run. Under `nice -n 19` the run
+stalls while other work holds the CPU (single steps then take minutes), so the wall time is not a promise.
 
 The run checkpoints every `--checkpoint-every` steps into `--work-dir` and resumes from there when started again.
 At each checkpoint it redraws the loss curve (`--loss-png`) and writes the pipeline with the averaged (EMA) weights
@@ -53,9 +56,8 @@ def main(argv=None) -> None:
         steps=args.steps,
         batch_size=args.batch_size,
         full_res_every=args.full_res_every,
-        full_res_batch_size=1,
         lr=args.lr,
-        warmup=min(50, args.steps // 10 + 1),
+        warmup=min(50, args.steps // 10 + 1),  # 50 for the default 1500 steps
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
         threads=args.threads,

@@ -32,41 +32,41 @@ class TrainConfig:
     """One training run.
 
     Args:
-        steps (int, defaults to 3000): optimizer steps in all.
-        batch_size (int, defaults to 8): clips per step at `low_res`.
+        steps (int, defaults to 1500): optimizer steps in all.
+        batch_size (int, defaults to 4): clips per step at `low_res`.
         low_res (tuple, defaults to (8, 32, 32)): (frames, height, width) of most steps: 8 x 16 x 16 = 2048 tokens.
         full_res (tuple, defaults to (8, 64, 64)): the generation size, 8192 tokens; attention costs 16x per clip.
-        full_res_every (int, defaults to 10): every n-th step runs at `full_res` (0: never), so the model sees the
+        full_res_every (int, defaults to 5): every n-th step runs at `full_res` (0: never), so the model sees the
             whole RoPE position range and object sizes in pixels it generates at.
-        full_res_batch_size (int, defaults to 2): clips per full-resolution step.
+        full_res_batch_size (int, defaults to 1): clips per full-resolution step.
         lr (float, defaults to 1e-3): peak AdamW learning rate, after `warmup` linear steps, cosine to 10% at the end.
         weight_decay (float, defaults to 0.01): AdamW weight decay.
-        warmup (int, defaults to 100): warm-up steps.
+        warmup (int, defaults to 50): warm-up steps.
         ema_decay (float, defaults to 0.999): decay of the weight average that is saved as the model.
         caption_dropout (float, defaults to 0.1): probability of training a clip on "" (for guidance).
         two_object_prob (float, defaults to 0.1): share of clips asking for two objects.
-        checkpoint_every (int, defaults to 50): steps between checkpoints (and loss plots).
+        checkpoint_every (int, defaults to 25): steps between checkpoints (and loss plots).
         seed (int, defaults to 0): seeds the initial weights, the clips and the noise.
         threads (int, defaults to 2): torch CPU threads; a run may resume with another count.
         model (EmbeddedModelConfig): the model sizes.
 
     >>> TrainConfig(steps=10).full_res_every
-    10
+    5
     """
 
-    steps: int = 3000
-    batch_size: int = 8
+    steps: int = 1500
+    batch_size: int = 4
     low_res: tuple[int, int, int] = (8, 32, 32)
     full_res: tuple[int, int, int] = (8, 64, 64)
-    full_res_every: int = 10
-    full_res_batch_size: int = 2
+    full_res_every: int = 5
+    full_res_batch_size: int = 1
     lr: float = 1e-3
     weight_decay: float = 0.01
-    warmup: int = 100
+    warmup: int = 50
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     two_object_prob: float = 0.1
-    checkpoint_every: int = 50
+    checkpoint_every: int = 25
     seed: int = 0
     threads: int = 2
     model: EmbeddedModelConfig = field(default_factory=EmbeddedModelConfig)
