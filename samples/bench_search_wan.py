@@ -66,7 +66,8 @@ def main() -> None:
                                       trials=args.trials, backend="torch", force=True, return_summary=True,
                                       output_type="latent", storage=f"sqlite:///{(out / 'study.db').resolve()}")
     search_s = time.perf_counter() - start
-    summary.update(profile_seconds=profile_s, search_seconds=search_s, layout=str(prof.layout), config=vars(args))
+    summary.update(profile_seconds=profile_s, search_seconds=search_s, layout=str(prof.layout), config=vars(args),
+                   storage=f"sqlite:///{out / 'study.db'}", plan=str(out / "plan.json"), report=str(out / "search_report.png"))
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(f"layout {prof.layout}; profile {profile_s:.0f} s, search {search_s:.0f} s; trials {summary['trials']} "
           f"(pruned {summary['pruned']}); dense run {summary['dense_seconds']:.1f} s")
