@@ -171,7 +171,9 @@ def run_demo(
     plan = pipe.shipped_plan()
     if plan is None:
         raise ValueError("The embedded model has no shipped plan yet; make one with `python samples/ship_embedded_plan.py`.")
-    prompts = prompts or detector.eval_prompts(32)[:: max(1, 32 // num_prompts)][:num_prompts]
+    if not prompts:  # stride 9 through the 32 evaluation prompts: a new colour and a new direction each time
+        pool = detector.eval_prompts(32)
+        prompts = [pool[(9 * i) % len(pool)] for i in range(num_prompts)]
     call = dict(num_inference_steps=steps, seed=seed)
     generate(pipe, prompts[:1], None, num_inference_steps=2)  # warm-up: one-off costs stay out of the timings
     dense = generate(pipe, prompts, None, **call)
