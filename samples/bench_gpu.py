@@ -10,9 +10,16 @@ Triton and (eager) FlexAttention against the dense masked reference on a small r
 one table; (4) writes everything to $OUT/bench_gpu.json when $OUT is set. About 3-5 minutes on an H200, most of
 it compiling kernels.
 
+Device time is scarce, so the stages run in order of value and each one rewrites the JSON when it ends:
+correctness, Triton timings, the mixed-pattern layer through the runtime, FlexAttention timings, then the pytest
+run last. `--deadline-s` (default 400) stops starting new stages and cases once that many seconds have passed, and
+says so in the output: a run cut short still reports what it measured.
+
     python samples/bench_gpu.py
     python samples/bench_gpu.py --no-tests --reps 50
     python samples/bench_gpu.py --dry-run      # no GPU needed: set up the imports and list the cases
+    TRITON_INTERPRET=1 python samples/bench_gpu.py --device cpu --layout video:2x8x16 --heads 2 --head-dim 32 \
+        --block-size 32 --reps 1 --warmup 1 --no-tests --no-flex   # the whole flow on Triton's CPU interpreter
 """
 
 from __future__ import annotations
@@ -86,16 +93,26 @@ def make_spec(name: str, layout, block_size: int, heads: int, seed: int = 0):
     return build_spec(pattern, layout, block_size, scores)
 
 
+DEVICE = "cuda"  # --device cpu runs the flow on Triton's interpreter (a smoke test; its timings mean nothing)
+
+
 def random_qkv(heads: int, seq_len: int, head_dim: int, seed: int) -> list[torch.Tensor]:
-    """(1, H, S, D) bf16 on the GPU, taken as already in each pattern's kernel order."""
+    """(1, H, S, D) bf16 on the device, taken as already in each pattern's kernel order."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(1, heads, seq_len, head_dim, generator=g).cuda().bfloat16() for _ in range(3)]
+    return [torch.randn(1, heads, seq_len, head_dim, generator=g).to(DEVICE).bfloat16() for _ in range(3)]
 
 
 def time_ms(fn, warmup: int, reps: int) -> float:
     """Median milliseconds of `fn()` on the GPU, after warmup calls (which also compile and autotune)."""
     for _ in range(warmup):
         fn()
+    if DEVICE != "cuda":
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
@@ -108,7 +125,7 @@ def time_ms(fn, warmup: int, reps: int) -> float:
     return statistics.median(times)
 
 
-def run_pytest(args: list[str]) -> dict:
+def run_pytest(args: list[str], timeout: float | None = None) -> dict:
     """pytest in a child Python that imports sparsediff from this checkout: exit code, summary, failures."""
     child = (
         f"import sys; sys.path.insert(0, {str(REPO / 'samples')!r}); import bench_gpu; bench_gpu.use_checkout(); "
@@ -116,7 +133,15 @@ def run_pytest(args: list[str]) -> dict:
     )
     start = time.perf_counter()
     command = [sys.executable, "-c", child, "-p", "no:cacheprovider", *args]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    try:
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as expired:
+        out = expired.stdout.decode() if isinstance(expired.stdout, bytes) else (expired.stdout or "")
+        return {
+            "args": args, "returncode": None, "summary": f"stopped after {timeout:.0f} s (deadline); not a pass",
+            "failures": [line for line in out.splitlines() if line.startswith(("FAILED", "ERROR"))],
+            "seconds": round(time.perf_counter() - start, 1),
+        }
     lines = done.stdout.splitlines()
     counts = [line for line in lines if re.search(r"\b(passed|failed|errors?|skipped|no tests ran)\b", line)]
     return {
@@ -148,8 +173,25 @@ def correctness(args, flex) -> list[dict]:
     return rows
 
 
-def benchmark(args, flex) -> list[dict]:
-    """One row per case: dense, Triton and FlexAttention milliseconds, measured side by side in this run."""
+class Deadline:
+    """Seconds since the script started, against --deadline-s: stages and cases check it before they start."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.start, self.skipped = seconds, time.perf_counter(), []
+
+    def left(self) -> float:
+        return self.seconds - (time.perf_counter() - self.start)
+
+    def allows(self, what: str) -> bool:
+        if self.left() > 0:
+            return True
+        self.skipped.append(what)
+        print(f"  deadline: {what} skipped", file=sys.stderr)
+        return False
+
+
+def benchmark(args, deadline: Deadline) -> list[dict]:
+    """One row per case: dense (flash) SDPA and Triton milliseconds, measured side by side in this run."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from sparsediff.kernels.triton_sparse import triton_sparse_attention
@@ -160,31 +202,71 @@ def benchmark(args, flex) -> list[dict]:
     q, k, v = random_qkv(args.heads, layout.num_tokens, args.head_dim, seed=1)  # multi_diagonal's reorder: untimed
 
     def dense():
+        if DEVICE != "cuda":
+            return F.scaled_dot_product_attention(q, k, v)
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(q, k, v)
 
     dense_ms = time_ms(dense, args.warmup, args.reps)
     rows = []
     for name, target in bench_cases(layout):
+        if not deadline.allows(f"triton {name}"):
+            continue
         start = time.perf_counter()
         spec = make_spec(name, layout, args.block_size, args.heads)
         build_s = time.perf_counter() - start
         density = block_density(spec.block_mask, layout, args.block_size)
         triton_ms = time_ms(lambda: triton_sparse_attention(q, k, v, spec), args.warmup, args.reps)
-        row = {
+        rows.append({
             "pattern": name, "target_density": target, "density": density, "spec_build_s": build_s,
             "dense_ms": dense_ms, "triton_ms": triton_ms,
             "speedup": dense_ms / triton_ms, "efficiency": dense_ms / triton_ms * density,
-        }
-        if flex is not None:
-            row["flex_ms"] = time_ms(lambda: flex(q, k, v, spec), args.warmup, args.reps)
-            row["flex_speedup"] = dense_ms / row["flex_ms"]
-            row["flex_efficiency"] = row["flex_speedup"] * density
-            difference = triton_sparse_attention(q, k, v, spec) - flex(q, k, v, spec)
-            row["triton_vs_flex_max_abs"] = difference.abs().max().item()
-        rows.append(row)
-        print(f"  {name}: density {density:.3f}, triton {triton_ms:.2f} ms, spec {build_s:.1f} s", file=sys.stderr)
+        })
+        print(f"  {name}: density {density:.3f}, triton {triton_ms:.2f} ms ({dense_ms / triton_ms:.2f}x), "
+              f"spec {build_s:.1f} s", file=sys.stderr)
     return rows
+
+
+def benchmark_flex(args, flex, rows: list[dict], deadline: Deadline) -> None:
+    """Adds FlexAttention (compiled) milliseconds to each row, on the same inputs and specs as `benchmark`."""
+    from sparsediff.kernels.triton_sparse import triton_sparse_attention
+    from sparsediff.layout import TokenLayout
+
+    layout = TokenLayout.parse(args.layout)
+    q, k, v = random_qkv(args.heads, layout.num_tokens, args.head_dim, seed=1)
+    for row in rows:
+        if not deadline.allows(f"flex {row['pattern']}"):
+            continue
+        spec = make_spec(row["pattern"], layout, args.block_size, args.heads)
+        row["flex_ms"] = time_ms(lambda: flex(q, k, v, spec), args.warmup, args.reps)
+        row["flex_speedup"] = row["dense_ms"] / row["flex_ms"]
+        row["flex_efficiency"] = row["flex_speedup"] * row["density"]
+        difference = triton_sparse_attention(q, k, v, spec).float() - flex(q, k, v, spec).float()
+        row["triton_vs_flex_max_abs"] = difference.abs().max().item()
+        print(f"  flex {row['pattern']}: {row['flex_ms']:.2f} ms", file=sys.stderr)
+
+
+MIXED_PATTERNS = ["full", "skip", "diagonal_w1", "diagonal_w1", "multi_diagonal_w8", "vertical_stripe_f1",
+                  "vertical_stripe_f1", "topk_blocks_k0.25"]
+
+
+def benchmark_mixed(args) -> dict:
+    """One layer of per-head patterns through `SparseAttention(backend="triton")` (grouping, gathers, reorders
+    and scatter included) against dense SDPA over the same heads, after a correctness check on the reference."""
+    from sparsediff.layout import TokenLayout
+    from sparsediff.runtime import SparseAttention
+
+    layout = TokenLayout.parse(args.layout)
+    heads = len(MIXED_PATTERNS)
+    q, k, v = random_qkv(heads, layout.num_tokens, args.head_dim, seed=2)
+    runtime = SparseAttention(backend="triton")
+    call = lambda: runtime(q, k, v, layout, MIXED_PATTERNS, block_size=args.block_size)  # noqa: E731
+    call()  # builds the groups (top-k scores from full attention: once, untimed)
+    density = runtime.last.density
+    dense_ms = time_ms(lambda: F.scaled_dot_product_attention(q, k, v), args.warmup, args.reps)
+    sparse_ms = time_ms(call, args.warmup, args.reps)
+    return {"patterns": MIXED_PATTERNS, "density": density, "dense_ms": dense_ms, "triton_runtime_ms": sparse_ms,
+            "speedup": dense_ms / sparse_ms, "efficiency": dense_ms / sparse_ms * density}
 
 
 def print_table(rows: list[dict]) -> None:
@@ -217,14 +299,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--block-size", type=int, default=128, help="tokens per block of the tables (default 128)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per kernel, compiles included (default 3)")
     parser.add_argument("--reps", type=int, default=20, help="timed calls per kernel; reports the median (default 20)")
+    parser.add_argument("--deadline-s", type=float, default=400, help="start no new stage or case after this (default 400)")
     parser.add_argument("--no-tests", action="store_true", help="skip the pytest run")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compiles take about a minute)")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke test on the interpreter")
     parser.add_argument("--dry-run", action="store_true", help="set up the imports and list the cases; needs no GPU")
     return parser.parse_args(argv)
 
 
+def write_report(report: dict) -> None:
+    if os.environ.get("OUT"):
+        path = Path(os.environ["OUT"]) / "bench_gpu.json"
+        path.write_text(json.dumps(report, indent=2))
+
+
 def main(argv=None) -> int:
+    global DEVICE
     args = parse_args(argv)
+    deadline = Deadline(args.deadline_s)
+    DEVICE = args.device
     use_checkout()
     from sparsediff.layout import TokenLayout
 
@@ -236,13 +329,14 @@ def main(argv=None) -> int:
         for name, target in bench_cases(TokenLayout.parse(args.layout)):
             print(f"  {name} (target density {target})")
         return 0
-    if not torch.cuda.is_available():
+    if DEVICE == "cuda" and not torch.cuda.is_available():
         print("bench_gpu.py needs a CUDA device; run it on a GPU machine (--dry-run checks the setup).", file=sys.stderr)
         return 2
     import triton
 
+    device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (Triton interpreter: timings meaningless)"
     report = {
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "device": device_name, "torch": torch.__version__, "triton": triton.__version__,
         "config": vars(args), "tests": [],
     }
     print(f"{report['device']}, torch {report['torch']}, triton {report['triton']}")
@@ -253,12 +347,49 @@ def main(argv=None) -> int:
         except ImportError as error:
             print(f"FlexAttention column skipped: {error}.", file=sys.stderr)
 
+    report["correctness"] = correctness(args, flex)
+    print(f"\ncorrectness on {CHECK_LAYOUT}, bf16, D={args.head_dim}, block {args.block_size}: "
+          f"max abs error vs the dense masked reference (tolerance {CHECK_TOLERANCE})")
+    for row in report["correctness"]:
+        flex_error = f"  flex (eager) {row['flex']:.2e}" if "flex" in row else ""
+        print(f"  {row['pattern']:<22} triton {row['triton']:.2e}{flex_error}  {'ok' if row['ok'] else 'FAIL'}")
+    write_report(report)
+
+    layout = TokenLayout.parse(args.layout)
+    print(f"\n{args.layout} ({layout.num_tokens} tokens), bf16, D={args.head_dim}, {args.heads} heads, "
+          f"block {args.block_size}; median of {args.reps} calls after {args.warmup} warmup calls", flush=True)
+    report["results"] = benchmark(args, deadline)
+    write_report(report)
+    if deadline.allows("mixed layer"):
+        try:
+            report["mixed"] = benchmark_mixed(args)
+        except Exception as error:  # noqa: BLE001  (report it; the other stages still run)
+            report["mixed"] = {"error": repr(error)}
+        write_report(report)
+    if flex is not None and report["results"]:
+        try:
+            benchmark_flex(args, flex, report["results"], deadline)
+        except Exception as error:  # noqa: BLE001
+            report["flex_error"] = repr(error)
+            print(f"FlexAttention column failed: {error!r}", file=sys.stderr)
+        write_report(report)
+    if report["results"]:
+        print_table(report["results"])
+    mixed = report.get("mixed", {})
+    if "speedup" in mixed:
+        print(f"mixed layer {mixed['patterns']}: density {mixed['density']:.3f}, dense {mixed['dense_ms']:.2f} ms, "
+              f"runtime (triton) {mixed['triton_runtime_ms']:.2f} ms, speedup {mixed['speedup']:.2f}, "
+              f"efficiency {mixed['efficiency']:.2f}")
+    elif mixed:
+        print(f"mixed layer failed: {mixed['error']}")
+    sys.stdout.flush()
+
     if args.no_tests:
         print("tests: skipped (--no-tests)")
     elif importlib.util.find_spec("pytest") is None:
-        print("tests: pytest is not installed; the built-in correctness check below is the only check")
+        print("tests: pytest is not installed; the built-in correctness check above is the only check")
     else:  # the Triton tests with their GPU-marked ones, then the GPU-marked tests of other modules
-        runs = [["-m", "not slow", "tests/test_triton_kernel.py"]]
+        runs = [["-m", "not slow", "-x", "tests/test_triton_kernel.py"]]
         others = [
             str(path.relative_to(REPO))
             for path in sorted((REPO / "tests").glob("test_*.py"))
@@ -267,30 +398,19 @@ def main(argv=None) -> int:
         if others:
             runs.append(["-m", "gpu", *others])
         for pytest_args in runs:
-            result = run_pytest(pytest_args)
+            if not deadline.allows(f"pytest {' '.join(pytest_args)}"):
+                continue
+            result = run_pytest(pytest_args, timeout=max(30.0, deadline.left() + 60))
             report["tests"].append(result)
             print(f"tests {' '.join(pytest_args)}: {result['summary']} "
                   f"(exit {result['returncode']}, {result['seconds']} s)")
             for failure in result["failures"]:
                 print(f"  {failure}")
-
-    report["correctness"] = correctness(args, flex)
-    print(f"\ncorrectness on {CHECK_LAYOUT}, bf16, D={args.head_dim}, block {args.block_size}: "
-          f"max abs error vs the dense masked reference (tolerance {CHECK_TOLERANCE})")
-    for row in report["correctness"]:
-        flex_error = f"  flex (eager) {row['flex']:.2e}" if "flex" in row else ""
-        print(f"  {row['pattern']:<22} triton {row['triton']:.2e}{flex_error}  {'ok' if row['ok'] else 'FAIL'}")
-
-    layout = TokenLayout.parse(args.layout)
-    print(f"\n{args.layout} ({layout.num_tokens} tokens), bf16, D={args.head_dim}, {args.heads} heads, "
-          f"block {args.block_size}; median of {args.reps} calls after {args.warmup} warmup calls")
-    report["results"] = benchmark(args, flex)
-    print_table(report["results"])
-
-    if os.environ.get("OUT"):
-        path = Path(os.environ["OUT"]) / "bench_gpu.json"
-        path.write_text(json.dumps(report, indent=2))
-        print(f"wrote {path}")
+            write_report(report)
+    report["skipped_by_deadline"] = deadline.skipped
+    if deadline.skipped:
+        print(f"skipped by the deadline: {', '.join(deadline.skipped)}")
+    write_report(report)
     tests_ok = all(t["returncode"] == 0 for t in report["tests"])
     return 0 if tests_ok and all(r["ok"] for r in report["correctness"]) else 1
 

@@ -35,16 +35,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=1500, help="optimizer steps in all")
+    p.add_argument("--steps", type=int, default=1900, help="optimizer steps in all")
     p.add_argument("--batch-size", type=int, default=4, help="clips per low-resolution step")
-    p.add_argument("--full-res-every", type=int, default=5, help="every n-th step runs one clip at 8 x 64 x 64")
+    p.add_argument("--full-res-every", type=int, default=3, help="every n-th step runs one clip at 8 x 64 x 64")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--checkpoint-every", type=int, default=25, help="steps between checkpoints")
     p.add_argument("--max-minutes", type=float, default=90.0, help="stop (and save) after this long")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--no-compile", action="store_true", help="run the transformer eagerly (no torch.compile)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "sparsediff" / "embedded_train", help="checkpoint folder")
+    p.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "sparsediff" / "embedded_train_v2", help="checkpoint folder")
     p.add_argument("--out", type=Path, default=ROOT / "pipelines" / "assets" / "embedded", help="where the trained pipeline goes")
     p.add_argument("--loss-png", type=Path, default=ROOT / "samples" / "embedded_loss.png", help="loss curve")
     return p.parse_args(argv)
@@ -57,7 +57,7 @@ def main(argv=None) -> None:
         batch_size=args.batch_size,
         full_res_every=args.full_res_every,
         lr=args.lr,
-        warmup=min(50, args.steps // 10 + 1),  # 50 for the default 1500 steps
+        warmup=min(50, args.steps // 10 + 1),  # 50 for the default 1900 steps
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
         threads=args.threads,
