@@ -35,7 +35,7 @@ bench: setup
 	$(VENV)/bin/sparsediff bench attention --seq-len 8192 --heads 8 --head-dim 64 --dtype float32 --sweep
 
 # One short run on a CUDA machine whose Python already has torch and triton (no setup, no install):
-# the Triton tests, the correctness check, then the benchmark table (JSON to $$OUT when set).
+# the correctness check, the benchmark tables, then the Triton tests (JSON to $$OUT when set).
 bench-gpu:
 	$(PYTHON) samples/bench_gpu.py
 

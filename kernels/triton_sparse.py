@@ -127,7 +127,7 @@ def _config_fits(config: triton.Config, block_size: int, head_dim: int) -> bool:
         return False
     if n < min(largest, 64):  # small tiles leave the tensor cores idle
         return False
-    if head_dim >= 128 and m * n > 128 * 64:  # the score tile and q would spill registers
+    if head_dim >= 128 and m * n > 128 * 64 and config.num_warps < 8:  # 4 warps would spill registers
         return False
     if config.num_warps == 8 and m < 128:  # 8 warps only pay off on 128-row tiles
         return False
