@@ -19,7 +19,7 @@ says so in the output: a run cut short still reports what it measured.
     python samples/bench_gpu.py --no-tests --reps 50
     python samples/bench_gpu.py --dry-run      # no GPU needed: set up the imports and list the cases
     TRITON_INTERPRET=1 python samples/bench_gpu.py --device cpu --layout video:2x8x16 --heads 2 --head-dim 32 \
-        --block-size 32 --reps 1 --warmup 1 --no-tests --no-flex   # the whole flow on Triton's CPU interpreter
+        --block-size 32 --check-layout text:8+video:2x4x8 --reps 1 --warmup 0 --no-tests --no-flex   # CPU interpreter
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def correctness(args, flex) -> list[dict]:
     from sparsediff.kernels.triton_sparse import triton_sparse_attention
     from sparsediff.layout import TokenLayout
 
-    layout = TokenLayout.parse(CHECK_LAYOUT)
+    layout = TokenLayout.parse(args.check_layout)
     q, k, v = random_qkv(args.heads, layout.num_tokens, args.head_dim, seed=0)
     rows = []
     for name in CHECK_PATTERNS:
@@ -314,6 +314,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--layout", default=BENCH_LAYOUT, help=f"token layout to time (default {BENCH_LAYOUT})")
+    parser.add_argument("--check-layout", default=CHECK_LAYOUT, help=f"layout of the correctness check (default {CHECK_LAYOUT})")
     parser.add_argument("--heads", type=int, default=8, help="heads, all in one kernel launch (default 8)")
     parser.add_argument("--head-dim", type=int, default=128, help="head dim D (default 128)")
     parser.add_argument("--block-size", type=int, default=128, help="tokens per block of the tables (default 128)")
@@ -368,7 +369,7 @@ def main(argv=None) -> int:
             print(f"FlexAttention column skipped: {error}.", file=sys.stderr)
 
     report["correctness"] = correctness(args, flex)
-    print(f"\ncorrectness on {CHECK_LAYOUT}, bf16, D={args.head_dim}, block {args.block_size}: "
+    print(f"\ncorrectness on {args.check_layout}, bf16, D={args.head_dim}, block {args.block_size}: "
           f"max abs error vs the dense masked reference (tolerance {CHECK_TOLERANCE})")
     for row in report["correctness"]:
         flex_error = f"  flex (eager) {row['flex']:.2e}" if "flex" in row else ""

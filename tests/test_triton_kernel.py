@@ -131,7 +131,7 @@ def test_autotune_configs_divide_the_block_size(block_size, head_dim):
     for config in kept:
         assert block_size % config.kwargs["BLOCK_M"] == 0 and block_size % config.kwargs["BLOCK_N"] == 0
         tile = config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"]
-        # at D = 128 a 128 x 128 score tile needs 8 warps' registers (the H200 picked it for the band kinds)
+        # at D = 128 a 128 x 128 score tile needs 8 warps of registers (allowed since the H200 run: bands got faster)
         assert tile <= (128 * 64 if head_dim >= 128 and config.num_warps < 8 else 128 * 128)
     configs = triton_sparse._sparse_attn_fwd.configs
     chosen = triton_sparse._prune_configs(configs, {}, BLOCK_SIZE=block_size, HEAD_DIM=head_dim)
