@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=1900, help="optimizer steps in all")
+    p.add_argument("--steps", type=int, default=1600, help="optimizer steps in all")
     p.add_argument("--batch-size", type=int, default=4, help="clips per low-resolution step")
     p.add_argument("--full-res-every", type=int, default=3, help="every n-th step runs one clip at 8 x 64 x 64")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
@@ -57,7 +57,7 @@ def main(argv=None) -> None:
         batch_size=args.batch_size,
         full_res_every=args.full_res_every,
         lr=args.lr,
-        warmup=min(50, args.steps // 10 + 1),  # 50 for the default 1900 steps
+        warmup=min(50, args.steps // 10 + 1),  # 50 for the default 1600 steps
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
         threads=args.threads,

@@ -34,7 +34,7 @@ class TrainConfig:
     """One training run.
 
     Args:
-        steps (int, defaults to 1900): optimizer steps in all.
+        steps (int, defaults to 1600): optimizer steps in all.
         batch_size (int, defaults to 4): clips per step at `low_res`.
         low_res (tuple, defaults to (8, 32, 32)): (frames, height, width) of most steps: 8 x 16 x 16 = 2048 tokens.
         full_res (tuple, defaults to (8, 64, 64)): the generation size, 8192 tokens; attention costs 16x per clip.
@@ -58,7 +58,7 @@ class TrainConfig:
     3
     """
 
-    steps: int = 1900
+    steps: int = 1600
     batch_size: int = 4
     low_res: tuple[int, int, int] = (8, 32, 32)
     full_res: tuple[int, int, int] = (8, 64, 64)
