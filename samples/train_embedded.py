@@ -5,18 +5,24 @@ attention grows with the square of that. Measured on the 2-core CPU this was wri
 8 x 32 x 32 pixels (2048 tokens each) took 10-13 s and one of 2 clips at 8 x 64 x 64 took 19-21 s (attention is a
 quarter of the time at 2048 tokens; RoPE, norms and modulation are most of the rest), so the transformer is
 `torch.compile`d (a minute or two, once per step shape), which brought a step of 4 clips at 8 x 32 x 32 to 1.26 s
-(median; 1.0 s at best) and one clip at 8 x 64 x 64 to 3.7 s. Most steps therefore run 4 clips at 8 x 32 x 32, and
-every 5th step one clip at the full 8 x 64 x 64, so the model sees the whole RoPE position range and the object sizes
-in pixels it generates at (these take 40% of the time). The run stops after 90 minutes of wall time
-(`--max-minutes`, per invocation); the learning-rate schedule assumes all `--steps` run. Under `nice -n 19` the run
-stalls while other work holds the CPU (single steps then take minutes), so the wall time is not a promise.
+(median; 1.0 s at best) and one clip at 8 x 64 x 64 to 3.7 s. Two steps in three run 4 clips at 8 x 32 x 32, and
+every 3rd step one clip at the full 8 x 64 x 64, so the model sees the whole RoPE position range and the object sizes
+in pixels it generates at (these take about half the time): 1600 steps take about 65 minutes on an idle 2-core CPU.
+The run stops after 90 minutes of wall time (`--max-minutes`, per invocation); the learning-rate schedule assumes all
+`--steps` run. Under `nice -n 19` the run stalls while other work holds the CPU (single steps then take minutes), so
+the wall time is not a promise.
+
+Recipe history (both runs are in BENCHMARKS.md): the first run (1500 steps planned, full resolution every 5th
+step, noise levels shifted like the scheduler's, EMA 0.999, object paths starting anywhere) was stopped at step
+1025 with speckled, motionless samples. The current defaults train noise levels uniformly, average the last ~200
+steps, go to full resolution every 3rd step, and draw paths that the caption fixes up to a small jitter.
 
 The run checkpoints every `--checkpoint-every` steps into `--work-dir` and resumes from there when started again.
 At each checkpoint it redraws the loss curve (`--loss-png`) and writes the pipeline with the averaged (EMA) weights
 to `--out` (by default the package's `pipelines/assets/embedded/`), so a stopped run still leaves a usable model.
 Each step logs its loss, its seconds and the elapsed time to stderr.
 
-    nohup nice -n 19 .venv/bin/python samples/train_embedded.py > train_embedded.log 2>&1 &
+    nohup .venv/bin/python samples/train_embedded.py > train_embedded.log 2>&1 &
     python samples/train_embedded.py --steps 20 --work-dir /tmp/embedded --out /tmp/embedded/pipe   # a smoke test
 """
 
