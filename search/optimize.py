@@ -15,6 +15,7 @@ Studies live in any SQLAlchemy URL (default: an SQLite file beside the plan) and
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import warnings
@@ -165,6 +166,14 @@ class TrialOutcome:
     state: str
 
 
+def profile_digest(profile) -> str:
+    """8 hex digits of the profile's candidates and measured errors: a study resumes only on the profile it was
+    started on (same model config but retrained weights, or another calibration, gives another study)."""
+    digest = hashlib.sha256(",".join(profile.candidates).encode())
+    digest.update(profile.errors.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()[:8]
+
+
 class PlanSearch:
     """One search: profile + cost models (one per block size) + an end-to-end evaluator + a study storage.
 
@@ -193,7 +202,7 @@ class PlanSearch:
                 raise ValueError(f"The block-{b} cost model lacks the profile's candidates {lacking}; measure them too.")
         self.min_psnr = min_psnr
         self.num_steps = evaluator.num_steps
-        self.study_name = study_name or f"sparsediff-{profile.model.model_class}-{profile.model.config_hash}-{profile.layout}"
+        self.study_name = study_name or f"sparsediff-{profile.model.model_class}-{profile.model.config_hash}-{profile.layout}-{profile_digest(profile)}"
         self.storage = storage
         self.seed = seed
         if storage.startswith("sqlite:///"):  # a new file beside the plan: create its folder

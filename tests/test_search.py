@@ -54,6 +54,21 @@ def test_search_chooses_the_fastest_plan_meeting_the_floor(tmp_path):
     assert fast.predicted_speedup >= 1.2
 
 
+def test_a_new_profile_of_the_same_model_starts_a_new_study(tmp_path):
+    """Retrained weights keep the model's config (and fingerprint) but change the profile: resuming the old study
+    would hand back trials measured on the old weights."""
+    first = make_search(tmp_path)
+    first.run(trials=4, progress=False)
+    again = make_search(tmp_path)
+    finished = lambda search: [t for t in search.study.trials if t.state.is_finished()]  # noqa: E731
+    assert again.study_name == first.study_name and len(finished(again)) == 4  # same profile: resumed
+    retrained = synthetic_profile()
+    retrained.errors = retrained.errors * 0.5
+    other = PlanSearch(retrained, {16: synthetic_cost()}, SyntheticEvaluator(), SearchSpace(block_sizes=(16,)),
+                       storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert other.study_name != first.study_name and finished(other) == []
+
+
 def test_pruned_trials_are_recorded(tmp_path):
     search = make_search(tmp_path, min_psnr=45.0)  # only near-dense plans survive
     search.run(trials=8, progress=False)
