@@ -158,7 +158,7 @@ def run_demo(
     out_dir: "str | os.PathLike" = "demo",
     prompts: "list[str] | None" = None,
     num_prompts: int = 4,
-    steps: int = 16,
+    steps: int = 12,
     seed: int = 0,
     backend: str | None = None,
 ) -> DemoResult:
