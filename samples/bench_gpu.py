@@ -190,8 +190,9 @@ class Deadline:
         return False
 
 
-def benchmark(args, deadline: Deadline) -> list[dict]:
-    """One row per case: dense (flash) SDPA and Triton milliseconds, measured side by side in this run."""
+def benchmark(args, deadline: Deadline) -> tuple[list[dict], dict, list[torch.Tensor]]:
+    """One row per case: dense SDPA and Triton milliseconds, measured side by side in this run. Also returns the
+    specs by pattern and the inputs, so the FlexAttention stage times the very same cases."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from sparsediff.kernels.triton_sparse import triton_sparse_attention
@@ -222,14 +223,14 @@ def benchmark(args, deadline: Deadline) -> list[dict]:
     best = min(dense_backends, key=dense_backends.get)
     dense_ms = dense_backends[best]
     print(f"  dense SDPA ms by backend: {dense_backends}; baseline: {best}", file=sys.stderr)
-    rows = []
+    rows, specs = [], {}
     # the kernel with every block computed (a band wider than the clip): its cost per block, against dense
     cases = [*bench_cases(layout), (f"diagonal_w{layout.frames}", 1.0)]
     for name, target in cases:
         if not deadline.allows(f"triton {name}"):
             continue
         start = time.perf_counter()
-        spec = make_spec(name, layout, args.block_size, args.heads)
+        spec = specs[name] = make_spec(name, layout, args.block_size, args.heads)
         build_s = time.perf_counter() - start
         density = block_density(spec.block_mask, layout, args.block_size)
         triton_ms = time_ms(lambda: triton_sparse_attention(q, k, v, spec), args.warmup, args.reps)
@@ -240,20 +241,18 @@ def benchmark(args, deadline: Deadline) -> list[dict]:
         })
         print(f"  {name}: density {density:.3f}, triton {triton_ms:.2f} ms ({dense_ms / triton_ms:.2f}x), "
               f"spec {build_s:.1f} s", file=sys.stderr)
-    return rows
+    return rows, specs, [q, k, v]
 
 
-def benchmark_flex(args, flex, rows: list[dict], deadline: Deadline) -> None:
-    """Adds FlexAttention (compiled) milliseconds to each row, on the same inputs and specs as `benchmark`."""
+def benchmark_flex(args, flex, rows: list[dict], specs: dict, qkv: list[torch.Tensor], deadline: Deadline) -> None:
+    """Adds FlexAttention (compiled) milliseconds to each row, on the inputs and specs `benchmark` timed."""
     from sparsediff.kernels.triton_sparse import triton_sparse_attention
-    from sparsediff.layout import TokenLayout
 
-    layout = TokenLayout.parse(args.layout)
-    q, k, v = random_qkv(args.heads, layout.num_tokens, args.head_dim, seed=1)
+    q, k, v = qkv
     for row in rows:
         if not deadline.allows(f"flex {row['pattern']}"):
             continue
-        spec = make_spec(row["pattern"], layout, args.block_size, args.heads)
+        spec = specs[row["pattern"]]
         row["flex_ms"] = time_ms(lambda: flex(q, k, v, spec), args.warmup, args.reps)
         row["flex_speedup"] = row["dense_ms"] / row["flex_ms"]
         row["flex_efficiency"] = row["flex_speedup"] * row["density"]
@@ -379,7 +378,7 @@ def main(argv=None) -> int:
     layout = TokenLayout.parse(args.layout)
     print(f"\n{args.layout} ({layout.num_tokens} tokens), bf16, D={args.head_dim}, {args.heads} heads, "
           f"block {args.block_size}; median of {args.reps} calls after {args.warmup} warmup calls", flush=True)
-    report["results"] = benchmark(args, deadline)
+    report["results"], specs, qkv = benchmark(args, deadline)
     report["dense_backends_ms"] = args.dense_backends_ms
     write_report(report)
     if deadline.allows("mixed layer"):
@@ -390,7 +389,7 @@ def main(argv=None) -> int:
         write_report(report)
     if flex is not None and report["results"]:
         try:
-            benchmark_flex(args, flex, report["results"], deadline)
+            benchmark_flex(args, flex, report["results"], specs, qkv, deadline)
         except Exception as error:  # noqa: BLE001
             report["flex_error"] = repr(error)
             print(f"FlexAttention column failed: {error!r}", file=sys.stderr)

@@ -234,23 +234,19 @@ class ShapesVideoPipeline(DiffusionPipeline):
                 latent_model_input = latents.to(dtype)
                 timestep = t.expand(latents.shape[0])
                 cache_context_kwargs = {"step_index": i, "sigma": float(self.scheduler.sigmas[i]), "num_inference_steps": self._num_timesteps}
-                with self.transformer.cache_context("cond", **cache_context_kwargs):
-                    noise_pred = self.transformer(
-                        hidden_states=latent_model_input,
-                        timestep=timestep,
-                        encoder_hidden_states=prompt_embeds,
-                        attention_kwargs=attention_kwargs,
-                        return_dict=False,
-                    )[0]
-                if self.do_classifier_free_guidance:
-                    with self.transformer.cache_context("uncond", **cache_context_kwargs):
-                        noise_uncond = self.transformer(
+                def predict(branch: str, embeds: torch.Tensor) -> torch.Tensor:
+                    with self.transformer.cache_context(branch, **cache_context_kwargs):
+                        return self.transformer(
                             hidden_states=latent_model_input,
                             timestep=timestep,
-                            encoder_hidden_states=negative_prompt_embeds,
+                            encoder_hidden_states=embeds,
                             attention_kwargs=attention_kwargs,
                             return_dict=False,
                         )[0]
+
+                noise_pred = predict("cond", prompt_embeds)
+                if self.do_classifier_free_guidance:
+                    noise_uncond = predict("uncond", negative_prompt_embeds)
                     noise_pred = noise_uncond + guidance_scale * (noise_pred - noise_uncond)
 
                 latents = self.scheduler.step(noise_pred.float(), t, latents, return_dict=False)[0]
