@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from sparsediff.pipelines.embedded.structured import DEFAULT_HEAD_PATTERNS
 from sparsediff.pipelines.embedded.train import TrainConfig, Trainer, plot_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +46,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4, help="clips per low-resolution step")
     p.add_argument("--full-res-every", type=int, default=3, help="every n-th step runs one clip at 8 x 64 x 64")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: min(50, steps / 10 + 1))")
+    p.add_argument("--init-from", type=Path, default=None, help="start from the pipeline saved in this folder (a fine-tuning phase)")
+    p.add_argument("--structured", action="store_true", help="fine-tune heads towards the recipe's patterns (DEFAULT_HEAD_PATTERNS)")
+    p.add_argument("--sparse-prob", type=float, default=0.5, help="with --structured: share of steps passing sparse outputs on")
+    p.add_argument("--consistency-weight", type=float, default=1.0, help="with --structured: weight of the sparse-vs-dense loss")
     p.add_argument("--checkpoint-every", type=int, default=25, help="steps between checkpoints")
     p.add_argument("--max-minutes", type=float, default=90.0, help="stop (and save) after this long")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -63,7 +69,11 @@ def main(argv=None) -> None:
         batch_size=args.batch_size,
         full_res_every=args.full_res_every,
         lr=args.lr,
-        warmup=min(50, args.steps // 10 + 1),  # 50 for the default 1600 steps
+        warmup=args.warmup if args.warmup is not None else min(50, args.steps // 10 + 1),  # 50 for 1600 steps
+        init_from=str(args.init_from) if args.init_from is not None else None,
+        head_patterns=DEFAULT_HEAD_PATTERNS if args.structured else None,
+        sparse_prob=args.sparse_prob,
+        consistency_weight=args.consistency_weight,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
         threads=args.threads,

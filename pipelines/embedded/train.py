@@ -27,6 +27,7 @@ import torch
 
 from . import data
 from .pipeline import EmbeddedModelConfig, ShapesVideoPipeline, build_pipeline
+from .structured import StructuredHeads, check_head_patterns, sparse_step
 
 
 @dataclass
@@ -53,6 +54,14 @@ class TrainConfig:
         seed (int, defaults to 0): seeds the initial weights, the clips and the noise.
         threads (int, defaults to 2): torch CPU threads; a run may resume with another count.
         model (EmbeddedModelConfig): the model sizes.
+        init_from (str, optional): a saved pipeline folder whose weights start the run (a fine-tuning phase) instead
+            of a fresh initialisation; `seed` still draws the clips and noise.
+        head_patterns (tuple, optional): one pattern name per head per layer; heads not "full" are fine-tuned
+            towards their pattern (see `structured.py`). None: plain training.
+        sparse_prob (float, defaults to 0.5): with `head_patterns`, the share of steps whose layers pass the
+            patterned heads' sparse output on instead of the dense one.
+        consistency_weight (float, defaults to 1.0): with `head_patterns`, the weight of the heads' relative squared
+            difference between sparse and dense attention in the loss.
 
     >>> TrainConfig(steps=10).full_res_every
     3
@@ -75,6 +84,10 @@ class TrainConfig:
     seed: int = 0
     threads: int = 2
     model: EmbeddedModelConfig = field(default_factory=EmbeddedModelConfig)
+    init_from: str | None = None
+    head_patterns: tuple[tuple[str, ...], ...] | None = None
+    sparse_prob: float = 0.5
+    consistency_weight: float = 1.0
 
     def __post_init__(self):
         if self.steps <= 0 or self.batch_size <= 0 or self.checkpoint_every <= 0:
@@ -82,6 +95,10 @@ class TrainConfig:
         if isinstance(self.model, dict):  # as read back from a checkpoint
             self.model = EmbeddedModelConfig(**self.model)
         self.low_res, self.full_res = tuple(self.low_res), tuple(self.full_res)
+        if self.head_patterns is not None:
+            self.head_patterns = check_head_patterns(self.head_patterns, self.model.num_layers, self.model.num_heads)
+        if not 0.0 <= self.sparse_prob <= 1.0 or self.consistency_weight < 0:
+            raise ValueError(f"sparse_prob={self.sparse_prob} must be in [0, 1] and consistency_weight={self.consistency_weight} >= 0.")
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -122,6 +139,9 @@ class Trainer:
         self.work_dir = Path(work_dir)
         self.log = log
         self.pipe = build_pipeline(config.model, seed=config.seed)
+        if config.init_from is not None:
+            load_weights(self.pipe, config.init_from)
+        self.structured = StructuredHeads(self.pipe.transformer, config.head_patterns) if config.head_patterns else None
         if compile:  # one graph per step shape; about 1.6x faster steps on CPU after a minute or two of compiling
             self.pipe.transformer.compile(dynamic=False)
         self.modules = torch.nn.ModuleList([self.pipe.transformer, self.pipe.text_encoder])
@@ -167,7 +187,14 @@ class Trainer:
         clips, captions, generator = step_batch(config, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(config, self.step)
+        consistency = None
+        if self.structured is not None:
+            self.structured.set_sparse(sparse_step(config.seed, self.step, config.sparse_prob))
+            self.structured.take_consistency()  # nothing should be left over; start clean
         loss = flow_matching_loss(self.pipe, clips, captions, generator, config.sigma_shift)
+        if self.structured is not None:
+            consistency = self.structured.take_consistency()
+            loss = loss + config.consistency_weight * consistency
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.modules.parameters(), 1.0)
@@ -178,7 +205,11 @@ class Trainer:
                 average.lerp_(p.detach(), 1 - decay)
         self.step += 1
         batch, _, frames, height, width = clips.shape
-        self.history.append({"step": self.step, "loss": loss.item(), "clips": f"{batch}x{frames}x{height}x{width}"})
+        entry = {"step": self.step, "loss": loss.item(), "clips": f"{batch}x{frames}x{height}x{width}"}
+        if consistency is not None:  # "loss" stays the total; the flow-matching part is loss - weight * consistency
+            entry["consistency"] = consistency.item()
+            entry["sparse"] = self.structured.shared.use_sparse
+        self.history.append(entry)
         return loss.item()
 
     def run(self, on_checkpoint=None, max_seconds: float | None = None) -> None:
@@ -219,6 +250,17 @@ class Trainer:
             for p, average in zip(modules.parameters(), self.ema):
                 p.copy_(average)
         return pipe
+
+
+def load_weights(pipe: ShapesVideoPipeline, folder: str | os.PathLike) -> None:
+    """Copy the transformer and text-encoder weights of the pipeline saved in `folder` into `pipe` (same sizes)."""
+    saved = ShapesVideoPipeline.from_pretrained(str(folder))
+    for name in ("transformer", "text_encoder"):
+        mine, theirs = getattr(pipe, name), getattr(saved, name)
+        try:
+            mine.load_state_dict(theirs.state_dict())
+        except RuntimeError as error:  # missing keys or other shapes
+            raise ValueError(f"The {name} saved in {folder} does not fit this run's model sizes; fine-tune a model of the same sizes.\n{error}") from None
 
 
 def plot_loss(history: list[dict], path: str | os.PathLike, window: int = 50) -> None:
