@@ -17,6 +17,16 @@ step, noise levels shifted like the scheduler's, EMA 0.999, object paths startin
 1025 with speckled, motionless samples. The current defaults train noise levels uniformly, average the last ~200
 steps, go to full resolution every 3rd step, and draw paths that the caption fixes up to a small jitter.
 
+Recipe v3 adds a second, structure-aware phase (`--init-from` the v2 pipeline, `--structured`): the heads named in
+`DEFAULT_HEAD_PATTERNS` are pulled towards a sparse pattern (see `sparsediff/pipelines/embedded/structured.py`) while
+the model stays a dense model. The shipped model is both phases, 53 + 35 minutes of steps:
+
+    .venv/bin/python samples/train_embedded.py --work-dir ~/.cache/sparsediff/embedded_train_v2 \
+        --out ~/.cache/sparsediff/embedded_v2_pipeline                                            # phase 1 (v2)
+    .venv/bin/python samples/train_embedded.py --steps 600 --full-res-every 2 --lr 3e-4 --warmup 20 --max-minutes 36 \
+        --init-from ~/.cache/sparsediff/embedded_v2_pipeline --structured --seed 1 \
+        --work-dir ~/.cache/sparsediff/embedded_train_v3 --loss-png samples/embedded_finetune_loss.png   # phase 2
+
 The run checkpoints every `--checkpoint-every` steps into `--work-dir` and resumes from there when started again.
 At each checkpoint it redraws the loss curve (`--loss-png`) and writes the pipeline with the averaged (EMA) weights
 to `--out` (by default the package's `pipelines/assets/embedded/`), so a stopped run still leaves a usable model.

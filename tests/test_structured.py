@@ -166,3 +166,11 @@ def test_fine_tuning_refuses_weights_of_another_size(pipe, tmp_path):
     build_pipeline(EmbeddedModelConfig(num_layers=1, num_heads=2, head_dim=12, ffn_dim=32, text_dim=16, text_layers=1)).save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="does not fit this run's model sizes"):
         Trainer(fine_tune_run(tmp_path / "other"), tmp_path / "run")
+
+
+def test_loss_plot_shows_the_consistency_term(tmp_path):
+    from sparsediff.pipelines.embedded.train import plot_loss
+
+    history = [{"step": s, "loss": 1.0 / s, "consistency": 0.5 / s} for s in range(1, 30)]
+    plot_loss(history, tmp_path / "loss.png", window=5)
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -277,9 +277,13 @@ def plot_loss(history: list[dict], path: str | os.PathLike, window: int = 50) ->
     fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
     ax.plot(steps, losses, color="0.8", linewidth=0.6, label="per step")
     ax.plot(steps[kernel - 1 :], smooth, color="C0", label=f"mean of {kernel}")
+    if any("consistency" in h for h in history):  # a structure-aware phase: its sparse-vs-dense term too
+        part = torch.tensor([h.get("consistency", float("nan")) for h in history])
+        smooth_part = torch.nn.functional.avg_pool1d(part[None, None], kernel, stride=1)[0, 0] if kernel else part
+        ax.plot(steps[kernel - 1 :], smooth_part, color="C1", label=f"consistency, mean of {kernel}")
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("flow-matching loss")
+    ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
