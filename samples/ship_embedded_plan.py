@@ -2,11 +2,16 @@
 
 The plan that `accelerate(pipe)` and `sparsediff demo` use on the embedded model comes from here:
 
-    python samples/ship_embedded_plan.py            # ~15 min on a 2-core CPU
+    python samples/ship_embedded_plan.py            # ~16 min on a 2-core CPU
 
-It runs `sparsediff profile` on two calibration prompts (10 steps, 8 x 64 x 64 pixels = 8192 tokens), then
-`sparsediff search` (floor 28 dB PSNR of the final frames against dense), and copies the plan to
+It runs `sparsediff profile` on two calibration prompts (12 steps like the demo, 8 x 64 x 64 pixels = 8192 tokens),
+then `sparsediff search` (20 trials; floor 35 dB PSNR of the final frames against dense), and copies the plan to
 `pipelines/assets/embedded/plan.json`. Outputs (profile, study, report) go to `samples/results/embedded/`.
+
+Why 35 dB when the demo's target is 28: the PSNR of two calibration prompts overestimates other prompts on this
+model. The plan chosen at a 28 dB floor (29.9 dB on the calibration prompts) gave 23.8 dB on the demo's four prompts,
+so the shipped plan is chosen with a margin. A rerun with another floor reuses the study (it is named after the
+model and the profile) and only chooses again.
 """
 
 from __future__ import annotations
@@ -32,9 +37,9 @@ def run(*args: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--trials", type=int, default=12)
-    p.add_argument("--min-psnr", type=float, default=28.0)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--min-psnr", type=float, default=35.0, help="quality floor on the calibration prompts (see above)")
+    p.add_argument("--steps", type=int, default=12, help="denoising steps of the profile and of the search (the demo's 12)")
     p.add_argument("--out", type=Path, default=ROOT / "samples" / "results" / "embedded")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

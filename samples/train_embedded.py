@@ -18,8 +18,8 @@ step, noise levels shifted like the scheduler's, EMA 0.999, object paths startin
 steps, go to full resolution every 3rd step, and draw paths that the caption fixes up to a small jitter.
 
 Recipe v3 adds a second, structure-aware phase (`--init-from` the v2 pipeline, `--structured`): the heads named in
-`DEFAULT_HEAD_PATTERNS` are pulled towards a sparse pattern (see `sparsediff/pipelines/embedded/structured.py`) while
-the model stays a dense model. The shipped model is both phases, 53 + 35 minutes of steps:
+`DEFAULT_HEAD_PATTERNS` are pulled towards a sparse pattern (see `pipelines/embedded/structured.py`) while
+the model stays a dense model. The shipped model is both phases, 53.0 + 33.7 minutes of steps:
 
     .venv/bin/python samples/train_embedded.py --work-dir ~/.cache/sparsediff/embedded_train_v2 \
         --out ~/.cache/sparsediff/embedded_v2_pipeline                                            # phase 1 (v2)

@@ -174,3 +174,21 @@ def test_loss_plot_shows_the_consistency_term(tmp_path):
     history = [{"step": s, "loss": 1.0 / s, "consistency": 0.5 / s} for s in range(1, 30)]
     plot_loss(history, tmp_path / "loss.png", window=5)
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_assignment_runs_as_a_plan_on_the_shipped_model():
+    """samples/probe_structured_plan.py's plans: the fine-tuning assignment validates against the shipped model, and
+    after its dense steps every layer gets the heads' trained patterns."""
+    import importlib.util
+    from pathlib import Path
+
+    from sparsediff.api import load_pipeline
+
+    path = Path(__file__).resolve().parents[1] / "samples" / "probe_structured_plan.py"
+    spec = importlib.util.spec_from_file_location("probe_structured_plan", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    pipe = load_pipeline("embedded")
+    plan = probe.plan_of(pipe.shipped_plan().model, DEFAULT_HEAD_PATTERNS, 1)
+    assert plan.num_dense_steps(12) == 1
+    assert [p.name for p in plan.layer_patterns(5, 12, 1)] == list(DEFAULT_HEAD_PATTERNS[1])
