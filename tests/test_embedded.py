@@ -10,6 +10,8 @@ from sparsediff.pipelines.embedded import data, detector
 from sparsediff.pipelines.embedded.pipeline import EmbeddedModelConfig, ShapesVideoPipeline, build_pipeline
 from sparsediff.pipelines.embedded.train import TrainConfig, Trainer, flow_matching_loss, step_batch
 
+from training_checks import assert_resume_repeats
+
 TINY = EmbeddedModelConfig(num_layers=1, num_heads=2, head_dim=12, ffn_dim=32, text_dim=16, text_layers=1)
 SMALL_CALL = dict(num_frames=3, height=8, width=12, num_inference_steps=3, guidance_scale=3.0)
 
@@ -171,18 +173,7 @@ def test_resumed_training_repeats_the_uninterrupted_run(tmp_path):
     assert (tmp_path / "straight" / "checkpoint.pt").exists()
     assert [h["clips"] for h in straight.history] == ["2x2x8x8", "1x2x16x16"] * 2
 
-    first = Trainer(config, tmp_path / "resumed")
-    for _ in range(2):
-        first.train_step()
-    first.save_checkpoint()
-    second = Trainer(config, tmp_path / "resumed")
-    assert second.resume() and second.step == 2
-    second.run()
-    assert [h["loss"] for h in second.history] == [h["loss"] for h in straight.history]
-    for a, b in zip(straight.modules.parameters(), second.modules.parameters()):
-        assert torch.equal(a, b)
-    for a, b in zip(straight.ema, second.ema):
-        assert torch.equal(a, b)
+    assert_resume_repeats(straight, tmp_path / "resumed")
 
     with pytest.raises(ValueError, match="another configuration"):
         Trainer(TrainConfig(**{**config.__dict__, "lr": 0.5}), tmp_path / "resumed").resume()

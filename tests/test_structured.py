@@ -16,6 +16,8 @@ from sparsediff.pipelines.embedded.structured import (
 )
 from sparsediff.pipelines.embedded.train import TrainConfig, Trainer
 
+from training_checks import assert_resume_repeats
+
 TWO = EmbeddedModelConfig(num_layers=2, num_heads=2, head_dim=12, ffn_dim=32, text_dim=16, text_layers=1)
 FRAMES, HEIGHT, WIDTH = 4, 8, 8  # 4 x 4 x 4 = 64 tokens
 
@@ -147,16 +149,7 @@ def test_fine_tuning_starts_from_saved_weights_and_resumes_exactly(pipe, tmp_pat
     assert all("consistency" in h and h["consistency"] > 0 for h in straight.history)
     assert [h["sparse"] for h in straight.history] == [sparse_step(1, s, 0.5) for s in range(4)]
 
-    first = Trainer(config, tmp_path / "resumed")
-    for _ in range(2):
-        first.train_step()
-    first.save_checkpoint()
-    second = Trainer(config, tmp_path / "resumed")
-    assert second.resume() and second.step == 2
-    second.run()
-    assert [h["loss"] for h in second.history] == [h["loss"] for h in straight.history]
-    for a, b in zip(straight.modules.parameters(), second.modules.parameters()):
-        assert torch.equal(a, b)
+    assert_resume_repeats(straight, tmp_path / "resumed")
     # the shipped model is a plain Wan model: no training processors in it
     shipped = straight.ema_pipeline()
     assert all(isinstance(b.attn1.processor, WanAttnProcessor) for b in shipped.transformer.blocks)

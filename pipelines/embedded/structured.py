@@ -80,10 +80,9 @@ class StructuredSelfAttnProcessor:
     run under their pattern: adds their consistency loss to the shared list and, when `use_sparse` is set, passes
     their sparse output on. Self-attention only (no image context, no context parallelism)."""
 
-    def __init__(self, patterns: Sequence[str], shared: _Shared, original):
+    def __init__(self, patterns: Sequence[str], shared: _Shared):
         self.patterns = tuple(patterns)
         self.shared = shared
-        self.original = original
         self.heads = torch.tensor([h for h, p in enumerate(self.patterns) if p != "full"], dtype=torch.long)
         self.runtime = SparseAttention(backend="torch")
 
@@ -144,8 +143,8 @@ class StructuredHeads:
         self.transformer = transformer
         self.shared = _Shared()
         self._originals = [block.attn1.processor for block in blocks]
-        for block, patterns, original in zip(blocks, self.head_patterns, self._originals):
-            block.attn1.set_processor(StructuredSelfAttnProcessor(patterns, self.shared, original))
+        for block, patterns in zip(blocks, self.head_patterns):
+            block.attn1.set_processor(StructuredSelfAttnProcessor(patterns, self.shared))
         self._hook = transformer.register_forward_pre_hook(self._note_grid, with_kwargs=True)
 
     def _note_grid(self, module, args, kwargs):
