@@ -185,3 +185,8 @@ def test_the_assignment_runs_as_a_plan_on_the_shipped_model():
     plan = probe.plan_of(pipe.shipped_plan().model, DEFAULT_HEAD_PATTERNS, 1)
     assert plan.num_dense_steps(12) == 1
     assert [p.name for p in plan.layer_patterns(5, 12, 1)] == list(DEFAULT_HEAD_PATTERNS[1])
+
+
+def test_structured_heads_refuse_a_model_that_is_not_wan():
+    with pytest.raises(ValueError, match="trains Wan self-attention; got a Linear"):
+        StructuredHeads(torch.nn.Linear(2, 2), [["full"]])

@@ -36,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 
-from ...layout import TokenLayout
+from ...layout import TokenLayout, video
 from ...patterns import get_pattern
 from ...runtime import SparseAttention
+from ..families import family_of
 
 # The recipe-v3 assignment for the default 4 x 4 model. Each layer mixes a local window (`diagonal`: the same frame and
 # its neighbours' near rows), the same place across all frames (`multi_diagonal`: carries motion along a row) and the
@@ -138,6 +139,9 @@ class StructuredHeads:
     """
 
     def __init__(self, transformer: torch.nn.Module, head_patterns: Sequence[Sequence[str]]):
+        self._family = family_of(transformer)
+        if self._family is None or self._family.name != "wan":
+            raise ValueError(f"StructuredHeads trains Wan self-attention; got a {type(transformer).__name__}.")
         blocks = transformer.blocks
         self.head_patterns = check_head_patterns(head_patterns, len(blocks), blocks[0].attn1.heads)
         self.transformer = transformer
@@ -147,11 +151,9 @@ class StructuredHeads:
             block.attn1.set_processor(StructuredSelfAttnProcessor(patterns, self.shared))
         self._hook = transformer.register_forward_pre_hook(self._note_grid, with_kwargs=True)
 
-    def _note_grid(self, module, args, kwargs):
-        x = kwargs.get("hidden_states", args[0] if args else None)
-        p_t, p_h, p_w = module.config.patch_size
-        _, _, frames, height, width = x.shape
-        self.shared.layout = TokenLayout.parse(f"video:{frames // p_t}x{height // p_h}x{width // p_w}")
+    def _note_grid(self, module, args, kwargs):  # the grid as sparsediff reads it for Wan at inference
+        frames, height, width = self._family.grid(module, self._family.forward_inputs(module, args, kwargs))
+        self.shared.layout = TokenLayout((video(frames, height, width),))
 
     def set_sparse(self, use_sparse: bool) -> None:
         self.shared.use_sparse = bool(use_sparse)

@@ -190,7 +190,6 @@ class Trainer:
         consistency = None
         if self.structured is not None:
             self.structured.set_sparse(sparse_step(config.seed, self.step, config.sparse_prob))
-            self.structured.take_consistency()  # nothing should be left over; start clean
         loss = flow_matching_loss(self.pipe, clips, captions, generator, config.sigma_shift)
         if self.structured is not None:
             consistency = self.structured.take_consistency()
