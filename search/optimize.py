@@ -344,11 +344,45 @@ class PlanSearch:
         numbers = {t.number for t in self.study.best_trials}
         return sorted((o for o in self.outcomes() if o.number in numbers), key=lambda o: o.predicted_ms)
 
-    def choose(self, target_speedup: float | None = None) -> tuple[TrialOutcome, SparsePlan]:
+    def validated_psnr(self, outcome: TrialOutcome, validator: Evaluator, log: Callable[[str], None] = logger.info) -> float:
+        """The trial's plan run on the held-out calls of `validator`: the final PSNR, or the step PSNR at which it
+        fell below the floor (the run stops there, as a search trial would be pruned). Stored in the study, keyed
+        by the trial and the validator's calls, so choosing again costs nothing."""
+        key = f"validation:{getattr(validator, 'key', 'default')}:{outcome.number}"
+        stored = self.study.user_attrs.get(key)
+        if stored is not None:
+            return float(stored)
+        trial = next(t for t in self.study.get_trials(deepcopy=False) if t.number == outcome.number)
+
+        class _Below(Exception):
+            pass
+
+        def report(step: int, psnr: float) -> None:
+            if psnr < self.min_psnr:
+                raise _Below(step, psnr)
+
+        try:
+            value = min(validator(self.plan_for(trial), report).psnr, PSNR_CAP)
+            log(f"validation of trial {outcome.number}: PSNR {value:.1f} dB on the held-out calls")
+        except _Below as e:
+            step, value = e.args
+            log(f"validation of trial {outcome.number}: PSNR {value:.1f} dB at step {step}, below the floor {self.min_psnr} dB")
+        self.study.set_user_attr(key, float(value))
+        return float(value)
+
+    def choose(
+        self, target_speedup: float | None = None, validator: Evaluator | None = None, log: Callable[[str], None] = logger.info
+    ) -> tuple[TrialOutcome, SparsePlan]:
         """The fastest Pareto trial meeting the PSNR floor, or with `target_speedup`, the best-quality trial that
-        reaches it. Raises, naming what was reached and the knob to loosen, when none qualifies."""
+        reaches it. Raises, naming what was reached and the knob to loosen, when none qualifies.
+
+        With a `validator` (an evaluator on held-out calls, not the calibration ones), the floor must also hold
+        there: the Pareto trials meeting it on the calibration calls are run on the held-out calls, fastest first,
+        and the first that holds it is chosen. (With `target_speedup` the chosen plan is only measured there.)
+        A few calibration prompts can overestimate others: this is the guard against it."""
         front = self.pareto_front()
         done = [o for o in self.outcomes() if o.state == "complete"]
+        validation: dict[str, Any] | None = None
         if target_speedup is not None:
             ok = [o for o in front if o.predicted_speedup >= target_speedup]
             if not ok:
@@ -358,6 +392,8 @@ class PlanSearch:
                     "Lower --target-speedup, add candidates to the profile, or run more --trials."
                 )
             chosen = max(ok, key=lambda o: (o.psnr, -o.predicted_ms))
+            if validator is not None:
+                validation = {"psnr": self.validated_psnr(chosen, validator, log), "tried": [chosen.number]}
         else:
             ok = [o for o in front if o.psnr >= self.min_psnr]
             if not ok:
@@ -366,7 +402,23 @@ class PlanSearch:
                     f"No trial met the quality floor {self.min_psnr} dB: the best PSNR reached was {best:.1f} dB. "
                     "Lower --min-psnr, or run more --trials (the cautious first trial keeps more steps dense)."
                 )
-            chosen = min(ok, key=lambda o: o.predicted_ms)
+            ok.sort(key=lambda o: o.predicted_ms)
+            chosen = ok[0]
+            if validator is not None:
+                tried: dict[int, float] = {}
+                for o in ok:
+                    tried[o.number] = self.validated_psnr(o, validator, log)
+                    if tried[o.number] >= self.min_psnr:
+                        chosen = o
+                        break
+                else:
+                    summary = ", ".join(f"trial {n}: {v:.1f} dB" for n, v in tried.items())
+                    raise ValueError(
+                        f"No trial meeting the quality floor {self.min_psnr} dB on the calibration calls held it on the "
+                        f"held-out calls ({summary}). Lower --min-psnr, run more --trials, or calibrate on prompts "
+                        "more like the held-out ones; the study and these validations are kept."
+                    )
+                validation = {"psnr": tried[chosen.number], "tried": list(tried)}
         trial = next(t for t in self.study.get_trials(deepcopy=False) if t.number == chosen.number)
         plan = self.plan_for(trial)
         plan.search = {
@@ -380,4 +432,7 @@ class PlanSearch:
             "cost_model": dict(self.costs[plan.block_size].key.__dict__),
             "params": dict(trial.params),
         }
+        if validation is not None:
+            validation["calls"] = len(getattr(validator, "calls", ()))
+            plan.search["validation"] = validation
         return chosen, plan

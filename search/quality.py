@@ -11,6 +11,8 @@ each step (reported as the run goes, so a bad plan can stop early) and PSNR of t
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -47,10 +49,15 @@ class PipelineEvaluator:
             (`sparsediff.accelerate` with the backend bound; injected so the search stays below the public API).
         output_type (str, defaults to "np"): the final output compared: decoded frames ("np") or "latent"
             (skips the VAE, for quick checks on models whose VAE is not the point).
+        warmup (bool, defaults to True): run the first call once untimed before the dense reference runs (False for a
+            second evaluator on a pipeline that has already run, such as held-out validation calls).
+
+    `key` names the calls (a digest of their arguments): results stored for one set of calls are not reused for another.
     """
 
     def __init__(
-        self, pipe: Any, calls: Sequence[dict[str, Any]], apply: Callable[[Any, SparsePlan], Any], output_type: str = "np"
+        self, pipe: Any, calls: Sequence[dict[str, Any]], apply: Callable[[Any, SparsePlan], Any], output_type: str = "np",
+        warmup: bool = True,
     ):
         if not calls:
             raise ValueError("PipelineEvaluator needs at least one calibration call (a dict of pipeline arguments).")
@@ -60,7 +67,9 @@ class PipelineEvaluator:
         self.calls = [{k: v for k, v in c.items() if k not in ("generator", "output_type")} for c in calls]
         self.pipe, self.apply, self.output_type = pipe, apply, output_type
         self.num_steps = int(steps.pop())
-        self._run(self.calls[0])  # warm-up: the first run pays one-off costs the timed runs must not
+        self.key = hashlib.sha256(json.dumps([self.calls, output_type], sort_keys=True, default=repr).encode()).hexdigest()[:8]
+        if warmup:
+            self._run(self.calls[0])  # the first run pays one-off costs the timed runs must not
         start = time.perf_counter()
         self.reference = [self._run(c) for c in self.calls]  # (per-step latents, final output) per call
         self.dense_seconds = time.perf_counter() - start

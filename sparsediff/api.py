@@ -346,6 +346,7 @@ def search(
     log=None,
     return_summary: bool = False,
     output_type: str = "np",
+    validation_calls: "list[dict] | None" = None,
 ):
     """Search the fastest plan for `pipe` on this machine that meets a quality floor (or a speed target).
 
@@ -371,6 +372,9 @@ def search(
         log (Callable[[str], None], defaults to None): one line per trial (default: the `sparsediff` logger).
         return_summary (bool, defaults to False): also return a summary dict (trials, pruned, Pareto front, chosen).
         output_type (str, defaults to "np"): compare decoded frames ("np") or latents ("latent") for the final PSNR.
+        validation_calls (list[dict], defaults to None): held-out pipeline arguments (other prompts or seeds, the same
+            `num_inference_steps`): the floor must also hold on them. The Pareto plans meeting it on the calibration
+            calls are run on these, fastest first, and the first that holds it is chosen (`plan.search["validation"]`).
 
     Returns:
         SparsePlan: the chosen plan (its `search` field records the study, trial, PSNR and speedups), or
@@ -407,6 +411,15 @@ def search(
     calls = calls if calls is not None else profile.meta.get("calls")
     if not calls:
         raise ValueError("No calibration calls: pass calls=[{...pipeline arguments...}], or record the profile with `sparsediff profile`, which stores them.")
+    if validation_calls is not None:
+        wanted = {c.get("num_inference_steps") for c in calls}
+        given = {c.get("num_inference_steps") for c in validation_calls}
+        if not validation_calls or given != wanted:
+            raise ValueError(
+                f"The validation calls need the calibration's num_inference_steps {sorted(map(str, wanted))}; got "
+                f"{sorted(map(str, given)) or 'no calls'}. Give held-out prompts with the same steps (a plan's step ranges "
+                "are fractions of the run, but its quality was measured at that step count)."
+            )
     param = next(model.parameters())
     block_sizes = tuple(block_sizes or (profile.block_size,))
     costs = {
@@ -419,7 +432,10 @@ def search(
         storage = f"sqlite:///{(out.with_suffix('.optuna.db') if out is not None else Path('sparsediff_search.db')).resolve()}"
     run = PlanSearch(profile, costs, evaluator, SearchSpace(block_sizes=block_sizes), min_psnr=min_psnr, storage=storage)
     run.run(trials, timeout, log=log or logger.info, progress=progress)
-    chosen, plan = run.choose(target_speedup)
+    validator = None
+    if validation_calls:
+        validator = PipelineEvaluator(pipe, validation_calls, apply=evaluator.apply, output_type=output_type, warmup=False)
+    chosen, plan = run.choose(target_speedup, validator=validator, log=log or logger.info)
     outcomes = run.outcomes()
     summary = {
         "study": run.study_name,
@@ -430,6 +446,8 @@ def search(
         "chosen": {**chosen.__dict__, "measured_speedup": plan.search.get("measured_speedup")},
         "dense_seconds": evaluator.dense_seconds,
     }
+    if "validation" in plan.search:
+        summary["validation"] = plan.search["validation"]
     if out is not None:
         plan.save(out)
         render_search_report(outcomes, run.pareto_front(), chosen, plan, report_path, min_psnr)

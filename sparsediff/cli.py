@@ -67,6 +67,18 @@ def _calibration_calls(args: argparse.Namespace) -> list[dict]:
             for i, p in enumerate(prompts)]
 
 
+def _validation_calls(path: str, calibration: list[dict]) -> list[dict]:
+    """Held-out calls: the first calibration call's settings with each prompt of `path`, seeds 1000, 1001, ...
+    (not the calibration's)."""
+    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()] if Path(path).is_file() else None
+    if not prompts:
+        raise ValueError(f"--validate-prompts {path!r} is not a file of prompts; write one held-out prompt per line.")
+    if not calibration:
+        raise ValueError("--validate-prompts needs calibration calls to copy settings from: pass --prompts/--steps, or a profile from `sparsediff profile`.")
+    template = {k: v for k, v in calibration[0].items() if k not in ("prompt", "seed")}
+    return [dict(template, prompt=p, seed=1000 + i) for i, p in enumerate(prompts)]
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     from .api import load_pipeline, search
     from .search.profile import AttentionProfile
@@ -82,10 +94,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
         args.steps = args.steps or profile.num_steps or 10
         calls = _calibration_calls(args)
     block_sizes = tuple(_ints(args.block_sizes)) if args.block_sizes else None
+    validation_calls = _validation_calls(args.validate_prompts, calls or profile.meta.get("calls") or []) if args.validate_prompts else None
     plan, summary = search(pipe, profile, calls, out=out, min_psnr=args.min_psnr, target_speedup=args.target_speedup,
                            trials=args.trials, timeout=args.timeout, storage=args.storage, backend=args.backend,
                            block_sizes=block_sizes, force=args.force, progress=not args.json,
-                           log=lambda line: logger.info(line), return_summary=True)
+                           log=lambda line: logger.info(line), return_summary=True, validation_calls=validation_calls)
     if args.json:
         print(json.dumps(summary, indent=1, default=str))
         return 0
@@ -98,6 +111,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
               f"{o['params'].get('allowance', 0):>9.3f}{mark}")
     print(f"chosen plan {summary['plan']}: predicted attention speedup {c['predicted_speedup']:.2f}x, measured run "
           f"speedup {c['measured_speedup']:.2f}x, PSNR {c['psnr']:.1f} dB; report {summary['report']}")
+    if "validation" in summary:
+        v = summary["validation"]
+        print(f"held out: {v['psnr']:.1f} dB on {v['calls']} held-out prompt(s) (trials validated, fastest first: {v['tried']})")
     return 0
 
 
@@ -277,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     srch.add_argument("--block-sizes", help="block sizes to try, comma-separated (default: the profile's)")
     srch.add_argument("--prompts", help="calibration prompts, one per line (default: the profile's)")
     srch.add_argument("--steps", type=int, help="denoising steps of the calibration runs (default: the profile's)")
+    srch.add_argument("--validate-prompts", help="held-out prompts, one per line: the chosen plan must hold the floor on them too")
     srch.add_argument("--height", type=int)
     srch.add_argument("--width", type=int)
     srch.add_argument("--frames", type=int)

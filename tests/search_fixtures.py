@@ -52,3 +52,20 @@ class SyntheticEvaluator:
         for step in range(self.num_steps):
             report(step, value + (self.num_steps - step))
         return Evaluation(psnr=value, seconds=max(share, 1e-3), step_psnr=[value] * self.num_steps)
+
+
+class HeldOutEvaluator(SyntheticEvaluator):
+    """Other prompts: the same plan loses `penalty` dB per unit of skipped FLOP share (calibration overestimates),
+    and `offset` dB whatever the plan."""
+
+    calls = [{"prompt": "held out"}]
+
+    def __init__(self, penalty: float = 20.0, offset: float = 0.0, key: str = "held-out"):
+        self.penalty, self.offset, self.key, self.runs = penalty, offset, key, 0
+
+    def __call__(self, plan: SparsePlan, report) -> Evaluation:
+        self.runs += 1
+        skipped = 1.0 - plan.predicted_flops_share(LAYOUT, self.num_steps)
+        loss = self.penalty * skipped + self.offset
+        inner = super().__call__(plan, lambda step, value: report(step, value - loss))
+        return Evaluation(psnr=inner.psnr - loss, seconds=inner.seconds, step_psnr=inner.step_psnr)

@@ -8,7 +8,7 @@ import optuna
 import pytest
 
 from sparsediff.search.optimize import PlanSearch, SearchSpace, assign_heads, build_plan, predicted_time
-from tests.search_fixtures import CANDIDATES, LAYOUT, SyntheticEvaluator, synthetic_cost, synthetic_profile
+from tests.search_fixtures import CANDIDATES, LAYOUT, HeldOutEvaluator, SyntheticEvaluator, synthetic_cost, synthetic_profile
 
 
 def test_heads_get_their_cheapest_candidate_within_the_allowance():
@@ -52,6 +52,26 @@ def test_search_chooses_the_fastest_plan_meeting_the_floor(tmp_path):
     assert SyntheticEvaluator()(plan, lambda s, p: None).psnr == pytest.approx(chosen.psnr)  # measured again
     fast, fast_plan = search.choose(target_speedup=1.2)
     assert fast.predicted_speedup >= 1.2
+
+
+def test_held_out_validation_chooses_the_fastest_plan_that_holds_the_floor_there(tmp_path):
+    search = make_search(tmp_path, min_psnr=35.0)
+    search.run(trials=16, progress=False)
+    unvalidated, _ = search.choose()
+    held_out = HeldOutEvaluator(penalty=20.0)
+    chosen, plan = search.choose(validator=held_out, log=lambda line: None)
+    values = {n: search.study.user_attrs[f"validation:held-out:{n}"] for n in plan.search["validation"]["tried"]}
+    assert plan.search["validation"]["tried"][-1] == chosen.number and values[chosen.number] >= 35.0
+    assert all(v < 35.0 for n, v in values.items() if n != chosen.number)  # the faster ones tried first failed there
+    assert chosen.predicted_ms >= unvalidated.predicted_ms and chosen.psnr >= 35.0
+    assert plan.search["validation"]["psnr"] == pytest.approx(held_out(plan, lambda s, p: None).psnr)
+    runs = held_out.runs
+    again, _ = make_search(tmp_path, min_psnr=35.0).choose(validator=held_out, log=lambda line: None)  # stored: not rerun
+    assert again.number == chosen.number and held_out.runs == runs
+    # a harsher held-out set nothing holds: a clear error naming what each tried trial reached; the study is kept
+    with pytest.raises(ValueError, match=r"held it on the held-out calls \(trial \d+: -?[0-9.]+ dB.*Lower --min-psnr"):
+        search.choose(validator=HeldOutEvaluator(offset=30.0, key="harsh"), log=lambda line: None)
+    assert len(make_search(tmp_path, min_psnr=35.0).study.trials) == 16
 
 
 def test_a_new_profile_of_the_same_model_starts_a_new_study(tmp_path):
@@ -154,6 +174,10 @@ def test_search_on_a_tiny_wan_pipeline(tmp_path, monkeypatch):
     with sparsediff.accelerate(pipe, loaded, backend="torch"):
         frames = pipe(**call_kwargs(output_type="np")).frames
     assert torch.isfinite(torch.as_tensor(frames)).all()
+    with pytest.raises(ValueError, match=r"validation calls need the calibration's num_inference_steps \['3'\]; got \['5'\]"):
+        sparsediff.search(pipe, prof, calls, out=tmp_path / "other" / "plan.json", trials=1, progress=False,
+                          validation_calls=[dict(calls[0], num_inference_steps=5)])
+    assert not (tmp_path / "other").exists()
     # nothing the user had is overwritten without force
     with pytest.raises(ValueError, match="already exists; pass force=True"):
         sparsediff.search(pipe, prof, calls, out=out, trials=4, progress=False)
@@ -196,5 +220,14 @@ def test_cli_profile_then_search(tmp_path, capsys, monkeypatch):
     before = plan_path.read_text()
     assert main(args) == 2  # exists: refused, file untouched
     assert "pass --force" in capsys.readouterr().err and plan_path.read_text() == before
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("a held-out prompt\n")
+    assert main([*args, "--force", "--validate-prompts", str(held_out)]) == 0  # resumes the study, then validates
+    summary = json.loads(capsys.readouterr().out)
+    validation = summary["validation"]
+    assert validation["calls"] == 1 and validation["psnr"] >= 15 and validation["tried"][-1] == summary["chosen"]["number"]
+    assert SparsePlan.load(plan_path).search["validation"] == validation
+    assert main([*args, "--force", "--validate-prompts", str(tmp_path / "missing.txt")]) == 2
+    assert "is not a file of prompts" in capsys.readouterr().err
     assert main(["search", "--model", model, "--profile", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.json")]) == 2
     assert "is not a profile directory" in capsys.readouterr().err
