@@ -139,7 +139,8 @@ def _cmd_generate_video(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .generate import run_demo
 
-    result = run_demo(args.out, num_prompts=args.prompts, steps=args.steps, seed=args.seed, backend=args.backend)
+    result = run_demo(args.out, num_prompts=args.prompts, steps=args.steps, seed=args.seed, backend=args.backend,
+                      height=args.height, width=args.width, num_frames=args.frames)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
     else:
@@ -325,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompts", type=int, default=4, help="prompts to generate")
     demo.add_argument("--steps", type=int, default=12, help="denoising steps (12 keeps the demo under 5 minutes on a 2-core CPU)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--height", type=int, default=64, help="pixels (64 x 64 x 8 frames = 8192 tokens)")
+    demo.add_argument("--width", type=int, default=64)
+    demo.add_argument("--frames", type=int, default=8)
     demo.add_argument("--backend", help="kernel backend (default: automatic)")
     demo.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
     demo.set_defaults(func=_cmd_demo)

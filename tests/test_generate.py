@@ -66,3 +66,20 @@ def test_cli_generate_video_dense_and_with_a_plan(tmp_path, capsys):
     assert dense["frames"] == 9 and dense["height"] == 64 and dense["width"] == 64
     assert iio.imread(tmp_path / "dense.mp4").shape[0] == 9
     assert sparse["sparse_density"] < 1.0 and sparse["calls"] > sparse["dense_calls"]
+
+
+def test_demo_on_the_shipped_model_at_a_small_size(tmp_path, capsys):
+    """`sparsediff demo` end to end on the embedded model and its shipped plan (2048 tokens, 7 steps: the plan keeps the first 5 dense; 2 prompts):
+    the table's figures, a playable side-by-side video of both prompts, the strip; the sparse half really sparse."""
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--prompts", "2", "--steps", "7", "--height", "32", "--width", "32",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["prompts"]) == 2 and result["prompts"][0] != result["prompts"][1]
+    assert result["dense_seconds"] > 0 and result["sparse_seconds"] > 0
+    assert result["speedup"] == pytest.approx(result["dense_seconds"] / result["sparse_seconds"])
+    assert 0.0 < result["density"] < 1.0  # the shipped plan's sparse steps ran sparse
+    assert 10.0 < result["psnr"] < 99.0 and 0.0 < result["ssim"] < 1.0  # close to dense, not identical
+    assert set(result["accuracy_dense"]) == set(result["accuracy_sparse"]) >= {"colour", "direction"}
+    video = iio.imread(result["files"]["side_by_side"])
+    assert video.shape[0] == 8 and video.shape[1] >= 2 * 32  # 8 frames; both prompts stacked
+    assert Image.open(result["files"]["strip"]).size[0] == 8 * 32 * 3  # 8 frames of 32 px, upscaled 3x
