@@ -5,13 +5,16 @@ The plan that `accelerate(pipe)` and `sparsediff demo` use on the embedded model
     python samples/ship_embedded_plan.py            # ~16 min on a 2-core CPU
 
 It runs `sparsediff profile` on two calibration prompts (12 steps like the demo, 8 x 64 x 64 pixels = 8192 tokens),
-then `sparsediff search` (20 trials; floor 35 dB PSNR of the final frames against dense), and copies the plan to
-`pipelines/assets/embedded/plan.json`. Outputs (profile, study, report) go to `samples/results/embedded/`.
+then `sparsediff search` (20 trials; floor 28 dB PSNR of the final frames against dense, the demo's target) with four
+held-out prompts (`--validate-prompts`): the Pareto plans meeting the floor on the calibration prompts are run on the
+held-out ones, fastest first, and the first that holds 28 dB there is shipped to `pipelines/assets/embedded/plan.json`.
+Outputs (profile, study, report) go to `samples/results/embedded/`. The held-out prompts are neither the calibration
+prompts nor the demo's, so the demo is a third, unseen set.
 
-Why 35 dB when the demo's target is 28: the PSNR of two calibration prompts overestimates other prompts on this
-model. The plan chosen at a 28 dB floor (29.9 dB on the calibration prompts) gave 23.8 dB on the demo's four prompts,
-so the shipped plan is chosen with a margin. A rerun with another floor reuses the study (it is named after the
-model and the profile) and only chooses again.
+Why the held-out set: the PSNR of two calibration prompts overestimates other prompts on this model. The plan chosen
+at a 28 dB floor on them alone (29.9 dB there) gave 23.8 dB on the demo's four prompts. (Before the search could
+validate, this script chose at 35 dB as a margin instead.) A rerun reuses the profile (unless --reprofile) and the
+study (it is named after the model and the profile), and the stored validations, so it only chooses again.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CANDIDATES = ("full,skip,diagonal_w0.25,diagonal_w0.5,diagonal_w1,multi_diagonal_w32,multi_diagonal_w64,"
               "multi_diagonal_w128,vertical_stripe_f0.5,vertical_stripe_f1,topk_blocks_k0.1,topk_blocks_k0.25")
 PROMPTS = ["a red circle moving right", "a blue square moving up"]
+HELD_OUT = ["a green triangle moving left", "a yellow square moving down", "a purple circle moving right", "a cyan triangle moving up"]
 
 
 def run(*args: str) -> None:
@@ -38,18 +42,22 @@ def run(*args: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--trials", type=int, default=20)
-    p.add_argument("--min-psnr", type=float, default=35.0, help="quality floor on the calibration prompts (see above)")
+    p.add_argument("--min-psnr", type=float, default=28.0, help="quality floor, on the calibration and the held-out prompts")
+    p.add_argument("--reprofile", action="store_true", help="profile again even when the output folder holds a profile")
     p.add_argument("--steps", type=int, default=12, help="denoising steps of the profile and of the search (the demo's 12)")
     p.add_argument("--out", type=Path, default=ROOT / "samples" / "results" / "embedded")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     prompts = args.out / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
+    held_out = args.out / "held_out_prompts.txt"
+    held_out.write_text("\n".join(HELD_OUT) + "\n")
     size = ["--height", "64", "--width", "64", "--frames", "8"]
-    run("profile", "--model", "embedded", "--prompts", prompts, "--steps", args.steps, *size, "--candidates", CANDIDATES,
-        "--block-size", "64", "--out", args.out / "profile")
+    if args.reprofile or not (args.out / "profile").is_dir():
+        run("profile", "--model", "embedded", "--prompts", prompts, "--steps", args.steps, *size, "--candidates", CANDIDATES,
+            "--block-size", "64", "--out", args.out / "profile")
     run("search", "--model", "embedded", "--profile", args.out / "profile", "--out", args.out / "plan.json",
-        "--min-psnr", args.min_psnr, "--trials", args.trials, "--force")
+        "--min-psnr", args.min_psnr, "--trials", args.trials, "--validate-prompts", held_out, "--force")
     shutil.copy(args.out / "plan.json", embedded_path() / PLAN_FILE)
     print(f"shipped {embedded_path() / PLAN_FILE}")
 
