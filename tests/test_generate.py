@@ -77,9 +77,16 @@ def test_demo_on_the_shipped_model_at_a_small_size(tmp_path, capsys):
     assert len(result["prompts"]) == 2 and result["prompts"][0] != result["prompts"][1]
     assert result["dense_seconds"] > 0 and result["sparse_seconds"] > 0
     assert result["speedup"] == pytest.approx(result["dense_seconds"] / result["sparse_seconds"])
-    assert 0.0 < result["density"] < 1.0  # the shipped plan's sparse steps ran sparse
+    assert 0.0 < result["density"] < result["run_density"] < 1.0  # the sparse steps ran sparse; the first 5 dense
+    assert result["run_density"] == pytest.approx((5 + 2 * result["density"]) / 7, abs=1e-3)
     assert 10.0 < result["psnr"] < 99.0 and 0.0 < result["ssim"] < 1.0  # close to dense, not identical
     assert set(result["accuracy_dense"]) == set(result["accuracy_sparse"]) >= {"colour", "direction"}
     video = iio.imread(result["files"]["side_by_side"])
     assert video.shape[0] == 8 and video.shape[1] >= 2 * 32  # 8 frames; both prompts stacked
     assert Image.open(result["files"]["strip"]).size[0] == 8 * 32 * 3  # 8 frames of 32 px, upscaled 3x
+    # the table `make demo` prints (text mode): the correctness check first, every detector field
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--prompts", "1", "--steps", "6", "--height", "32", "--width", "32"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("PSNR sparse vs dense") and lines[2].startswith("SSIM sparse vs dense")
+    assert [line.split()[1] for line in lines if line.startswith("detector")] == ["colour", "shape", "direction", "modifier"]
+    assert any(line.startswith("side_by_side: ") for line in lines)
