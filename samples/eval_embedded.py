@@ -7,6 +7,11 @@ correctness check runs first: the detector on ground-truth clips of the same pro
 
     python samples/eval_embedded.py                               # 8 x 64 x 64 pixels: 8192 tokens per clip
     python samples/eval_embedded.py --height 32 --width 32 --json # the main training resolution
+    python samples/eval_embedded.py --steps 12 --plan shipped      # dense and with the shipped plan, same seeds
+
+With `--plan` (a plan file, or `shipped` for the model's own) every prompt is generated twice with the same seeds,
+dense and under the plan, and both accuracies are reported with their difference and the PSNR of the sparse clips
+against the dense ones (the demo's target: detector accuracy within 5 points of dense).
 """
 
 from __future__ import annotations
@@ -17,8 +22,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+import sparsediff
+from sparsediff.generate import psnr
 from sparsediff.pipelines.embedded import data, detector
 from sparsediff.pipelines.embedded.pipeline import ShapesVideoPipeline
 
@@ -38,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--compile", action="store_true", help="torch.compile the transformer (faster after a minute of compiling)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer (faster after a minute of compiling; dense only)")
+    p.add_argument("--plan", help="also generate under this plan (a file, or 'shipped') and compare with dense")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     return p.parse_args(argv)
 
@@ -52,18 +61,34 @@ def main(argv=None) -> None:
 
     pipe = ShapesVideoPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
+    if args.compile and args.plan:
+        raise SystemExit("--compile is for dense runs only (the sparse runtime runs eagerly); drop --compile or --plan.")
     if args.compile:
         pipe.transformer.compile(dynamic=False)
     prompts = detector.eval_prompts(args.prompts)
+    call = dict(batch_size=args.batch_size, seed=args.seed, num_frames=args.frames, height=args.height, width=args.width,
+                num_inference_steps=args.steps, guidance_scale=args.guidance)
     tick = time.perf_counter()
-    result = detector.evaluate(
-        pipe, prompts, batch_size=args.batch_size, seed=args.seed, num_frames=args.frames, height=args.height, width=args.width,
-        num_inference_steps=args.steps, guidance_scale=args.guidance,
-    )
+    dense = detector.generate_clips(pipe, prompts, **call)
+    result = detector.accuracy(dense, prompts)
+    if args.plan:
+        plan = pipe.shipped_plan() if args.plan == "shipped" else args.plan
+        with sparsediff.accelerate(pipe, plan) as handle:
+            sparse = detector.generate_clips(pipe, prompts, **call)
+            density = handle.summary()["sparse_density"]
+        result = {"dense": result, "sparse": detector.accuracy(sparse, prompts), "psnr": psnr(np.stack(sparse), np.stack(dense)),
+                  "sparse_density": density}
+        result["difference_points"] = {f: round(100 * (result["sparse"][f] - result["dense"][f]), 1) for f in detector.FIELDS}
     result["seconds"] = round(time.perf_counter() - tick, 1)
     result["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     if args.json:
         print(json.dumps(result, indent=1))
+        return
+    if args.plan:
+        print(f"{len(prompts)} prompts, dense vs plan {args.plan}: PSNR {result['psnr']:.1f} dB, {result['seconds']} s")
+        for field in detector.FIELDS:
+            print(f"  {field:9s} dense {result['dense'][field]:6.1%}  sparse {result['sparse'][field]:6.1%}  "
+                  f"({result['difference_points'][field]:+.1f} points)")
         return
     tokens = args.frames * (args.height // 2) * (args.width // 2)
     print(f"{len(prompts)} prompts, {args.frames}x{args.height}x{args.width} pixels ({tokens} tokens), {args.steps} steps, guidance {args.guidance}, {result['seconds']} s")

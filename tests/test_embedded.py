@@ -212,3 +212,26 @@ def test_accelerate_without_a_plan_leaves_outputs_unchanged(pipe):
     assert torch.equal(before, after)
     assert {(s.context, s.source) for s in stats} == {("cond", "cache_context"), ("uncond", "cache_context")}
     assert sorted({s.step for s in stats}) == [0, 1, 2]
+
+
+def test_eval_script_compares_dense_and_a_plan_on_the_same_seeds(capsys):
+    """samples/eval_embedded.py --plan shipped: both accuracies from the same seeds, their difference, the PSNR."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "samples" / "eval_embedded.py"
+    spec = importlib.util.spec_from_file_location("eval_embedded", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    small = ["--prompts", "2", "--steps", "7", "--height", "32", "--width", "32", "--batch-size", "2", "--json"]
+    module.main([*small, "--plan", "shipped"])
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["dense"]) >= set(detector.FIELDS) and set(result["sparse"]) >= set(detector.FIELDS)
+    for field in detector.FIELDS:
+        assert result["difference_points"][field] == pytest.approx(100 * (result["sparse"][field] - result["dense"][field]), abs=0.05)
+    assert 10.0 < result["psnr"] < 99.0 and 0.0 < result["sparse_density"] < 1.0  # sparse in its last two steps
+    module.main(small)  # dense alone: the same clips as the dense half above
+    dense = json.loads(capsys.readouterr().out)
+    assert [c["predicted"] for c in dense["clips"]] == [c["predicted"] for c in result["dense"]["clips"]]
+    with pytest.raises(SystemExit, match="--compile is for dense runs only"):
+        module.main([*small, "--plan", "shipped", "--compile"])

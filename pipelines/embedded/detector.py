@@ -132,10 +132,15 @@ def eval_prompts(count: int = 32) -> list[str]:
     return [f"a {c} {SHAPES[i % len(SHAPES)]} moving {d}" for i, (c, d) in enumerate(pairs[i % len(pairs)] for i in range(count))]
 
 
-def evaluate(pipe, prompts: list[str], batch_size: int = 8, seed: int = 0, **call_kwargs) -> dict:
-    """Generate one clip per prompt with `pipe` (seeded per batch) and score them; see `accuracy`."""
+def generate_clips(pipe, prompts: list[str], batch_size: int = 8, seed: int = 0, **call_kwargs) -> list[np.ndarray]:
+    """One clip per prompt with `pipe`, in batches seeded `seed + start`: the same clips for the same arguments."""
     videos = []
     for start in range(0, len(prompts), batch_size):
         generator = torch.Generator().manual_seed(seed + start)
         videos.extend(pipe(prompts[start : start + batch_size], generator=generator, output_type="np", **call_kwargs).frames)
-    return accuracy(videos, prompts)
+    return videos
+
+
+def evaluate(pipe, prompts: list[str], batch_size: int = 8, seed: int = 0, **call_kwargs) -> dict:
+    """Generate one clip per prompt with `pipe` (see `generate_clips`) and score them; see `accuracy`."""
+    return accuracy(generate_clips(pipe, prompts, batch_size, seed, **call_kwargs), prompts)
