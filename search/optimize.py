@@ -174,6 +174,10 @@ def profile_digest(profile) -> str:
     return digest.hexdigest()[:8]
 
 
+class _BelowFloor(Exception):
+    """A validation run fell below the floor at a step (args: step, PSNR); it stops there."""
+
+
 class PlanSearch:
     """One search: profile + cost models (one per block size) + an end-to-end evaluator + a study storage.
 
@@ -354,17 +358,14 @@ class PlanSearch:
             return float(stored)
         trial = next(t for t in self.study.get_trials(deepcopy=False) if t.number == outcome.number)
 
-        class _Below(Exception):
-            pass
-
         def report(step: int, psnr: float) -> None:
             if psnr < self.min_psnr:
-                raise _Below(step, psnr)
+                raise _BelowFloor(step, psnr)
 
         try:
             value = min(validator(self.plan_for(trial), report).psnr, PSNR_CAP)
             log(f"validation of trial {outcome.number}: PSNR {value:.1f} dB on the held-out calls")
-        except _Below as e:
+        except _BelowFloor as e:
             step, value = e.args
             log(f"validation of trial {outcome.number}: PSNR {value:.1f} dB at step {step}, below the floor {self.min_psnr} dB")
         self.study.set_user_attr(key, float(value))
