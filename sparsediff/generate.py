@@ -159,7 +159,7 @@ def side_by_side(dense: np.ndarray, sparse: np.ndarray, gap: int = 2) -> np.ndar
 def run_demo(
     out_dir: "str | os.PathLike" = "demo",
     prompts: "list[str] | None" = None,
-    num_prompts: int = 4,
+    num_prompts: int = 3,
     steps: int = 12,
     seed: int = 0,
     backend: str | None = None,
