@@ -52,6 +52,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _shown(path: Path) -> str:
+    """A path for the saved results: relative to the repo when inside it (no machine paths in committed files)."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -80,7 +86,7 @@ def main(argv=None) -> None:
                   "sparse_density": density}
         result["difference_points"] = {f: round(100 * (result["sparse"][f] - result["dense"][f]), 1) for f in detector.FIELDS}
     result["seconds"] = round(time.perf_counter() - tick, 1)
-    result["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    result["settings"] = {k: (_shown(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     if args.json:
         print(json.dumps(result, indent=1))
         return

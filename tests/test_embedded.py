@@ -233,5 +233,6 @@ def test_eval_script_compares_dense_and_a_plan_on_the_same_seeds(capsys):
     module.main(small)  # dense alone: the same clips as the dense half above
     dense = json.loads(capsys.readouterr().out)
     assert [c["predicted"] for c in dense["clips"]] == [c["predicted"] for c in result["dense"]["clips"]]
+    assert dense["settings"]["model"] == "pipelines/assets/embedded"  # saved results name no machine path
     with pytest.raises(SystemExit, match="--compile is for dense runs only"):
         module.main([*small, "--plan", "shipped", "--compile"])
