@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import sparsediff
-from sparsediff.generate import psnr
+from sparsediff.metrics import psnr
 from sparsediff.pipelines.embedded import data, detector
 from sparsediff.pipelines.embedded.pipeline import ShapesVideoPipeline
 
@@ -82,7 +82,7 @@ def main(argv=None) -> None:
         with sparsediff.accelerate(pipe, plan) as handle:
             sparse = detector.generate_clips(pipe, prompts, **call)
             density = handle.summary()["sparse_density"]
-        result = {"dense": result, "sparse": detector.accuracy(sparse, prompts), "psnr": psnr(np.stack(sparse), np.stack(dense)),
+        result = {"dense": result, "sparse": detector.accuracy(sparse, prompts), "psnr": psnr(np.stack(sparse), np.stack(dense), data_range=1.0),
                   "sparse_density": density}
         result["difference_points"] = {f: round(100 * (result["sparse"][f] - result["dense"][f]), 1) for f in detector.FIELDS}
     result["seconds"] = round(time.perf_counter() - tick, 1)

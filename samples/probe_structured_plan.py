@@ -18,7 +18,8 @@ import argparse
 import torch
 
 from sparsediff.api import load_pipeline
-from sparsediff.generate import generate, psnr
+from sparsediff.generate import generate
+from sparsediff.metrics import psnr
 from sparsediff.patterns import get_pattern
 from sparsediff.pipelines.embedded.structured import DEFAULT_HEAD_PATTERNS
 from sparsediff.plan import SparsePlan, StepRange
@@ -65,7 +66,7 @@ def main() -> None:
     for name, layers in (("fine-tuning assignment", DEFAULT_HEAD_PATTERNS), ("... multi_diagonal heads full", no_md)):
         for dense_steps in (int(x) for x in args.dense_steps.split(",")):
             sparse = generate(pipe, prompts, plan_of(model, layers, dense_steps), num_inference_steps=args.steps)
-            print(f"{name:<32} {dense_steps:>11} {psnr(sparse.frames, dense.frames):>8.2f} {sparse.stats['sparse_density']:>8.3f}", flush=True)
+            print(f"{name:<32} {dense_steps:>11} {psnr(sparse.frames, dense.frames, data_range=1.0):>8.2f} {sparse.stats['sparse_density']:>8.3f}", flush=True)
 
 
 if __name__ == "__main__":

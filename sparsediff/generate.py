@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from .metrics import psnr, ssim
 
 logger = logging.getLogger(__name__)
 
@@ -63,26 +64,6 @@ def frame_strip(dense: np.ndarray, sparse: np.ndarray, out: "str | os.PathLike",
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(img).save(out)
     return out
-
-
-# ---- quality ---------------------------------------------------------------------------------------------
-def psnr(x: np.ndarray, reference: np.ndarray, peak: float = 1.0) -> float:
-    """PSNR in dB of frames in [0, peak] (capped at 99 for identical frames)."""
-    mse = float(np.mean((np.asarray(x, np.float64) - np.asarray(reference, np.float64)) ** 2))
-    return 99.0 if mse == 0 else min(99.0, 10 * np.log10(peak**2 / mse))
-
-
-def ssim(x: np.ndarray, reference: np.ndarray, window: int = 7) -> float:
-    """Mean SSIM of (…, H, W, 3) frames in [0, 1]: per channel, a uniform `window` x `window` window, the
-    constants of Wang et al. (2004)."""
-    a = torch.as_tensor(np.asarray(x), dtype=torch.float64).reshape(-1, *x.shape[-3:]).permute(0, 3, 1, 2)
-    b = torch.as_tensor(np.asarray(reference), dtype=torch.float64).reshape(-1, *x.shape[-3:]).permute(0, 3, 1, 2)
-    c1, c2 = 0.01**2, 0.03**2
-    mean = lambda t: F.avg_pool2d(t, window, stride=1)  # noqa: E731
-    ma, mb = mean(a), mean(b)
-    va, vb, cov = mean(a * a) - ma**2, mean(b * b) - mb**2, mean(a * b) - ma * mb
-    s = ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2))
-    return float(s.mean())
 
 
 # ---- generation ------------------------------------------------------------------------------------------
@@ -202,7 +183,7 @@ def run_demo(
         steps=steps,
         dense_seconds=dense.seconds,
         sparse_seconds=sparse.seconds,
-        psnr=psnr(sparse.frames, dense.frames),
+        psnr=psnr(sparse.frames, dense.frames, data_range=1.0),
         ssim=ssim(sparse.frames, dense.frames),
         density=float(np.mean([s["sparse_density"] for s in stats])),
         run_density=float(np.mean(run_density)),
