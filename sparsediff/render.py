@@ -61,16 +61,14 @@ def render_pattern(
 def render_plan(plan: SparsePlan, out: "str | Path", layout: TokenLayout | None = None, dpi: int = 100) -> Path:
     """Write a plan as one layer x head grid per step range, coloured by pattern kind, with each layer's
     density on the right (on `layout`, default the plan's calibration layout or video:8x32x32)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
     if layout is None:
         layout = TokenLayout.parse(plan.layout or "video:8x32x32")
     n_ranges, H = len(plan.ranges), plan.model.num_heads
-    fig, axes = plt.subplots(1, n_ranges, figsize=(plan_figure_width(plan), 4.8), dpi=dpi, squeeze=False)
+    fig = Figure(figsize=(plan_figure_width(plan), 4.8), dpi=dpi)
+    axes = fig.subplots(1, n_ranges, squeeze=False)
     kinds_used = set()
     for ax, r in zip(axes[0], plan.ranges):
         img, kinds = plan_grid(plan, r)
@@ -93,7 +91,6 @@ def render_plan(plan: SparsePlan, out: "str | Path", layout: TokenLayout | None 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=dpi)
-    plt.close(fig)
     return out
 
 
@@ -145,16 +142,14 @@ def render_profile(
     layers at the first and last recorded steps. `<out stem>_errors.png`: the error table as a heatmap, one row
     per (layer, head), one column per candidate, the relative L2 error averaged over the chosen steps (0..1).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     layers = _pick(profile.layers, layers, "layers")
     steps = _pick(profile.steps, steps, "steps")
     heads = min(profile.num_heads, max_heads)
     rows = [(s, l) for s in steps for l in layers]
-    fig, axes = plt.subplots(len(rows), heads, figsize=(max(5.0, 1.0 + 1.2 * heads), 0.6 + 1.2 * len(rows)), dpi=dpi, squeeze=False)
+    fig = Figure(figsize=(max(5.0, 1.0 + 1.2 * heads), 0.6 + 1.2 * len(rows)), dpi=dpi)
+    axes = fig.subplots(len(rows), heads, squeeze=False)
     for r, (step, layer) in enumerate(rows):
         mass = profile.mass[profile.steps.index(step), profile.layers.index(layer)]  # (H, nq, nk)
         for h in range(heads):
@@ -174,12 +169,12 @@ def render_profile(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=dpi)
-    plt.close(fig)
 
     t = [profile.steps.index(s) for s in steps]
     errors = profile.errors[t].nanmean(dim=0).flatten(0, 1)  # (L * H, C)
     n_rows = errors.shape[0]
-    fig, ax = plt.subplots(figsize=(2.5 + 0.5 * len(profile.candidates), 1.5 + min(0.12 * n_rows, 40)), dpi=dpi)
+    fig = Figure(figsize=(2.5 + 0.5 * len(profile.candidates), 1.5 + min(0.12 * n_rows, 40)), dpi=dpi)
+    ax = fig.subplots()
     image = ax.imshow(errors.numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
     ax.set_xticks(range(len(profile.candidates)), profile.candidates, rotation=60, ha="right", fontsize=7)
     H = profile.num_heads
@@ -189,20 +184,17 @@ def render_profile(
     fig.tight_layout()
     errors_out = out.with_name(f"{out.stem}_errors{out.suffix}")
     fig.savefig(errors_out, dpi=dpi)
-    plt.close(fig)
     return out, errors_out
 
 
 def render_search_report(outcomes, front, chosen, plan: SparsePlan, out: "str | Path", min_psnr: float, dpi: int = 100) -> Path:
     """`search_report.png`: every trial as predicted attention speedup vs PSNR (Pareto front joined, pruned trials
     marked at the floor, the chosen plan circled), beside the chosen plan's layer x head map (last step range)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    fig, (ax, grid) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=dpi, gridspec_kw={"width_ratios": [1.3, 1]})
+    fig = Figure(figsize=(11, 4.5), dpi=dpi)
+    ax, grid = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.3, 1]})
     done = [o for o in outcomes if o.state == "complete"]
     pruned = [o for o in outcomes if o.state == "pruned"]
     ax.scatter([o.predicted_speedup for o in done], [o.psnr for o in done], s=18, color="0.6", label="trials")
@@ -230,5 +222,4 @@ def render_search_report(outcomes, front, chosen, plan: SparsePlan, out: "str | 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=dpi)
-    plt.close(fig)
     return out

@@ -264,16 +264,14 @@ def load_weights(pipe: ShapesVideoPipeline, folder: str | os.PathLike) -> None:
 
 def plot_loss(history: list[dict], path: str | os.PathLike, window: int = 50) -> None:
     """The loss per step (light) and its running mean over `window` steps, to a small PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     steps = [h["step"] for h in history]
     losses = torch.tensor([h["loss"] for h in history])
     kernel = min(window, len(losses))
     smooth = torch.nn.functional.avg_pool1d(losses[None, None], kernel, stride=1)[0, 0] if kernel else losses
-    fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
+    fig = Figure(figsize=(5, 3), dpi=100)
+    ax = fig.subplots()
     ax.plot(steps, losses, color="0.8", linewidth=0.6, label="per step")
     ax.plot(steps[kernel - 1 :], smooth, color="C0", label=f"mean of {kernel}")
     if any("consistency" in h for h in history):  # a structure-aware phase: its sparse-vs-dense term too
@@ -286,4 +284,3 @@ def plot_loss(history: list[dict], path: str | os.PathLike, window: int = 50) ->
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
