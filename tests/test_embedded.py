@@ -1,6 +1,8 @@
 """The embedded shape-video model: its clips and captions, pipeline, detector, training loop and sparsediff hook-up."""
 
 import json
+import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -177,6 +179,11 @@ def test_resumed_training_repeats_the_uninterrupted_run(tmp_path):
 
     with pytest.raises(ValueError, match="another configuration"):
         Trainer(TrainConfig(**{**config.__dict__, "lr": 0.5}), tmp_path / "resumed").resume()
+    old = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
+    del old["lr_scheduler"]  # as the trainer wrote it before the schedule had a state
+    torch.save(old, tmp_path / "straight" / "checkpoint.pt")
+    with pytest.raises(ValueError, match="older trainer .* new work directory"):
+        Trainer(config, tmp_path / "straight").resume()
 
 
 def test_training_steps_lower_the_loss_on_a_fixed_batch():
@@ -194,10 +201,29 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch():
 
 def test_ema_pipeline_carries_the_averaged_weights(tmp_path):
     trainer = Trainer(tiny_run(), tmp_path)
+    trainer.train_step()  # the first update copies the weights
+    after_first = [p.detach().clone() for p in trainer.modules.parameters()]
     trainer.train_step()
+    decay = 2 / 11  # EMAModel's warm-up (1 + s) / (10 + s) at its second update, below ema_decay
+    assert trainer.ema.cur_decay_value == pytest.approx(decay)
+    for average, first, p in zip(trainer.ema.shadow_params, after_first, trainer.modules.parameters(), strict=True):
+        torch.testing.assert_close(average, decay * first + (1 - decay) * p)
     shipped = trainer.ema_pipeline()
     params = list(shipped.transformer.parameters()) + list(shipped.text_encoder.parameters())
-    assert all(torch.equal(p, e) for p, e in zip(params, trainer.ema))
+    assert all(torch.equal(p, e) for p, e in zip(params, trainer.ema.shadow_params, strict=True))
+    assert not all(torch.equal(p, q) for p, q in zip(params, trainer.modules.parameters()))  # not the training weights
+
+
+def test_learning_rate_warms_up_linearly_then_falls_by_cosine_to_a_tenth(tmp_path):
+    config = replace(tiny_run(), steps=6, warmup=2, lr=1e-3)
+    trainer = Trainer(config, tmp_path)
+    used = []
+    for _ in range(config.steps):
+        used.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.train_step()
+    expected = [5e-4, 1e-3] + [1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * i / 4))) for i in range(4)]
+    assert used == pytest.approx(expected)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)  # the schedule's end, step == steps
 
 
 # sparsediff

@@ -9,8 +9,8 @@ speckle of undenoised pixels; uniform levels train the last sampling step as oft
 dropped to "" with probability `caption_dropout`, which is what classifier-free guidance subtracts.
 
 Everything that decides a step (its clips, its noise, its resolution) is a function of (seed, step), and the
-checkpoint holds the weights, the AdamW and EMA state and the loss history, so a resumed run repeats the steps an
-uninterrupted one would have taken.
+checkpoint holds the weights, the AdamW, learning-rate schedule and EMA state and the loss history, so a resumed run
+repeats the steps an uninterrupted one would have taken. The weight average is diffusers' `EMAModel`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from diffusers.training_utils import EMAModel
+from torch.optim.lr_scheduler import LambdaLR
 
 from . import data
 from .pipeline import EmbeddedModelConfig, ShapesVideoPipeline, build_pipeline
@@ -46,7 +48,9 @@ class TrainConfig:
         weight_decay (float, defaults to 0.01): AdamW weight decay.
         warmup (int, defaults to 50): warm-up steps.
         ema_decay (float, defaults to 0.995): decay of the weight average that is saved as the model (about the last
-            200 steps: a short run improves too fast for a longer memory).
+            200 steps: a short run improves too fast for a longer memory). Early on EMAModel's warm-up decay is used
+            when smaller, (1 + s) / (10 + s) for the update after s others (the first update copies the weights): a
+            short memory while the weights move fast.
         sigma_shift (float, defaults to 1.0): shift applied to the uniform noise levels of training (1.0: uniform).
         caption_dropout (float, defaults to 0.1): probability of training a clip on "" (for guidance).
         two_object_prob (float, defaults to 0.05): share of clips asking for two objects.
@@ -101,11 +105,13 @@ class TrainConfig:
             raise ValueError(f"sparse_prob={self.sparse_prob} must be in [0, 1] and consistency_weight={self.consistency_weight} >= 0.")
 
 
-def learning_rate(config: TrainConfig, step: int) -> float:
+def lr_factor(config: TrainConfig, step: int) -> float:
+    """The learning rate of `step` as a share of `config.lr`: linear warm-up to 1 over `warmup` steps (the first step
+    already at 1 / warmup), then a cosine down to 0.1 at the last step."""
     if step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
+        return (step + 1) / config.warmup
     progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def step_batch(config: TrainConfig, step: int) -> tuple[torch.Tensor, list[str], torch.Generator]:
@@ -146,7 +152,10 @@ class Trainer:
             self.pipe.transformer.compile(dynamic=False)
         self.modules = torch.nn.ModuleList([self.pipe.transformer, self.pipe.text_encoder])
         self.optimizer = torch.optim.AdamW(self.modules.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.99))
-        self.ema = [p.detach().clone() for p in self.modules.parameters()]
+        # diffusers' get_scheduler has no cosine with a floor (its cosine ends at 0 and warms up from 0 at step 0), so
+        # the schedule is its own multiplier on the LambdaLR class that get_scheduler's schedules are
+        self.lr_scheduler = LambdaLR(self.optimizer, lambda step: lr_factor(config, step))
+        self.ema = EMAModel(self.modules.parameters(), decay=config.ema_decay)
         self.step = 0
         self.history: list[dict] = []  # one {"step", "loss", "clips" (B x F x H x W), "seconds"} per step
 
@@ -161,7 +170,8 @@ class Trainer:
             "step": self.step,
             "modules": self.modules.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "ema": self.ema,
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "ema": self.ema.state_dict(),
             "history": self.history,
         }
         partial = self.checkpoint_path.with_suffix(".tmp")
@@ -175,18 +185,19 @@ class Trainer:
         state = torch.load(self.checkpoint_path, weights_only=False)
         if replace(TrainConfig(**state["config"]), threads=self.config.threads) != self.config:
             raise ValueError(f"The checkpoint in {self.work_dir} was written by another configuration; resume with the same settings or use a new work directory.")
+        if "lr_scheduler" not in state:  # written when the EMA was a plain list and the schedule was not saved
+            raise ValueError(f"The checkpoint in {self.work_dir} was written by an older trainer without a learning-rate schedule state; start the run in a new work directory.")
         self.step = state["step"]
         self.modules.load_state_dict(state["modules"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.ema = state["ema"]
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.ema.load_state_dict(state["ema"])
         self.history = state["history"]
         return True
 
     def train_step(self) -> float:
         config = self.config
         clips, captions, generator = step_batch(config, self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(config, self.step)
         consistency = None
         if self.structured is not None:
             self.structured.set_sparse(sparse_step(config.seed, self.step, config.sparse_prob))
@@ -198,10 +209,8 @@ class Trainer:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.modules.parameters(), 1.0)
         self.optimizer.step()
-        decay = min(config.ema_decay, (1 + self.step) / (10 + self.step))  # short memory early, while weights move fast
-        with torch.no_grad():
-            for average, p in zip(self.ema, self.modules.parameters()):
-                average.lerp_(p.detach(), 1 - decay)
+        self.lr_scheduler.step()
+        self.ema.step(self.modules.parameters())
         self.step += 1
         batch, _, frames, height, width = clips.shape
         entry = {"step": self.step, "loss": loss.item(), "clips": f"{batch}x{frames}x{height}x{width}"}
@@ -244,10 +253,7 @@ class Trainer:
     def ema_pipeline(self) -> ShapesVideoPipeline:
         """The pipeline with the EMA weights (the model to ship); the training weights are left as they are."""
         pipe = build_pipeline(self.config.model, seed=self.config.seed)
-        with torch.no_grad():
-            modules = torch.nn.ModuleList([pipe.transformer, pipe.text_encoder])
-            for p, average in zip(modules.parameters(), self.ema):
-                p.copy_(average)
+        self.ema.copy_to(torch.nn.ModuleList([pipe.transformer, pipe.text_encoder]).parameters())
         return pipe
 
 
