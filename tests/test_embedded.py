@@ -80,7 +80,12 @@ def test_pipeline_save_and_load_round_trip(pipe, tmp_path):
     assert (tmp_path / "tokenizer" / "tokenizer.json").exists()
     loaded = ShapesVideoPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
-    np.testing.assert_array_equal(generate(loaded), generate(pipe))
+    for name in ("transformer", "text_encoder"):
+        saved, back = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
+        assert saved.keys() == back.keys() and all(torch.equal(saved[k], back[k]) for k in saved)
+    # the loaded weights sit in safetensors' buffers, at other alignments, where BLAS may take other kernels (measured up
+    # to 4.5e-7 apart on AMD CPUs): equal weights, outputs equal to rounding
+    np.testing.assert_allclose(generate(loaded), generate(pipe), rtol=0, atol=1e-5)
     assert loaded.tokenizer("a red circle").input_ids == pipe.tokenizer("a red circle").input_ids
 
 
