@@ -1,77 +1,39 @@
-"""What the processors do with a caught attention call: run the plan's sparse patterns, or show q, k, v to a profiler.
+"""What an adapter's attention layers do with a call: run the plan's sparse patterns, or show q, k, v to a profiler.
 
-Both controllers see the call's tokens through its `TokenLayout`: the video grid from the step-tracking hook, plus
-text before (CogVideoX) or after (HunyuanVideo, Mochi) the video. Two text cases need care:
+Controllers know no model family. An adapter hands them each attention call as (B, H, S, D) q, k, v plus its token
+groups: batch rows that share a number of valid tokens, each with the `TokenLayout` of those tokens (`[(None,
+layout)]` when every row is whole). Rows with padding run on their valid tokens, and their padded query rows attend
+the valid keys densely, which is what a key-padding-masked SDPA computes (padded keys are never attended).
 
-- HunyuanVideo pads its text and passes a key-padding mask. Batch rows are grouped by their number of valid
-  tokens; each group runs on its valid tokens only (layout `video + text(valid)`), and its padded query rows attend
-  the valid keys densely, which is exactly what the masked SDPA computed (padded keys are never attended).
-- Mochi drops padded text itself and calls SDPA once per sample: each call simply has its own layout.
-
-Any other mask, dropout, causal or GQA call, or a sequence that does not fit the grid, stays dense (one warning).
+A controller has `active(layer, state)` (does this call need q, k, v at all: when not, the model's own attention runs
+untouched), `attend(layer, state, query, key, value, groups, scale) -> (output, AttentionStats) | None` (None keeps the
+model's own call) and `record(state, AttentionStats)`.
 """
 
 from __future__ import annotations
 
-import functools
+import logging
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from ..kernels.log import warn_once
 from ..layout import TokenLayout
 from ..patterns import Pattern
 from ..plan import SparsePlan
-from ..runtime import SparseAttention
-from .processor import Replaced, warn_once
-from .state import CallState, LayerCall, RunLog
+from ..runtime import AttentionStats, SparseAttention
+from .state import CallState, RunLog
 
+logger = logging.getLogger("sparsediff.pipelines")
 
-class DenseFallback(Exception):
-    """Why an attention call stays dense (logged once per reason)."""
-
-
-def token_groups(state: CallState, query: torch.Tensor, attn_mask: torch.Tensor | None) -> list[tuple[torch.Tensor | None, TokenLayout]]:
-    """Batch rows that share a number of valid tokens, with their layout; `[(None, layout)]` when all are valid."""
-    B, _, S, _ = query.shape
-    lengths = _valid_lengths(attn_mask, B, S)
-    groups = []
-    for n in sorted(set(lengths.tolist())) if lengths is not None else [S]:
-        layout = state.layout(n)
-        if layout is None:
-            raise DenseFallback(
-                f"an attention call over {n} tokens does not fit the video grid {state.grid} of {state.model}"
-                f"{'' if state.text else ' (this family has no text in its self-attention)'}"
-            )
-        groups.append((None if lengths is None else torch.nonzero(lengths == n).flatten(), layout))
-    return groups
-
-
-def _valid_lengths(attn_mask: torch.Tensor | None, batch: int, seq_len: int) -> torch.Tensor | None:
-    """(B,) valid-token counts of a boolean key-padding mask whose valid tokens come first; None if all valid."""
-    if attn_mask is None:
-        return None
-    mask = attn_mask
-    if mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == mask.shape[2] == 1:
-        mask = mask[:, 0, 0]  # (B, 1, 1, S): HunyuanVideo's key padding
-    if mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[-1] != seq_len:
-        raise DenseFallback(f"an attention mask of shape {tuple(attn_mask.shape)} and dtype {attn_mask.dtype} is not a key-padding mask")
-    mask = mask.expand(batch, seq_len)
-    lengths = mask.sum(dim=-1)
-    if not torch.equal(mask, torch.arange(seq_len, device=mask.device)[None] < lengths[:, None]):
-        raise DenseFallback("the attention mask leaves padding between valid tokens, not only at the end")
-    return None if bool((lengths == seq_len).all()) else lengths.cpu()
+TokenGroups = list[tuple["torch.Tensor | None", TokenLayout]]
 
 
 def layout_bound_patterns(plan: SparsePlan) -> list[str]:
     """Names of the plan's patterns whose parameters hold only on the plan's calibration layout (a pattern class
     says so with `layout_bound = True`; the built-in patterns are all in layout units and transfer)."""
     return sorted({p.name for r in plan.ranges for layer in r.layers for p in layer if getattr(p, "layout_bound", False)})
-
-
-def _check_plain(dropout_p: float, is_causal: bool, enable_gqa: bool, query, key, value) -> None:
-    if dropout_p or is_causal or enable_gqa or key.shape != query.shape or value.shape[:3] != query.shape[:3]:
-        raise DenseFallback("the attention call uses dropout, causal masking, GQA or unequal q/k/v shapes")
 
 
 class PlanController:
@@ -102,43 +64,39 @@ class PlanController:
         if self.plan is None or self.plan.is_all_dense:
             return None
         if state.num_steps is None:
-            warn_once(f"sparsediff: the number of denoising steps of {state.model} is unknown, so it runs dense; pass num_steps to accelerate().")
+            warn_once(logger, f"sparsediff: the number of denoising steps of {state.model} is unknown, so it runs dense; pass num_steps to accelerate().")
             return None
         patterns = self.plan.layer_patterns(state.step, state.num_steps, layer)
         return None if all(p.kind == "full" for p in patterns) else patterns
 
-    def replacement(self, layer: int, state: CallState) -> Callable | None:
-        patterns = self.patterns(layer, state)
-        return None if patterns is None else functools.partial(self._attend, layer, patterns, state)
+    def active(self, layer: int, state: CallState) -> bool:
+        return self.patterns(layer, state) is not None
 
-    def record(self, state: CallState, call: LayerCall) -> None:
+    def record(self, state: CallState, call: AttentionStats) -> None:
         self.log.record(state, call)
 
-    def _attend(self, layer, patterns, state, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        try:
-            _check_plain(dropout_p, is_causal, enable_gqa, query, key, value)
-            groups = token_groups(state, query, attn_mask)
-        except DenseFallback as why:
-            warn_once(f"sparsediff: attention stays dense because {why}.")
+    def attend(self, layer: int, state: CallState, query, key, value, groups: TokenGroups, scale=None, head_start: int | None = None):
+        """The layer's patterns on q, k, v holding global heads [head_start, head_start + H)."""
+        patterns = self.patterns(layer, state)
+        if patterns is None:
             return None
         runtime = self.runtimes[layer]
         # diffusers' dispatch hands SDPA (B, S, H, D) tensors permuted to (B, H, S, D); the sparse kernels run
         # markedly faster on contiguous heads (measured 1.3-1.6x on CPU), for one cheap copy.
         query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
+        block = self.plan.block_size
         if len(groups) == 1 and groups[0][0] is None:
             self._check_layout(groups[0][1])
-            out = runtime(query, key, value, groups[0][1], patterns, self.plan.block_size, scale)
-        else:
-            out = torch.empty_like(query)
-            for rows, layout in groups:
-                self._check_layout(layout)
-                n = layout.num_tokens
-                q, k, v = query[rows], key[rows], value[rows]
-                out[rows, :, :n] = runtime(q[:, :, :n], k[:, :, :n], v[:, :, :n], layout, patterns, self.plan.block_size, scale)
-                if n < q.shape[2]:  # padded text queries attend the valid keys, as the masked SDPA did
-                    out[rows, :, n:] = F.scaled_dot_product_attention(q[:, :, n:], k[:, :, :n], v[:, :, :n], scale=scale)
-        stats = runtime.last
-        return out, Replaced(stats.density, stats.heads_skipped, stats.heads_sparse)
+            return runtime(query, key, value, groups[0][1], patterns, block, scale, head_start)
+        out, stats = torch.empty_like(query), None
+        for rows, layout in groups:
+            self._check_layout(layout)
+            n = layout.num_tokens
+            q, k, v = query[rows], key[rows], value[rows]
+            out[rows, :, :n], stats = runtime(q[:, :, :n], k[:, :, :n], v[:, :, :n], layout, patterns, block, scale, head_start)
+            if n < q.shape[2]:  # padded queries attend the valid keys, as the key-padding-masked SDPA did
+                out[rows, :, n:] = F.scaled_dot_product_attention(q[:, :, n:], k[:, :, :n], v[:, :, :n], scale=scale)
+        return out, stats
 
     def _check_layout(self, layout: TokenLayout) -> None:
         if self._layout_bound and str(layout) != self.plan.layout:
@@ -164,19 +122,13 @@ class ObserveController:
         self.observe = observe
         self.wants = wants
 
-    def replacement(self, layer: int, state: CallState) -> Callable | None:
-        return functools.partial(self._observe, layer, state) if self.wants(state.step, layer) else None
+    def active(self, layer: int, state: CallState) -> bool:
+        return self.wants(state.step, layer)
 
-    def record(self, state: CallState, call: LayerCall) -> None:
+    def record(self, state: CallState, call: AttentionStats) -> None:
         self.log.record(state, call)
 
-    def _observe(self, layer, state, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        try:
-            _check_plain(dropout_p, is_causal, enable_gqa, query, key, value)
-            groups = token_groups(state, query, attn_mask)
-        except DenseFallback as why:
-            warn_once(f"sparsediff: an attention call is not profiled because {why}.")
-            return None
+    def attend(self, layer: int, state: CallState, query, key, value, groups: TokenGroups, scale=None, head_start: int | None = None):
         for rows, layout in groups:
             n = layout.num_tokens
             q, k, v = (x if rows is None else x[rows] for x in (query, key, value))

@@ -1,4 +1,4 @@
-"""The supported diffusers video families: where each keeps its video self-attention and how to read its token grid.
+"""The diffusers video families the diffusers video adapter serves (a registry): where each keeps its video self-attention and how to read its token grid.
 
 A `Family` names a transformer class and knows three things about it:
 
@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
-from ..plan import ModelFingerprint
 
 Grid = tuple[int, int, int]
 
@@ -90,7 +88,18 @@ class Family:
         return dict(bound.arguments)
 
 
-FAMILIES = (
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    """Add a diffusers video transformer to the ones the diffusers video adapter serves."""
+    if family.name in FAMILIES:
+        raise ValueError(f"Family {family.name!r} is already registered; give the new family its own name.")
+    FAMILIES[family.name] = family
+    return family
+
+
+for _family in (
     Family("wan", "WanTransformer3DModel", ("WanPipeline", "WanImageToVideoPipeline"), r"blocks\.\d+\.attn1", None, _wan_grid),
     Family("cogvideox", "CogVideoXTransformer3DModel", ("CogVideoXPipeline",), r"transformer_blocks\.\d+\.attn1", "before", _cogvideox_grid),
     Family(
@@ -103,40 +112,18 @@ FAMILIES = (
     ),
     Family("ltx", "LTXVideoTransformer3DModel", ("LTXPipeline",), r"transformer_blocks\.\d+\.attn1", None, _ltx_grid),
     Family("mochi", "MochiTransformer3DModel", ("MochiPipeline",), r"transformer_blocks\.\d+\.attn1", "after", _mochi_grid),
-)
+):
+    register_family(_family)
 
 
 def supported() -> str:
     """One sentence-part naming every supported pipeline and transformer."""
-    pipes = ", ".join(p for f in FAMILIES for p in f.pipelines)
-    models = ", ".join(f.transformer for f in FAMILIES)
-    return f"pipelines {pipes} (Wan 2.1 and 2.2 included) and the bare transformers {models}"
+    pipes = ", ".join(p for f in FAMILIES.values() for p in f.pipelines)
+    models = ", ".join(f.transformer for f in FAMILIES.values())
+    return f"the diffusers pipelines {pipes} (Wan 2.1 and 2.2 included) and the bare transformers {models}"
 
 
 def family_of(model: Any) -> Family | None:
     """The family of a denoiser, matched on its class or a base class (so subclasses keep working)."""
     names = {cls.__name__ for cls in type(model).__mro__}
-    return next((f for f in FAMILIES if f.transformer in names), None)
-
-
-def fingerprint(model: torch.nn.Module) -> ModelFingerprint:
-    """What a plan for `model` must match: class, number of accelerated layers, heads, head dim, config hash.
-
-    >>> from diffusers import WanTransformer3DModel
-    >>> m = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=12, text_dim=32, ffn_dim=32, num_layers=2)
-    >>> fp = fingerprint(m)
-    >>> fp.model_class, fp.num_layers, fp.num_heads, fp.head_dim
-    ('WanTransformer3DModel', 2, 2, 12)
-    """
-    family = family_of(model)
-    if family is None:
-        raise ValueError(f"{type(model).__name__} is not a supported denoiser; sparsediff supports {supported()}.")
-    layers = family.self_attention(model)
-    first = layers[0][1]
-    return ModelFingerprint(
-        model_class=type(model).__name__,
-        num_layers=len(layers),
-        num_heads=first.heads,
-        head_dim=first.to_q.out_features // first.heads,
-        config_hash=ModelFingerprint.hash_config(dict(model.config)),
-    )
+    return next((f for f in FAMILIES.values() if f.transformer in names), None)

@@ -1,18 +1,16 @@
-"""State shared by a denoiser's hook and its attention processors, and the per-step statistics they produce.
+"""State shared by a denoiser's hook and its attention processors, and the run log of what they did.
 
 The step-tracking hook writes a `CallState` (which denoiser, token grid, step, cache context) before every denoiser
-forward; the processors of that denoiser read it. Every attention layer call adds a `LayerCall` to the `RunLog`,
-which folds them into one `StepStats` per (denoiser, cache context, step) of the current run.
+forward; the processors of that denoiser read it. Every attention layer call adds its `AttentionStats` to the
+`RunLog`, which folds them into one `AttentionStats` per (denoiser, cache context, step) of the current run.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field
-
-import torch
+from dataclasses import asdict, dataclass
 
 from ..layout import TokenLayout, text, video
+from ..runtime import AttentionStats
 
 
 @dataclass
@@ -52,75 +50,6 @@ class CallState:
         return TokenLayout((text(n_text), vid) if self.text == "before" else (vid, text(n_text)))
 
 
-class Clock:
-    """Wall time of attention calls: `perf_counter` on the CPU; CUDA events on a GPU, read only when stats are
-    read, so timing adds no synchronisation to the denoising loop."""
-
-    @staticmethod
-    def start(device: torch.device):
-        if device.type == "cuda":
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    @staticmethod
-    def stop(start):
-        if isinstance(start, float):
-            return time.perf_counter() - start
-        end = torch.cuda.Event(enable_timing=True)
-        end.record()
-        return (start, end)
-
-    @staticmethod
-    def seconds(timing) -> float:
-        if isinstance(timing, float):
-            return timing
-        start, end = timing
-        end.synchronize()
-        return start.elapsed_time(end) / 1000.0
-
-
-@dataclass
-class LayerCall:
-    """One attention layer call: `density` over its heads (full = 1, skip = 0), head counts, and its attention
-    calls' timings (more than one when the model loops over the batch, as Mochi does)."""
-
-    layer: int
-    dense: bool
-    density: float
-    heads_skipped: int
-    heads_sparse: int
-    timings: list = field(default_factory=list)
-
-
-@dataclass
-class StepStats:
-    """What one denoising step did in one denoiser and cache context.
-
-    Fields: `model`, `context`, `step`, `num_steps`, `source` (how the step was found), `dense` (every layer ran
-    the model's own attention, e.g. a dense early step), `density` (mean over layers of the share of attention
-    blocks computed: 1.0 dense, 0.0 all skipped), `heads_skipped` and `heads_sparse` (summed over layers),
-    `layers` (attention layer calls) and `attention_ms` (time inside the attention calls: SDPA on dense layers,
-    the sparse runtime on sparse ones).
-    """
-
-    model: str
-    context: str | None
-    step: int
-    num_steps: int | None
-    source: str
-    dense: bool
-    density: float
-    heads_skipped: int
-    heads_sparse: int
-    layers: int
-    attention_ms: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 class RunLog:
     """Layer calls of the current pipeline run, grouped per (model, context, step).
 
@@ -131,7 +60,7 @@ class RunLog:
     """
 
     def __init__(self):
-        self._steps: dict[tuple, tuple[CallState, list[LayerCall]]] = {}
+        self._steps: dict[tuple, tuple[CallState, list[AttentionStats]]] = {}
         self._last_step: dict[tuple, int] = {}
         self._ended = False
         self.on_new_run: list = []
@@ -153,28 +82,15 @@ class RunLog:
         for callback in self.on_new_run:
             callback()
 
-    def record(self, state: CallState, call: LayerCall) -> None:
+    def record(self, state: CallState, call: AttentionStats) -> None:
         key = (state.model, state.context, state.step)
         if key not in self._steps:
             self._steps[key] = (CallState(**asdict(state)), [])
         self._steps[key][1].append(call)
 
-    def stats(self) -> list[StepStats]:
-        out = []
-        for state, calls in self._steps.values():
-            out.append(
-                StepStats(
-                    model=state.model,
-                    context=state.context,
-                    step=state.step,
-                    num_steps=state.num_steps,
-                    source=state.source,
-                    dense=all(c.dense for c in calls),
-                    density=sum(c.density for c in calls) / len(calls),
-                    heads_skipped=sum(c.heads_skipped for c in calls),
-                    heads_sparse=sum(c.heads_sparse for c in calls),
-                    layers=len(calls),
-                    attention_ms=1000.0 * sum(Clock.seconds(t) for c in calls for t in c.timings),
-                )
-            )
-        return out
+    def stats(self) -> list[AttentionStats]:
+        """One record per (denoiser, cache context, step) of the current run, in the order they ran."""
+        return [
+            AttentionStats.fold(calls, model=s.model, context=s.context, step=s.step, num_steps=s.num_steps, source=s.source)
+            for s, calls in self._steps.values()
+        ]

@@ -27,7 +27,7 @@ import sparsediff
 from sparsediff.bench import DTYPES, pattern_for_density
 from sparsediff.layout import TokenLayout
 from sparsediff.patterns import get_pattern
-from sparsediff.pipelines.families import fingerprint
+from sparsediff.pipelines.adapter import fingerprint
 from sparsediff.plan import SparsePlan
 from sparsediff.runtime import SparseAttention, resolve_backend
 from sparsediff.timing import device_name, median_ms
@@ -81,8 +81,8 @@ def sampled_kernel_error(layout, heads, head_dim, pattern, block_size, backend, 
     g = torch.Generator(device=device).manual_seed(1)
     q, k, v = (torch.randn(1, heads, layout.num_tokens, head_dim, generator=g, device=device, dtype=dtype) for _ in range(3))
     runtime = SparseAttention(backend=backend)
-    out = runtime(q, k, v, layout, [pattern] * heads, block_size)
-    group = runtime.last_groups[0]
+    out, stats = runtime(q, k, v, layout, [pattern] * heads, block_size)
+    group = stats.groups[0]
     rows = torch.linspace(0, layout.num_tokens - 1, 256).long()
     order = group.order
     kq, kk, kv = (x if order is None else x[:, :, order.to(device)] for x in (q, k, v))

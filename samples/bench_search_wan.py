@@ -62,7 +62,7 @@ def main() -> None:
                               candidates=CANDIDATES, block_size=64, out=out / "profile")
     profile_s = time.perf_counter() - start
     start = time.perf_counter()
-    plan, summary = sparsediff.search(pipe, prof, [dict(call, seed=0)], out=out / "plan.json", min_psnr=args.min_psnr,
+    plan, summary = sparsediff.search_plan(pipe, prof, [dict(call, seed=0)], out=out / "plan.json", min_psnr=args.min_psnr,
                                       trials=args.trials, backend="torch", force=True, return_summary=True,
                                       output_type="latent", storage=f"sqlite:///{(out / 'study.db').resolve()}")
     search_s = time.perf_counter() - start

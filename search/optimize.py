@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import optuna
 import torch
 
+from sparsediff.metrics import PSNR_CAP
 from sparsediff.patterns import get_pattern
 from sparsediff.plan import SparsePlan, StepRange
 
@@ -34,8 +35,6 @@ from .cost import CostModel
 from .profile import AttentionProfile
 
 logger = logging.getLogger(__name__)
-
-PSNR_CAP = 99.0  # identical outputs; keeps objectives finite for the sampler and for JSON
 
 
 @dataclass

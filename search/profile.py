@@ -105,13 +105,13 @@ def candidate_errors(
     that needs scores (`topk_blocks`) is reset first, so it picks its blocks from these very q and k."""
     runtimes = {} if runtimes is None else runtimes
     H = query.shape[1]
-    full = runtimes.setdefault("full", SparseAttention(backend=backend))(query, key, value, layout, ["full"] * H, block_size, scale)
+    full, _ = runtimes.setdefault("full", SparseAttention(backend=backend))(query, key, value, layout, ["full"] * H, block_size, scale)
     errors = []
     for name in candidates:
         runtime = runtimes.setdefault(name, SparseAttention(backend=backend))
         if get_pattern(name).needs_scores:
             runtime.reset()
-        out = runtime(query, key, value, layout, [name] * H, block_size, scale)
+        out, _ = runtime(query, key, value, layout, [name] * H, block_size, scale)
         errors.append(relative_l2_error(out, full))
     return torch.stack(errors, dim=-1).cpu()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from .version import __version__
 
 # Public names, imported lazily so `import sparsediff` stays cheap and the core never pulls in diffusers.
 _LAZY = {
@@ -15,15 +15,16 @@ _LAZY = {
     "PATTERNS": "sparsediff.patterns",
     "accelerate": "sparsediff.api",
     "profile": "sparsediff.api",
+    "search_plan": "sparsediff.api",
+    "AttentionStats": "sparsediff.runtime",
 }
-# `sparsediff.search` is the search subpackage, and calling it runs `sparsediff.api.search` (see search/__init__.py).
 
-__all__ = ["__version__", "search", *_LAZY]
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
-    if name in ("search", "kernels", "pipelines"):  # subpackages; `sparsediff.search(...)` runs a search
+    if name in ("search", "kernels", "pipelines"):  # subpackages
         return importlib.import_module(f"sparsediff.{name}")
     raise AttributeError(f"module 'sparsediff' has no attribute {name!r}")

@@ -1,9 +1,10 @@
-"""The public face: `accelerate` a diffusers video pipeline (or its transformer) with a sparse plan, `profile` it.
+"""The public face: `accelerate` a pipeline (or its denoiser) with a sparse plan, `profile` it, `search_plan` for it.
 
-`accelerate` puts a step-tracking hook on each denoiser and wraps each video self-attention processor; the returned
-`SparsediffHandle` reports per-step stats and `.remove()` restores the original processors and hooks. `profile`
-runs the pipeline (or the bare denoiser on given inputs) with the same machinery in observe mode and records the
-block attention mass and every candidate pattern's error per (step, layer, head).
+Everything model-specific goes through the model's adapter (`sparsediff.pipelines.adapter`): `accelerate` installs it
+into every denoiser with a plan controller, and the returned `SparsediffHandle` reports per-step stats and
+`.remove()` restores the model exactly. `profile` installs the same machinery in observe mode and records the block
+attention mass and every candidate pattern's error per (step, layer, head). `search_plan` turns a profile into a plan
+with costs measured on this machine.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 from .plan import SparsePlan
-from .runtime import BACKENDS
+from .runtime import check_backend
 
 logger = logging.getLogger("sparsediff")
 
@@ -27,10 +28,11 @@ class AccelerateConfig:
     """How `accelerate` plugs sparse attention into a pipeline or denoiser.
 
     Args:
-        plan (SparsePlan | str | dict, defaults to None): the plan, or a path to its JSON. None (or an all-`full`
-            plan) keeps every attention call the model's own, bit for bit. For Wan 2.2 A14B one plan applies to both
-            `transformer` and `transformer_2` (each step runs on one of them, and the plan is indexed by step); a dict
-            `{"transformer": plan, "transformer_2": plan}` gives each its own, and a denoiser left out runs dense.
+        plan (SparsePlan | str | dict | None, defaults to None): the resolved plan (see `resolve_plan`), a path to its
+            JSON, or None (dense: every attention call the model's own, bit for bit; an all-`full` plan does the same).
+            For Wan 2.2 A14B one plan applies to both `transformer` and `transformer_2` (each step runs on one of them,
+            and the plan is indexed by step); a dict `{"transformer": plan, "transformer_2": plan}` gives each its
+            own, and a denoiser left out runs dense.
         backend (str, defaults to None): kernel backend ("torch", "triton", "flex", "reference"); automatic when None.
         num_steps (int, defaults to None): denoising steps per run, needed only for a bare transformer with a sparse
             plan (a pipeline's scheduler knows its steps).
@@ -44,8 +46,7 @@ class AccelerateConfig:
     num_steps: int | None = None
 
     def __post_init__(self):
-        if self.backend is not None and self.backend not in BACKENDS:
-            raise ValueError(f"backend={self.backend!r} is not a sparsediff backend; use one of {', '.join(BACKENDS)} or None.")
+        check_backend(self.backend)
         if self.num_steps is not None and (not isinstance(self.num_steps, int) or self.num_steps <= 0):
             raise ValueError(f"num_steps={self.num_steps!r} must be a positive integer (the denoising steps of one run).")
 
@@ -53,8 +54,8 @@ class AccelerateConfig:
 class SparsediffHandle:
     """sparsediff inside a pipeline or denoiser.
 
-    `.stats` lists one `StepStats` per (denoiser, cache context, step) of the latest run (see
-    `sparsediff.pipelines.state.StepStats`); `.summary()` folds them into one dict; `.reset()` forgets the current
+    `.stats` lists one `AttentionStats` per (denoiser, cache context, step) of the latest run (see
+    `sparsediff.runtime.AttentionStats`); `.summary()` folds them into one dict; `.reset()` forgets the current
     run (stats, step counters, top-k scores); `.remove()` restores the original processors and hooks. Also a
     context manager that removes itself on exit.
     """
@@ -109,31 +110,48 @@ class SparsediffHandle:
         return f"SparsediffHandle({', '.join(self.models)}, {state})"
 
 
-def _load_plan(plan: Any) -> SparsePlan | None:
-    if plan is None or plan == "dense" or isinstance(plan, SparsePlan):
-        return None if plan == "dense" else plan
+PLAN_CHOICES = '"auto" (the model\'s shipped plan, else dense), "dense", a plan JSON path, a SparsePlan or None (dense)'
+
+
+def resolve_plan(pipe_or_model: Any, plan: Any = "auto") -> Any:
+    """The one rule for what a plan argument means, in Python and the CLI alike.
+
+    `"auto"`: the plan the model ships with (sparsediff's own models keep one beside their weights), else dense;
+    `"dense"` or None: dense; a path: that plan file; a `SparsePlan`: itself; a dict keyed by denoiser name (Wan 2.2
+    A14B): each value resolved the same way. Returns a `SparsePlan`, a dict of them, or None for dense."""
+    if isinstance(plan, dict):
+        return {name: resolve_plan(pipe_or_model, p) for name, p in plan.items()}
+    if plan is None or plan == "dense":
+        return None
+    if plan == "auto":
+        from .pipelines.adapter import adapter_for
+
+        shipped = adapter_for(pipe_or_model).shipped_plan(pipe_or_model)
+        if shipped is not None:
+            logger.info("sparsediff: using the plan shipped with %s; pass plan='dense' for the exact dense model.", type(pipe_or_model).__name__)
+        return shipped
+    if isinstance(plan, SparsePlan):
+        return plan
     if isinstance(plan, (str, os.PathLike)):
         return SparsePlan.load(plan)
-    raise ValueError(f"plan must be a SparsePlan, a path to a plan JSON file or None, not {type(plan).__name__}.")
+    raise ValueError(f"plan={plan!r} is not a plan; give {PLAN_CHOICES}.")
 
 
 def _plans_for(plan: Any, names: list[str]) -> dict[str, SparsePlan | None]:
     if not isinstance(plan, dict):
-        loaded = _load_plan(plan)
-        return {name: loaded for name in names}
+        return {name: plan for name in names}
     unknown = sorted(set(plan) - set(names))
     if unknown:
         raise ValueError(f"plan names {unknown}, but the denoisers here are {names}; key the dict by those names.")
-    return {name: _load_plan(plan.get(name)) for name in names}
+    return {name: plan.get(name) for name in names}
 
 
-def _check_plan(model: torch.nn.Module, plan: SparsePlan | None, config: AccelerateConfig, is_pipeline: bool) -> None:
+def _check_plan(adapter, model: torch.nn.Module, plan: SparsePlan | None, config: AccelerateConfig, is_pipeline: bool) -> None:
     from .pipelines.controllers import layout_bound_patterns
-    from .pipelines.families import fingerprint
 
     if plan is None:
         return
-    plan.check_model(fingerprint(model))
+    plan.check_model(adapter.fingerprint(model))
     bound = layout_bound_patterns(plan)
     if bound and plan.layout is None:
         raise ValueError(
@@ -147,15 +165,15 @@ def _check_plan(model: torch.nn.Module, plan: SparsePlan | None, config: Acceler
         )
 
 
-def accelerate(pipe_or_model: Any, plan: Any = None, backend: str | None = None, *, num_steps: int | None = None) -> SparsediffHandle:
-    """Make a diffusers video pipeline (or its bare transformer) run sparse attention from a plan.
+def accelerate(pipe_or_model: Any, plan: Any = "auto", backend: str | None = None, *, num_steps: int | None = None) -> SparsediffHandle:
+    """Make a pipeline (or its bare denoiser) run sparse attention from a plan, through the model's adapter.
 
     Args:
         pipe_or_model: a `WanPipeline` (2.1 or 2.2), `CogVideoXPipeline`, `HunyuanVideoPipeline`, `LTXPipeline`,
-            `MochiPipeline`, or one of their transformers.
-        plan (SparsePlan | str | dict, defaults to None): see `AccelerateConfig.plan`. `"dense"` runs every call as the
-            model's own. A pipeline that ships its own searched plan (sparsediff's embedded model) uses that plan
-            when `plan` is None, and says so in the log.
+            `MochiPipeline`, or one of their transformers (see `sparsediff.pipelines.adapter.supported()`).
+        plan (str | SparsePlan | dict | None, defaults to "auto"): the model's shipped plan if it has one (sparsediff's
+            embedded model does), else dense; `"dense"` or None runs every call as the model's own; a path or a
+            `SparsePlan`; a dict per denoiser (see `AccelerateConfig.plan`).
         backend (str, defaults to None): see `AccelerateConfig.backend`.
         num_steps (int, defaults to None): see `AccelerateConfig.num_steps`.
 
@@ -172,27 +190,20 @@ def accelerate(pipe_or_model: Any, plan: Any = None, backend: str | None = None,
     >>> torch.equal(before, after), handle.stats[0].dense
     (True, True)
     """
+    from .pipelines.adapter import adapter_for, install_all
     from .pipelines.controllers import PlanController
-    from .pipelines.install import check_not_installed, find_denoisers, install
     from .pipelines.state import RunLog
 
-    if plan is None and callable(getattr(pipe_or_model, "shipped_plan", None)):
-        plan = pipe_or_model.shipped_plan()  # a model that ships its searched plan (the embedded model) uses it
-        if plan is not None:
-            logger.info("sparsediff: using the plan shipped with %s; pass plan='dense' for the exact dense model.", type(pipe_or_model).__name__)
-    config = AccelerateConfig(plan=plan, backend=backend, num_steps=num_steps)
-    denoisers = find_denoisers(pipe_or_model)
+    adapter = adapter_for(pipe_or_model)
+    config = AccelerateConfig(plan=resolve_plan(pipe_or_model, plan), backend=backend, num_steps=num_steps)
+    denoisers = adapter.denoisers(pipe_or_model)
     is_pipeline = not isinstance(pipe_or_model, torch.nn.Module)
     plans = _plans_for(config.plan, list(denoisers))
-    for name, (model, _) in denoisers.items():
-        check_not_installed(name, model)
-        _check_plan(model, plans[name], config, is_pipeline)
+    for name, model in denoisers.items():
+        _check_plan(adapter, model, plans[name], config, is_pipeline)
     log = RunLog()
-    installations = []
-    for name, (model, family) in denoisers.items():
-        make = lambda n, p=plans[name]: PlanController(p, n, log, config.backend)  # noqa: E731
-        pipeline = pipe_or_model if is_pipeline else None
-        installations.append(install(name, model, family, make, log, pipeline=pipeline, num_steps=config.num_steps))
+    make = lambda name, n: PlanController(plans[name], n, log, config.backend)  # noqa: E731
+    installations = install_all(pipe_or_model, make, log, num_steps=config.num_steps)
     return SparsediffHandle(installations, log, config)
 
 
@@ -242,23 +253,22 @@ def profile(
     """
     from tqdm.auto import tqdm
 
+    from .pipelines.adapter import adapter_for, check_not_installed, install_all
     from .pipelines.controllers import ObserveController
-    from .pipelines.families import fingerprint
-    from .pipelines.install import check_not_installed, find_denoisers, install
     from .pipelines.state import RunLog
     from .search.profile import DEFAULT_CANDIDATES, ProfileRecorder
 
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not a sparsediff backend; use one of {', '.join(BACKENDS)} or None.")
+    check_backend(backend)
     inputs = [inputs] if isinstance(inputs, dict) else list(inputs or [])
     if not inputs or not all(isinstance(i, dict) for i in inputs):
         raise ValueError("profile needs inputs: a dict of call kwargs or a non-empty list of them (one per prompt, or per step for a bare model).")
-    denoisers = find_denoisers(pipe_or_model)
+    adapter = adapter_for(pipe_or_model)
+    denoisers = adapter.denoisers(pipe_or_model)
     is_pipeline = not isinstance(pipe_or_model, torch.nn.Module)
-    prints = {name: fingerprint(model) for name, (model, _) in denoisers.items()}
+    prints = {name: adapter.fingerprint(model) for name, model in denoisers.items()}
     first = next(iter(prints.values()))
     for name, fp in prints.items():
-        check_not_installed(name, denoisers[name][0])
+        check_not_installed(adapter, name, denoisers[name])
         if fp != first:
             raise ValueError(f"The denoisers {list(prints)} differ ({first.mismatch(fp)}); profile each bare transformer on its own.")
     recorder = ProfileRecorder(
@@ -280,9 +290,8 @@ def profile(
     log = RunLog()
     installed = []
     try:
-        for name, (model, family) in denoisers.items():
-            make = lambda n: ObserveController(log, observe, recorder.wants)  # noqa: E731
-            installed.append(install(name, model, family, make, log, pipeline=pipe_or_model if is_pipeline else None, num_steps=None if is_pipeline else len(inputs)))
+        make = lambda name, n: ObserveController(log, observe, recorder.wants)  # noqa: E731
+        installed = install_all(pipe_or_model, make, log, num_steps=None if is_pipeline else len(inputs))
         with torch.no_grad():
             for run, call in enumerate(inputs if is_pipeline else [None]):
                 if is_pipeline:
@@ -328,7 +337,7 @@ def load_pipeline(model: str, device: "str | None" = None):
     return pipe.to(device)
 
 
-def search(
+def search_plan(
     pipe: Any,
     profile: Any,
     calls: "list[dict] | None" = None,
@@ -382,8 +391,7 @@ def search(
 
     >>> # see tests/test_search.py::test_search_on_a_tiny_wan_pipeline for a complete run
     """
-    from .pipelines.families import fingerprint
-    from .pipelines.install import find_denoisers
+    from .pipelines.adapter import adapter_for
     from .render import render_search_report
     from .search.cost import CostModel
     from .search.optimize import PlanSearch, SearchSpace
@@ -398,9 +406,10 @@ def search(
                 raise ValueError(f"{str(existing)!r} already exists; pass force=True (--force) to overwrite it, or choose another --out.")
     if isinstance(profile, (str, os.PathLike)):
         profile = AttentionProfile.load(profile)
-    denoisers = find_denoisers(pipe)
-    model, _ = next(iter(denoisers.values()))
-    problem = profile.model.mismatch(fingerprint(model))
+    check_backend(backend)
+    adapter = adapter_for(pipe)
+    model = next(iter(adapter.denoisers(pipe).values()))
+    problem = profile.model.mismatch(adapter.fingerprint(model))
     if problem:
         raise ValueError(f"The profile was recorded on another model ({problem}); profile this one with `sparsediff profile`.")
     if len(profile.layers) != profile.model.num_layers:
@@ -427,14 +436,16 @@ def search(
                                      block_size=b, backend=backend, dtype=param.dtype, device=str(param.device))
         for b in block_sizes
     }
-    evaluator = PipelineEvaluator(pipe, calls, apply=lambda p, plan: accelerate(p, plan, backend=backend), output_type=output_type)
+    evaluator = PipelineEvaluator(pipe, calls, apply=lambda p, plan: accelerate(p, plan, backend=backend), adapter=adapter,
+                                  output_type=output_type)
     if storage is None:
         storage = f"sqlite:///{(out.with_suffix('.optuna.db') if out is not None else Path('sparsediff_search.db')).resolve()}"
     run = PlanSearch(profile, costs, evaluator, SearchSpace(block_sizes=block_sizes), min_psnr=min_psnr, storage=storage)
     run.run(trials, timeout, log=log or logger.info, progress=progress)
     validator = None
     if validation_calls:
-        validator = PipelineEvaluator(pipe, validation_calls, apply=evaluator.apply, output_type=output_type, warmup=False)
+        validator = PipelineEvaluator(pipe, validation_calls, apply=evaluator.apply, adapter=adapter, output_type=output_type,
+                                      warmup=False)
     chosen, plan = run.choose(target_speedup, validator=validator, log=log or logger.info)
     outcomes = run.outcomes()
     summary = {

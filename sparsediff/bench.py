@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .layout import TokenLayout
 from .patterns import PATTERNS, Pattern, get_pattern
-from .runtime import SparseAttention, resolve_backend, triton_usable
+from .runtime import AttentionStats, SparseAttention, resolve_backend, triton_usable
 from .timing import median_ms
 
 logger = logging.getLogger(__name__)
@@ -87,12 +87,12 @@ class CaseResult:
         return d
 
 
-def _sampled_error(out: torch.Tensor, q, k, v, runtime: SparseAttention, rows: torch.Tensor, scale) -> float:
+def _sampled_error(out: torch.Tensor, q, k, v, stats: AttentionStats, rows: torch.Tensor, scale) -> float:
     """Max abs error of `out` against masked dense attention on query rows `rows` (kernel specs' exact rule)."""
     B, H, S, D = q.shape
     expect = torch.zeros(B, H, len(rows), D, dtype=torch.float32, device=q.device)
     cols = torch.arange(S)
-    for g in runtime.last_groups:
+    for g in stats.groups:
         if g.pattern.kind == "skip":
             continue
         heads = g.heads.to(q.device)
@@ -132,9 +132,9 @@ def run_case(
     rows = torch.linspace(0, S - 1, min(S, 256)).long()
     result = CaseResult(case, density=0.0, dense_ms=0.0)
     for b, rt in runtimes.items():  # correctness first
-        out = rt(q, k, v, layout, patterns, block_size)
-        result.max_error[b] = _sampled_error(out, q, k, v, rt, rows, None)
-        result.density = rt.last.density
+        out, stats = rt(q, k, v, layout, patterns, block_size)
+        result.max_error[b] = _sampled_error(out, q, k, v, stats, rows, None)
+        result.density = stats.density
     fns: dict[str, Callable[[], object]] = {"dense": lambda: F.scaled_dot_product_attention(q, k, v)}
     for b, rt in runtimes.items():
         fns[b] = lambda rt=rt: rt(q, k, v, layout, patterns, block_size)

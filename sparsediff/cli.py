@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import __version__
+from .version import __version__
 
 logger = logging.getLogger("sparsediff")
 
@@ -80,7 +80,7 @@ def _validation_calls(path: str, calibration: list[dict]) -> list[dict]:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from .api import load_pipeline, search
+    from .api import load_pipeline, search_plan
     from .search.profile import AttentionProfile
 
     out = Path(args.out)
@@ -95,7 +95,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         calls = _calibration_calls(args)
     block_sizes = tuple(_ints(args.block_sizes)) if args.block_sizes else None
     validation_calls = _validation_calls(args.validate_prompts, calls or profile.meta.get("calls") or []) if args.validate_prompts else None
-    plan, summary = search(pipe, profile, calls, out=out, min_psnr=args.min_psnr, target_speedup=args.target_speedup,
+    plan, summary = search_plan(pipe, profile, calls, out=out, min_psnr=args.min_psnr, target_speedup=args.target_speedup,
                            trials=args.trials, timeout=args.timeout, storage=args.storage, backend=args.backend,
                            block_sizes=block_sizes, force=args.force, progress=not args.json,
                            log=lambda line: logger.info(line), return_summary=True, validation_calls=validation_calls)
@@ -121,17 +121,18 @@ def _cmd_generate_video(args: argparse.Namespace) -> int:
     from .api import load_pipeline
     from .generate import generate, write_video
 
+    from .api import resolve_plan
+
     pipe = load_pipeline(args.model, args.device)
     pipe.set_progress_bar_config(disable=args.json)
-    plan = args.plan or (pipe.shipped_plan() if hasattr(pipe, "shipped_plan") else None)
-    plan = None if plan == "dense" else plan
+    plan = resolve_plan(pipe, args.plan)
     sizes = {k: v for k, v in {"height": args.height, "width": args.width, "num_frames": args.frames}.items() if v}
     result = generate(pipe, [args.prompt], plan, backend=args.backend, seed=args.seed, num_inference_steps=args.steps, **sizes)
     out = write_video(result.frames[0], args.out, fps=args.fps)
     frames = result.frames[0]
     info = {"out": str(out), "prompt": args.prompt, "frames": int(frames.shape[0]), "height": int(frames.shape[1]),
             "width": int(frames.shape[2]), "steps": args.steps, "seconds": round(result.seconds, 3),
-            "plan": "dense" if plan is None else str(args.plan or "shipped"), **result.stats}
+            "plan": "dense" if plan is None else ("shipped" if args.plan == "auto" else str(args.plan)), **result.stats}
     _emit(info, args.json)
     return 0
 
@@ -308,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     vid = gen_sub.add_parser("video", help="one clip to MP4 (GIF when ffmpeg is missing), with time and stats")
     vid.add_argument("--model", default="embedded", help="`embedded` (default) or a saved diffusers pipeline directory")
     vid.add_argument("--prompt", required=True)
-    vid.add_argument("--plan", help="plan JSON, or `dense`; default: the model's shipped plan if it has one, else dense")
+    vid.add_argument("--plan", default="auto", help="`auto` (default: the model's shipped plan if it has one, else dense), `dense`, or a plan JSON")
     vid.add_argument("--steps", type=int, default=20)
     vid.add_argument("--seed", type=int, default=0)
     vid.add_argument("--height", type=int)

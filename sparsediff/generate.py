@@ -74,11 +74,13 @@ class Generation:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def generate(pipe, prompts: list[str], plan=None, backend: str | None = None, seed: int = 0, **call) -> Generation:
-    """Run `pipe` on `prompts` (one seeded generator), dense when `plan` is None or "dense", else accelerated."""
-    from .api import accelerate
+def generate(pipe, prompts: list[str], plan="auto", backend: str | None = None, seed: int = 0, **call) -> Generation:
+    """Run `pipe` on `prompts` (one seeded generator) under `plan` (see `sparsediff.api.resolve_plan`: "auto" is the
+    model's shipped plan, else dense); a dense plan runs the pipeline untouched."""
+    from .api import accelerate, resolve_plan
 
-    handle = None if plan is None or plan == "dense" else accelerate(pipe, plan, backend=backend)
+    plan = resolve_plan(pipe, plan)
+    handle = None if plan is None else accelerate(pipe, plan, backend=backend)
     try:
         start = time.perf_counter()
         out = pipe(prompts, generator=torch.Generator().manual_seed(seed), output_type="np", **call)

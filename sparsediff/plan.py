@@ -5,7 +5,7 @@ so a plan searched with 10 steps applies to 50. Its `ranges` tile [0, 1) without
 gives one pattern name per head per layer. The first `dense_steps` steps always run dense (a count of
 leading steps, or a fraction of them), and so do `dense_layers`.
 
->>> plan = SparsePlan.dense(ModelFingerprint("WanTransformer3DModel", 2, 4, 64, "cafe"))
+>>> plan = SparsePlan.dense(ModelFingerprint("MyDenoiser", 2, 4, 64, "cafe"))
 >>> plan.layer_patterns(step=3, num_steps=10, layer=1)[0].name
 'full'
 """
@@ -23,14 +23,9 @@ from typing import Any
 
 from .layout import TokenLayout
 from .patterns import Pattern, get_pattern
+from .version import __version__
 
 SCHEMA_VERSION = 1
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 @dataclass(frozen=True)
@@ -88,7 +83,7 @@ class SparsePlan:
     dense_layers: tuple[int, ...] = ()
     layout: str | None = None
     search: dict[str, Any] = field(default_factory=dict)
-    sparsediff_version: str = field(default_factory=_version)
+    sparsediff_version: str = __version__
     schema_version: int = SCHEMA_VERSION
 
     # ---- construction -------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 For `q, k, v` of shape (B, H, S, D), a layer's per-head patterns are grouped by (pattern, parameters). Each
 group runs in one kernel call over its heads (head fusion); `skip` heads stay zero and cost nothing; `full`
-heads run dense SDPA together. Specs (block masks, block tables) are built once per (layout, block size,
+heads run dense SDPA together. A call returns its output and one `AttentionStats`; heads are named by their global
+index in the layer, so a caller holding a slice of the heads runs exactly the plan's patterns for them. Specs (block masks, block tables) are built once per (layout, block size,
 patterns) and cached. `topk_blocks` heads take their block scores from full attention at their first call
 and reuse them until `reset()`.
 
@@ -10,15 +11,16 @@ and reuse them until `reset()`.
 >>> from sparsediff.layout import TokenLayout
 >>> attn = SparseAttention(backend="torch")
 >>> q = k = v = torch.randn(1, 2, 64, 16)
->>> out = attn(q, k, v, TokenLayout.parse("video:4x4x4"), ["diagonal_w1", "skip"], block_size=16)
->>> out.shape, bool(out[:, 1].eq(0).all())
-(torch.Size([1, 2, 64, 16]), True)
+>>> out, stats = attn(q, k, v, TokenLayout.parse("video:4x4x4"), ["diagonal_w1", "skip"], block_size=16)
+>>> out.shape, bool(out[:, 1].eq(0).all()), stats.heads_skipped
+(torch.Size([1, 2, 64, 16]), True, 1)
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .kernels.block_mass import block_attention_mass
+from .kernels.log import warn_once
 from .kernels.spec import SparseSpec
 from .layout import TokenLayout
 from .patterns import Pattern, block_density, get_pattern
@@ -56,15 +59,6 @@ def _kernel(backend: str) -> KernelFn:
     return spec_reference_attention
 
 
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        logger.warning(message)
-
-
 def triton_usable(device: torch.device) -> str | None:
     """None when Triton can run on `device`, else the reason it cannot."""
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -76,29 +70,36 @@ def triton_usable(device: torch.device) -> str | None:
     return None
 
 
+def check_backend(backend: str | None, source: str = "backend") -> None:
+    """Refuse a backend name sparsediff does not have (None means automatic)."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"{source}={backend!r} is not a sparsediff backend; use one of {', '.join(BACKENDS)} or leave it unset.")
+
+
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The backend to run: the argument, else $SPARSEDIFF_BACKEND, else `triton` on CUDA and `torch` on CPU
     (the faster of torch/flex measured on CPU; see BENCHMARKS.md). A fallback logs one warning."""
     choice = backend or os.environ.get(BACKEND_ENV) or None
-    if choice is not None and choice not in BACKENDS:
-        source = "backend" if backend else f"${BACKEND_ENV}"
-        raise ValueError(f"{source}={choice!r} is not a sparsediff backend; use one of {', '.join(BACKENDS)}.")
+    check_backend(choice, "backend" if backend else f"${BACKEND_ENV}")
     if choice is None:
         choice = "triton" if device.type == "cuda" else "torch"
     if choice == "triton":
         reason = triton_usable(device)
         if reason:
-            _warn_once(f"sparsediff: falling back from the triton backend to torch because {reason}.")
+            warn_once(logger, f"sparsediff: falling back from the triton backend to torch because {reason}.")
             return "torch"
     return choice
 
 
 @dataclass(frozen=True)
 class HeadGroup:
-    """Heads of one layer that share a pattern; `spec` is None for full and skip."""
+    """Heads of one layer that share a pattern; `spec` is None for full and skip. `heads` are global head indices
+    (the plan's), `local` their positions in the call's q, k, v (they differ when a caller holds a slice of the
+    layer's heads, as a context-parallel rank does)."""
 
     pattern: Pattern
-    heads: torch.Tensor  # (G,) int64
+    heads: torch.Tensor  # (G,) int64, global
+    local: torch.Tensor  # (G,) int64, in the call
     spec: SparseSpec | None = None
     order: torch.Tensor | None = None  # kernel order permutation, for multi_diagonal
     density: float = 1.0
@@ -109,14 +110,16 @@ class HeadGroup:
         return None if self.order is None else self.order.argsort()
 
 
-def group_heads(patterns: Sequence[Pattern]) -> list[tuple[Pattern, torch.Tensor]]:
-    """Heads grouped by pattern (name encodes the parameters), in first-appearance order."""
+def group_heads(patterns: Sequence[Pattern], heads: Sequence[int] | None = None) -> list[tuple[Pattern, torch.Tensor]]:
+    """Heads grouped by pattern (name encodes the parameters), in first-appearance order. `heads[i]` is the global
+    index of `patterns[i]` (default: its position)."""
+    heads = range(len(patterns)) if heads is None else heads
     groups: dict[str, list[int]] = {}
     first: dict[str, Pattern] = {}
-    for h, p in enumerate(patterns):
+    for h, p in zip(heads, patterns):
         groups.setdefault(p.name, []).append(h)
         first.setdefault(p.name, p)
-    return [(first[name], torch.tensor(heads)) for name, heads in groups.items()]
+    return [(first[name], torch.tensor(hs)) for name, hs in groups.items()]
 
 
 def build_spec(pattern: Pattern, layout: TokenLayout, block_size: int, scores: torch.Tensor | None = None) -> SparseSpec:
@@ -137,14 +140,88 @@ def build_spec(pattern: Pattern, layout: TokenLayout, block_size: int, scores: t
 
 
 @dataclass
-class LayerStats:
-    """What the last call did: density over all heads (skip = 0, full = 1) and head counts."""
+class AttentionStats:
+    """What attention did, the one record from a kernel call up to `handle.summary()`.
+
+    A runtime call returns one for its layer call; a pipeline's run log folds them (`fold`) into one per
+    (denoiser, cache context, step), filling in where they come from.
+
+    Fields: `density` (share of attention blocks computed, mean over heads and layers: full = 1, skip = 0),
+    `heads_skipped` / `heads_sparse` / `heads_full` (summed over layers), `dense` (every head ran the model's own
+    attention), `layers` (layer calls folded in), `backend`, `groups` (a single call's head groups, with global head
+    indices), `timings` (raw timings of the attention calls; `attention_ms` reads them), and where a folded record
+    belongs: `model`, `context`, `step`, `num_steps`, `source` (how the step was found).
+    """
 
     density: float = 1.0
     heads_skipped: int = 0
     heads_sparse: int = 0
     heads_full: int = 0
+    dense: bool = True
+    layers: int = 1
     backend: str = ""
+    groups: tuple["HeadGroup", ...] = field(default=(), repr=False)
+    timings: list = field(default_factory=list, repr=False)
+    model: str | None = None
+    context: str | None = None
+    step: int | None = None
+    num_steps: int | None = None
+    source: str | None = None
+
+    @classmethod
+    def fold(cls, parts: Sequence["AttentionStats"], **where) -> "AttentionStats":
+        """One record for several layer calls: mean density, summed head counts and timings."""
+        if not parts:
+            return cls(layers=0, **where)
+        return cls(
+            density=sum(p.density * p.layers for p in parts) / max(1, sum(p.layers for p in parts)),
+            heads_skipped=sum(p.heads_skipped for p in parts),
+            heads_sparse=sum(p.heads_sparse for p in parts),
+            heads_full=sum(p.heads_full for p in parts),
+            dense=all(p.dense for p in parts),
+            layers=sum(p.layers for p in parts),
+            backend=",".join(sorted({p.backend for p in parts if p.backend})),
+            timings=[t for p in parts for t in p.timings],
+            **where,
+        )
+
+    @property
+    def attention_ms(self) -> float:
+        return 1000.0 * sum(Clock.seconds(t) for t in self.timings)
+
+    def to_dict(self) -> dict:
+        keys = ("model", "context", "step", "num_steps", "source", "dense", "density", "heads_skipped",
+                "heads_sparse", "heads_full", "layers", "backend")
+        return {**{k: getattr(self, k) for k in keys}, "attention_ms": self.attention_ms}
+
+
+class Clock:
+    """Wall time of attention calls: `perf_counter` on the CPU; CUDA events on a GPU, read only when stats are
+    read, so timing adds no synchronisation to the denoising loop."""
+
+    @staticmethod
+    def start(device: torch.device):
+        if device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    @staticmethod
+    def stop(start):
+        if isinstance(start, float):
+            return time.perf_counter() - start
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        return (start, end)
+
+    @staticmethod
+    def seconds(timing) -> float:
+        if isinstance(timing, float):
+            return timing
+        start, end = timing
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0
 
 
 @dataclass
@@ -159,35 +236,38 @@ class SparseAttention:
     backend: str | None = None
     rows_per_block: int = 4
     _groups: dict[tuple, list[HeadGroup]] = field(default_factory=dict, repr=False)
-    last: LayerStats = field(default_factory=LayerStats, repr=False)
-    last_groups: list[HeadGroup] = field(default_factory=list, repr=False)
 
     def reset(self) -> None:
         """Forget cached groups and top-k scores (call between pipeline runs)."""
         self._groups.clear()
 
     def groups(
-        self, q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, patterns: Sequence[Pattern], block_size: int, scale
+        self, q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, patterns: Sequence[Pattern], block_size: int, scale,
+        head_start: int = 0,
     ) -> list[HeadGroup]:
-        key = (str(layout), block_size, tuple(p.name for p in patterns), q.device)
+        """The head groups of a call whose q holds global heads [head_start, head_start + H) of the layer."""
+        H = q.shape[1]
+        local_patterns = patterns[head_start : head_start + H]
+        key = (str(layout), block_size, head_start, tuple(p.name for p in local_patterns), q.device)
         cached = self._groups.get(key)
         if cached is not None:
             return cached
         built = []
-        for pattern, heads in group_heads(patterns):
+        for pattern, heads in group_heads(local_patterns, range(head_start, head_start + H)):
+            local = heads - head_start
             if not pattern.kernel_mode:
-                built.append(HeadGroup(pattern, heads, density=float(pattern.kind == "full")))
+                built.append(HeadGroup(pattern, heads, local, density=float(pattern.kind == "full")))
                 continue
             order = pattern.order(layout)
             scores = None
             if pattern.needs_scores:  # from full attention at this first call, reused afterwards
-                qg, kg = q[:, heads.to(q.device)], k[:, heads.to(q.device)]
+                qg, kg = q[:, local.to(q.device)], k[:, local.to(q.device)]
                 if order is not None:
                     qg, kg = qg[:, :, order.to(q.device)], kg[:, :, order.to(q.device)]
                 scores = block_attention_mass(qg, kg, block_size, self.rows_per_block, scale).cpu()
             spec = build_spec(pattern, layout, block_size, scores)
             density = block_density(spec.block_mask, layout, block_size)
-            built.append(HeadGroup(pattern, heads, spec, order, density))
+            built.append(HeadGroup(pattern, heads, local, spec, order, density))
         self._groups[key] = built
         return built
 
@@ -200,21 +280,33 @@ class SparseAttention:
         patterns: Sequence["Pattern | str"],
         block_size: int = 64,
         scale: float | None = None,
-    ) -> torch.Tensor:
-        """Attention for (B, H, S, D) q, k, v with one pattern per head; returns (B, H, S, D)."""
+        head_start: int | None = None,
+    ) -> tuple[torch.Tensor, AttentionStats]:
+        """Attention for (B, H, S, D) q, k, v; returns the (B, H, S, D) output and what the call did.
+
+        `patterns` are the layer's patterns by global head. By default q, k, v hold every head (one pattern per head);
+        with `head_start` they hold global heads [head_start, head_start + H) (a slice of the layer, as a
+        context-parallel rank holds)."""
         B, H, S, D = q.shape
-        if len(patterns) != H:
-            raise ValueError(f"Got {len(patterns)} head patterns for {H} heads; give one pattern per head.")
+        if head_start is None:
+            if len(patterns) != H:
+                raise ValueError(f"Got {len(patterns)} head patterns for {H} heads; give one pattern per head (or head_start= for a slice).")
+            head_start = 0
+        if head_start < 0 or head_start + H > len(patterns):
+            raise ValueError(
+                f"The call holds heads [{head_start}, {head_start + H}) but the layer has {len(patterns)} head patterns; "
+                "give one pattern per head of the layer and the global index of the call's first head."
+            )
         if layout.num_tokens != S:
             raise ValueError(f"Layout {layout} has {layout.num_tokens} tokens but q has S={S}; build the layout from the inputs.")
         patterns = [get_pattern(p) for p in patterns]
         backend = resolve_backend(self.backend, q.device)
-        groups = self.last_groups = self.groups(q, k, layout, patterns, block_size, scale)
+        groups = self.groups(q, k, layout, patterns, block_size, scale, head_start)
         if len(groups) == 1 and groups[0].pattern.kind == "full":
-            self.last = LayerStats(1.0, 0, 0, H, backend)
-            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+            out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+            return out, AttentionStats(1.0, 0, 0, H, True, 1, backend, tuple(groups))
         kernel = _kernel(backend)
-        stats = LayerStats(0.0, 0, 0, 0, backend)
+        stats = AttentionStats(0.0, 0, 0, 0, False, 1, backend, tuple(groups))
         out = None if len(groups) == 1 else torch.zeros_like(q)  # one group writes its own output
         for g in groups:
             n = len(g.heads)
@@ -222,7 +314,7 @@ class SparseAttention:
             if g.pattern.kind == "skip":
                 stats.heads_skipped += n
                 continue
-            heads = g.spec.cached("heads", q.device, lambda: g.heads) if g.spec else g.heads.to(q.device)
+            heads = g.spec.cached("heads", q.device, lambda: g.local) if g.spec else g.local.to(q.device)
             qg, kg, vg = (q, k, v) if n == H else (q[:, heads], k[:, heads], v[:, heads])  # (B, G, S, D)
             if g.spec is None:
                 stats.heads_full += n
@@ -241,6 +333,4 @@ class SparseAttention:
                 out[:, heads] = og
         if out is None:  # every head skipped
             out = torch.zeros_like(q)
-        self.last = stats
-        return out
-
+        return out, stats

@@ -13,7 +13,8 @@ import sparsediff
 from sparsediff.kernels.reference import reference_attention
 from sparsediff.patterns import PATTERNS, Diagonal, get_pattern, register_pattern
 from sparsediff.pipelines.controllers import PlanController
-from sparsediff.pipelines.families import fingerprint
+from sparsediff.pipelines.processor import token_groups
+from sparsediff.pipelines.adapter import fingerprint
 from sparsediff.pipelines.state import CallState, RunLog
 from sparsediff.plan import SparsePlan, StepRange
 
@@ -99,11 +100,11 @@ def test_accelerating_twice_raises_with_the_fix(wan_model):
 
 
 def test_unsupported_models_name_the_supported_families():
-    with pytest.raises(ValueError, match=r"no adapter for Linear; it supports pipelines WanPipeline.*MochiPipeline.*MochiTransformer3DModel"):
+    with pytest.raises(ValueError, match=r"no adapter for Linear; it supports the diffusers pipelines WanPipeline.*MochiPipeline.*MochiTransformer3DModel"):
         sparsediff.accelerate(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match=r"no adapter for SimpleNamespace \(its transformer is a Linear\)"):
         sparsediff.accelerate(SimpleNamespace(transformer=torch.nn.Linear(2, 2)))
-    with pytest.raises(ValueError, match=r"SimpleNamespace has no `transformer` denoiser.*HunyuanVideoPipeline"):
+    with pytest.raises(ValueError, match=r"no adapter for SimpleNamespace \(its unet is a Linear\); it supports .*HunyuanVideoPipeline"):
         sparsediff.accelerate(SimpleNamespace(unet=torch.nn.Linear(2, 2)))
 
 
@@ -168,7 +169,12 @@ def test_padded_text_groups_match_the_masked_reference():
     patterns = (get_pattern("full"), get_pattern("diagonal_w0.5"))
     layers = ((patterns[0], patterns[1]),)
     plan = SparsePlan(model=fingerprint_like(H, D), ranges=[StepRange(0.0, 1.0, layers)], block_size=4)
-    out, replaced = PlanController(plan, 1, RunLog(), backend="reference")._attend(0, patterns, state, q, k, v, attn_mask=mask)
+    groups = token_groups(state, q, mask)
+    assert [(None if rows is None else rows.tolist(), str(layout)) for rows, layout in groups] == [
+        ([0, 2], "video:2x2x4+text:4"), ([1], "video:2x2x4+text:8")
+    ]
+    state.num_steps = 1
+    out, replaced = PlanController(plan, 1, RunLog(), backend="reference").attend(0, state, q, k, v, groups)
     masked = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     for b, n in enumerate(lengths):
         layout = state.layout(n)

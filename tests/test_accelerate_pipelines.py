@@ -6,7 +6,7 @@ import torch
 import sparsediff
 from sparsediff.layout import TokenLayout
 from sparsediff.patterns import get_pattern
-from sparsediff.pipelines.families import fingerprint
+from sparsediff.pipelines.adapter import fingerprint
 from sparsediff.plan import SparsePlan
 
 import pipeline_factories

@@ -171,8 +171,8 @@ def test_runtime_flex_backend_equals_reference_backend(monkeypatch):
     g = torch.Generator().manual_seed(1)
     q, k, v = [torch.randn(2, len(patterns), layout.num_tokens, 64, generator=g) for _ in range(3)]
     flex = SparseAttention(backend="flex")
-    out = flex(q, k, v, layout, patterns, block_size=32)
-    expect = SparseAttention(backend="reference")(q, k, v, layout, patterns, block_size=32)
-    assert flex.last.backend == "flex" and flex.last.heads_sparse == 5 and flex.last.heads_skipped == 1
+    out, stats = flex(q, k, v, layout, patterns, block_size=32)
+    expect, _ = SparseAttention(backend="reference")(q, k, v, layout, patterns, block_size=32)
+    assert stats.backend == "flex" and stats.heads_sparse == 5 and stats.heads_skipped == 1
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
     assert torch.equal(out[:, 1], torch.zeros_like(out[:, 1]))

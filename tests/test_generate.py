@@ -41,7 +41,7 @@ def test_frame_strip_and_side_by_side_shapes(tmp_path):
 
 
 def test_cli_generate_video_dense_and_with_a_plan(tmp_path, capsys):
-    from sparsediff.pipelines.families import fingerprint
+    from sparsediff.pipelines.adapter import fingerprint
     from sparsediff.plan import SparsePlan
     from tests import pipeline_factories
 

@@ -20,10 +20,10 @@ def qkv(layout, heads, batch=2, dim=16, seed=0):
     return [torch.randn(batch, heads, layout.num_tokens, dim, generator=g) for _ in range(3)]
 
 
-def token_masks(attn, layout, patterns, block_size):
+def token_masks(groups, layout, patterns, block_size):
     """Per-head token masks in the layout's order; topk heads use the block masks the runtime selected."""
     masks = [None] * len(patterns)
-    for g in attn.last_groups:
+    for g in groups:
         for i, h in enumerate(g.heads.tolist()):
             p = g.pattern
             if p.needs_scores:
@@ -40,19 +40,37 @@ def test_mixed_layer_matches_reference(layout):
     layout = TokenLayout.parse(layout)
     q, k, v = qkv(layout, len(MIXED))
     attn = SparseAttention(backend="torch")
-    out = attn(q, k, v, layout, MIXED, block_size=16)
-    expect = reference_attention(q, k, v, token_masks(attn, layout, [get_pattern(p) for p in MIXED], 16))
+    out, stats = attn(q, k, v, layout, MIXED, block_size=16)
+    expect = reference_attention(q, k, v, token_masks(stats.groups, layout, [get_pattern(p) for p in MIXED], 16))
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
     assert torch.equal(out[:, 1], torch.zeros_like(out[:, 1])) and torch.equal(out[:, 7], torch.zeros_like(out[:, 7]))
-    assert attn.last.heads_skipped == 2 and attn.last.heads_full == 1 and attn.last.heads_sparse == 5
-    assert 0.0 < attn.last.density < 1.0
+    assert stats.heads_skipped == 2 and stats.heads_full == 1 and stats.heads_sparse == 5 and not stats.dense
+    assert 0.0 < stats.density < 1.0
+
+
+def test_a_slice_of_heads_runs_the_plans_patterns_for_those_heads():
+    """A caller holding global heads [a, b) of a layer (a context-parallel rank) gets exactly those heads of the
+    whole layer's output, and its stats name the global heads."""
+    layout = TokenLayout.parse("text:7+video:4x5x6+text:3")
+    q, k, v = qkv(layout, len(MIXED))
+    whole, _ = SparseAttention(backend="torch")(q, k, v, layout, MIXED, block_size=16)
+    for start, end in ((0, 4), (4, 8), (2, 5)):
+        part, stats = SparseAttention(backend="torch")(
+            q[:, start:end], k[:, start:end], v[:, start:end], layout, MIXED, block_size=16, head_start=start
+        )
+        torch.testing.assert_close(part, whole[:, start:end], rtol=1e-6, atol=1e-6)
+        assert sorted(h for g in stats.groups for h in g.heads.tolist()) == list(range(start, end))
+        assert stats.heads_skipped == sum(1 for p in MIXED[start:end] if p == "skip")
+    with pytest.raises(ValueError, match=r"holds heads \[6, 10\) but the layer has 8"):
+        SparseAttention()(q[:, :4], k[:, :4], v[:, :4], layout, MIXED, head_start=6)
 
 
 def test_all_full_layer_is_exactly_sdpa():
     layout = TokenLayout.parse("video:3x4x4")
     q, k, v = qkv(layout, 4)
-    out = SparseAttention(backend="torch")(q, k, v, layout, ["full"] * 4)
+    out, stats = SparseAttention(backend="torch")(q, k, v, layout, ["full"] * 4)
     assert torch.equal(out, F.scaled_dot_product_attention(q, k, v))
+    assert stats.dense and stats.density == 1.0 and stats.heads_full == 4
 
 
 def test_heads_sharing_a_pattern_run_in_one_kernel_call(monkeypatch):
@@ -72,7 +90,7 @@ def test_specs_are_built_once_and_topk_scores_reused(monkeypatch):
     real = runtime.build_spec
     monkeypatch.setattr(runtime, "build_spec", lambda *a, **kw: built.append(1) or real(*a, **kw))
     attn = SparseAttention(backend="torch")
-    first = attn(q, k, v, layout, ["topk_blocks_k0.3", "diagonal_w1"], 16)
+    first, _ = attn(q, k, v, layout, ["topk_blocks_k0.3", "diagonal_w1"], 16)
     q2, k2, v2 = qkv(layout, 2, seed=5)
     attn(q2, k2, v2, layout, ["topk_blocks_k0.3", "diagonal_w1"], 16)
     assert len(built) == 2  # two groups, built at the first call only
@@ -98,7 +116,9 @@ def test_backend_choice(monkeypatch, caplog):
     monkeypatch.setenv("SPARSEDIFF_BACKEND", "cuda-magic")
     with pytest.raises(ValueError, match=r"\$SPARSEDIFF_BACKEND='cuda-magic' is not a sparsediff backend"):
         resolve_backend(None, cpu)
-    runtime._warned.clear()
+    from sparsediff.kernels import log
+
+    log._warned.clear()
     with caplog.at_level(logging.WARNING, logger="sparsediff.runtime"):
         assert resolve_backend("triton", cpu) == "torch"
         assert resolve_backend("triton", cpu) == "torch"

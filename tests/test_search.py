@@ -160,14 +160,17 @@ def test_search_on_a_tiny_wan_pipeline(tmp_path, monkeypatch):
     prof = sparsediff.profile(pipe, [call_kwargs()], candidates=["full", "skip", "diagonal_w1", "vertical_stripe_f1"],
                               block_size=8, progress=False)
     out = tmp_path / "plan.json"
-    plan, summary = sparsediff.search(pipe, prof, calls, out=out, min_psnr=20.0, trials=4, backend="torch",
+    plan, summary = sparsediff.search_plan(pipe, prof, calls, out=out, min_psnr=20.0, trials=4, backend="torch",
                                       progress=False, return_summary=True)
     assert out.is_file() and (tmp_path / "search_report.png").is_file()
     assert summary["trials"] == 4 and summary["chosen"]["psnr"] >= 20.0
     loaded = SparsePlan.load(out)
     assert loaded == plan and loaded.search["psnr"] == summary["chosen"]["psnr"]
     # measured again, the chosen plan meets its floor
-    evaluator = PipelineEvaluator(pipe, calls, apply=lambda p, pl: sparsediff.accelerate(p, pl, backend="torch"))
+    from sparsediff.pipelines.adapter import adapter_for
+
+    evaluator = PipelineEvaluator(pipe, calls, apply=lambda p, pl: sparsediff.accelerate(p, pl, backend="torch"),
+                                  adapter=adapter_for(pipe))
     again = evaluator(loaded, lambda step, value: None)
     assert again.psnr >= 20.0
     assert abs(again.psnr - summary["chosen"]["psnr"]) < 1e-6  # deterministic: same seeds, same kernels
@@ -175,12 +178,12 @@ def test_search_on_a_tiny_wan_pipeline(tmp_path, monkeypatch):
         frames = pipe(**call_kwargs(output_type="np")).frames
     assert torch.isfinite(torch.as_tensor(frames)).all()
     with pytest.raises(ValueError, match=r"validation calls need the calibration's num_inference_steps \['3'\]; got \['5'\]"):
-        sparsediff.search(pipe, prof, calls, out=tmp_path / "other" / "plan.json", trials=1, progress=False,
+        sparsediff.search_plan(pipe, prof, calls, out=tmp_path / "other" / "plan.json", trials=1, progress=False,
                           validation_calls=[dict(calls[0], num_inference_steps=5)])
     assert not (tmp_path / "other").exists()
     # nothing the user had is overwritten without force
     with pytest.raises(ValueError, match="already exists; pass force=True"):
-        sparsediff.search(pipe, prof, calls, out=out, trials=4, progress=False)
+        sparsediff.search_plan(pipe, prof, calls, out=out, trials=4, progress=False)
 
 
 def test_search_refuses_a_foreign_profile(tmp_path):
@@ -189,9 +192,9 @@ def test_search_refuses_a_foreign_profile(tmp_path):
 
     pipe, call_kwargs = pipeline_factories.wan()
     with pytest.raises(ValueError, match="recorded on another model"):
-        sparsediff.search(pipe, synthetic_profile(), [call_kwargs()], out=tmp_path / "p.json", trials=1, progress=False)
+        sparsediff.search_plan(pipe, synthetic_profile(), [call_kwargs()], out=tmp_path / "p.json", trials=1, progress=False)
     with pytest.raises(ValueError, match="is not a profile directory"):
-        sparsediff.search(pipe, str(tmp_path), [call_kwargs()], out=tmp_path / "p.json", trials=1, progress=False)
+        sparsediff.search_plan(pipe, str(tmp_path), [call_kwargs()], out=tmp_path / "p.json", trials=1, progress=False)
 
 
 def test_cli_profile_then_search(tmp_path, capsys, monkeypatch):

@@ -115,10 +115,10 @@ def test_runtime_triton_backend_equals_reference_backend():
     patterns = ["full", "skip", "diagonal_w1", "multi_diagonal_w1", "vertical_stripe_f1", "topk_blocks_k0.25"]
     q, k, v = qkv(2, len(patterns), layout.num_tokens, 32, seed=3)
     triton_attn, reference_attn = SparseAttention(backend="triton"), SparseAttention(backend="reference")
-    out = triton_attn(q, k, v, layout, patterns, block_size=32)
-    expect = reference_attn(q, k, v, layout, patterns, block_size=32)
-    assert triton_attn.last.backend == "triton"
-    assert (triton_attn.last.heads_skipped, triton_attn.last.heads_sparse, triton_attn.last.heads_full) == (1, 4, 1)
+    out, stats = triton_attn(q, k, v, layout, patterns, block_size=32)
+    expect, _ = reference_attn(q, k, v, layout, patterns, block_size=32)
+    assert stats.backend == "triton"
+    assert (stats.heads_skipped, stats.heads_sparse, stats.heads_full) == (1, 4, 1)
     torch.testing.assert_close(out, expect, atol=1e-4, rtol=1e-4)
     assert torch.equal(out[:, 1], torch.zeros_like(out[:, 1]))
 
@@ -204,7 +204,7 @@ def test_gpu_runtime_matches_reference_bf16():
     layout = TokenLayout.parse("text:32+video:4x32x32")
     patterns = ["full", "skip", "diagonal_w1", "multi_diagonal_w2", "vertical_stripe_f1", "topk_blocks_k0.25"] * 2
     q, k, v = qkv(1, len(patterns), layout.num_tokens, 128, torch.bfloat16, seed=4)
-    out = SparseAttention(backend="triton")(q, k, v, layout, patterns, block_size=128)
-    expect = SparseAttention(backend="reference")(q, k, v, layout, patterns, block_size=128)
+    out, _ = SparseAttention(backend="triton")(q, k, v, layout, patterns, block_size=128)
+    expect, _ = SparseAttention(backend="reference")(q, k, v, layout, patterns, block_size=128)
     atol, rtol = TOLERANCE[torch.bfloat16]
     torch.testing.assert_close(out.float(), expect.float(), atol=atol, rtol=rtol)

@@ -108,7 +108,7 @@ class StructuredSelfAttnProcessor:
         if layout is None or layout.num_tokens != q.shape[2]:
             raise ValueError(f"No token grid for {q.shape[2]} tokens: call the transformer itself, which sets it.")
         h = self.heads.to(q.device)
-        sparse = self.runtime(q[:, h].contiguous(), k[:, h].contiguous(), v[:, h].contiguous(), layout, [self.patterns[i] for i in self.heads.tolist()])
+        sparse, _ = self.runtime(q[:, h].contiguous(), k[:, h].contiguous(), v[:, h].contiguous(), layout, [self.patterns[i] for i in self.heads.tolist()])
         target = dense[:, h]
         error = (sparse - target).pow(2).sum(dim=(2, 3)) / target.pow(2).sum(dim=(2, 3)).clamp_min(1e-12)
         self.shared.losses.append(error.mean())

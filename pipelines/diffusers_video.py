@@ -1,0 +1,163 @@
+"""The diffusers video adapter: WanPipeline (2.1 and 2.2), CogVideoX, HunyuanVideo, LTX-Video, Mochi and their transformers.
+
+Each video self-attention layer (`families.py` says which, per family) gets a `SparseAttnProcessor` wrapping the
+processor it had, and each denoiser a `StepTrackingHook` (`hooks.py`) that writes the call's token grid and denoising
+step before every forward. `Installation.remove()` puts back the very processor objects and hooks it found.
+
+A search runs the pipeline with a seeded generator, keeps the latents after every step through
+`callback_on_step_end`, and scores a run by the PSNR of its frames (or latents) against the dense run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry
+
+from ..metrics import psnr
+from ..plan import ModelFingerprint
+from .adapter import Adapter, register_adapter
+from .families import Family, family_of, supported
+from .hooks import HOOK_NAME, StepTrackingHook
+from .processor import SparseAttnProcessor, wrap_processor
+from .state import CallState, RunLog
+
+DENOISER_COMPONENTS = ("transformer", "transformer_2")
+
+
+@dataclass
+class Installation:
+    """sparsediff inside one denoiser: its processors, its hook and the state they share."""
+
+    name: str
+    model: torch.nn.Module
+    family: Family
+    state: CallState
+    hook: StepTrackingHook
+    processors: list[tuple[torch.nn.Module, SparseAttnProcessor]]
+    created_registry: bool
+    had_forward: bool  # whether `model.forward` was an instance attribute before (another hook's)
+
+    def remove(self) -> None:
+        for module, processor in self.processors:
+            module.processor = processor.restore()
+        registry = HookRegistry.check_if_exists_or_initialize(self.model)
+        if registry.get_hook(HOOK_NAME) is not None:
+            registry.remove_hook(HOOK_NAME, recurse=False)
+        if not registry.hooks and not self.had_forward:
+            vars(self.model).pop("forward", None)  # remove_hook leaves the bound method as an instance attribute
+        if self.created_registry and not registry.hooks:
+            del self.model._diffusers_hook
+
+    def reset(self) -> None:
+        self.hook.reset_state(self.model)
+
+
+class DiffusersVideoAdapter(Adapter):
+    """Adapter for the diffusers video families in `families.FAMILIES` (a registry of their own)."""
+
+    name = "diffusers_video"
+
+    def supported(self) -> str:
+        return supported()
+
+    def matches(self, pipe_or_model: Any) -> bool:
+        if isinstance(pipe_or_model, torch.nn.Module):
+            return family_of(pipe_or_model) is not None
+        found = [getattr(pipe_or_model, n, None) for n in DENOISER_COMPONENTS]
+        return any(m is not None and family_of(m) is not None for m in found)
+
+    def denoisers(self, pipe_or_model: Any) -> dict[str, torch.nn.Module]:
+        """`{component name: denoiser}`: a pipeline's `transformer`, plus `transformer_2` for Wan 2.2 A14B; a bare
+        model is named "transformer"."""
+        if isinstance(pipe_or_model, torch.nn.Module):
+            found = {"transformer": pipe_or_model}
+        else:
+            found = {n: getattr(pipe_or_model, n) for n in DENOISER_COMPONENTS if getattr(pipe_or_model, n, None) is not None}
+        for name, model in found.items():
+            if family_of(model) is None:
+                inner = "" if model is pipe_or_model else f" (its {name} is a {type(model).__name__})"
+                raise ValueError(f"sparsediff has no adapter for {type(pipe_or_model).__name__}{inner}; it supports {supported()}.")
+        return found
+
+    def fingerprint(self, model: torch.nn.Module) -> ModelFingerprint:
+        """Class, number of video self-attention layers, heads, head dim and config hash.
+
+        >>> from diffusers import WanTransformer3DModel
+        >>> m = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=12, text_dim=32, ffn_dim=32, num_layers=2)
+        >>> fp = DiffusersVideoAdapter().fingerprint(m)
+        >>> fp.model_class, fp.num_layers, fp.num_heads, fp.head_dim
+        ('WanTransformer3DModel', 2, 2, 12)
+        """
+        family = family_of(model)
+        if family is None:
+            raise ValueError(f"{type(model).__name__} is not a supported denoiser; sparsediff supports {supported()}.")
+        layers = family.self_attention(model)
+        first = layers[0][1]
+        return ModelFingerprint(
+            model_class=type(model).__name__,
+            num_layers=len(layers),
+            num_heads=first.heads,
+            head_dim=first.to_q.out_features // first.heads,
+            config_hash=ModelFingerprint.hash_config(dict(model.config)),
+        )
+
+    def is_installed(self, model: torch.nn.Module) -> bool:
+        registry = getattr(model, "_diffusers_hook", None)
+        return registry is not None and registry.get_hook(HOOK_NAME) is not None
+
+    def install(
+        self, name: str, model: torch.nn.Module, make_controller: Callable[[int], Any], log: RunLog,
+        pipeline: Any = None, num_steps: int | None = None,
+    ) -> Installation:
+        """Wrap the video self-attention processors of `model` and register its step-tracking hook."""
+        family = family_of(model)
+        layers = family.self_attention(model)
+        controller = make_controller(len(layers))
+        state = CallState(model=name, text=family.text)
+        processors = []
+        for index, (_, module) in enumerate(layers):
+            processor = wrap_processor(module.processor, index, state, controller)
+            module.processor = processor  # plain assignment: MochiAttention has no set_processor
+            processors.append((module, processor))
+        created, had_forward = not hasattr(model, "_diffusers_hook"), "forward" in vars(model)
+        installation = Installation(name, model, family, state, None, processors, created, had_forward)
+        try:
+            installation.hook = StepTrackingHook(family, state, log, pipeline=pipeline, num_steps=num_steps)
+            HookRegistry.check_if_exists_or_initialize(model).register_hook(installation.hook, HOOK_NAME)
+        except BaseException:
+            installation.remove()
+            raise
+        return installation
+
+    def run(self, pipe: Any, call: dict[str, Any], on_step: Callable[[int, torch.Tensor], None] | None = None):
+        kwargs = dict(call)
+        seed = kwargs.pop("seed", 0)
+        kwargs.setdefault("output_type", "np")
+        steps: list[torch.Tensor] = []
+
+        def callback(pipe, i, t, tensors):
+            latents = tensors["latents"].detach().float().cpu()
+            steps.append(latents)
+            if on_step is not None:
+                on_step(i, latents)
+            return tensors
+
+        out = pipe(
+            **kwargs,
+            generator=torch.Generator().manual_seed(seed),
+            callback_on_step_end=callback,
+            callback_on_step_end_tensor_inputs=["latents"],
+        )
+        frames = out.frames if hasattr(out, "frames") else out[0]
+        return steps, torch.as_tensor(frames).float().cpu()
+
+    def quality(self, output: torch.Tensor, reference: torch.Tensor) -> float:
+        """PSNR in dB, the peak being the reference's data range (frames or latents alike)."""
+        return psnr(output, reference)
+
+
+register_adapter(DiffusersVideoAdapter())
