@@ -1,11 +1,11 @@
 """What a sparse kernel is told about one head group: plain integers and tensors, no patterns or layouts.
 
 The runtime turns a pattern on a layout into a `SparseSpec`. Token positions are in the pattern's kernel
-order (the runtime has already reordered q, k, v for `multi_diagonal`). Tokens outside
-`[axis_start, axis_end)` are text: a text query attends every key and every query attends every text key.
-For two axis tokens i, j (axis positions `a = i - axis_start`) the spec's `mode` decides:
+order (the runtime has already reordered q, k, v where `Pattern.order` asks, e.g. for `multi_diagonal` on a
+video). Tokens outside `[axis_start, axis_end)` are text: a text query attends every key and every query
+attends every text key. For two axis tokens i, j (axis positions `a = i - axis_start`) the spec's `mode` decides:
 
-- `"band"`:   allowed iff |a_i - a_j| <= radius                 (diagonal, multi_diagonal after reorder)
+- `"band"`:   allowed iff |a_i - a_j| <= radius                 (diagonal, multi_diagonal)
 - `"stripe"`: allowed iff a_j < radius                         (vertical_stripe: the first `radius` axis keys)
 - `"blocks"`: allowed iff block_mask[h, i // block_size, j // block_size]   (topk_blocks; no partial blocks)
 

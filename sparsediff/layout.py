@@ -1,13 +1,23 @@
-"""Token layouts: which token of a denoiser's sequence is text, which is video (frame, row, col), and its blocks.
+"""Token layouts: which token of a denoiser's sequence is text and which lies on the pattern axis (frame, position).
 
 A layout is an ordered list of segments. `text(n)` tokens are always attended by sparse patterns; the other
-segments form the *axis* that patterns are written against:
+segments form the *axis* that patterns are written against: `frames` frames of `tokens_per_frame` positions.
 
-- `video(frames, height, width)`: frame-major tokens after patchify; one frame is `height * width` tokens.
-- `prompt(n)` / `generation(n)` (diffusion LMs): a 1-D axis, each token its own "frame" of one token.
+- `video(frames, height, width)` (video DiTs): frame-major tokens after patchify; one frame is `height * width`
+  positions.
+- `axis(frames, positions, order)`: any other T x N grid, e.g. a sequence of latent sets (T frames of N latent
+  tokens, N ordered spatially). `order="frame"` (the default) stores it frame-major like a video, token
+  `frame * N + position`; `order="position"` stores it position-major, token `position * T + frame` (every
+  frame of position 0 first).
+- `prompt(n)` / `generation(n)` (diffusion LMs): a 1-D axis, each token its own frame of one position.
+
+A layout's axis is one video segment, one axis segment, or prompt/generation segments, with text only before
+and after it; so every axis segment of a layout has the same positions per frame.
 
 The compact string form used by the CLI joins segments with `+`: `text:226+video:13x30x45`,
-`prompt:512+generation:256`.
+`prompt:512+generation:256`, `axis:17x512`. An axis segment stored position-major adds the suffix `:position`
+(`axis:17x512:position`); `:frame` may be written too and is the default, so `str()` leaves it out.
+`TokenLayout.parse(str(layout)) == layout` for every layout.
 """
 
 from __future__ import annotations
@@ -18,24 +28,30 @@ from functools import cached_property
 
 import torch
 
-SEGMENT_KINDS = ("text", "video", "prompt", "generation")
+SEGMENT_KINDS = ("text", "video", "axis", "prompt", "generation")
+# Token orders of a segment: frame-major (token = frame * N + position) or position-major (position * T + frame).
+TOKEN_ORDERS = ("frame", "position")
+_SIZES_SYNTAX = {"video": "video:FxHxW", "axis": "axis:TxN or axis:TxN:position"}
 
 
 @dataclass(frozen=True)
 class Segment:
-    """One run of tokens. `shape` is `(n,)` for text/prompt/generation and `(frames, height, width)` for video."""
+    """One run of tokens. `shape` is `(n,)` for text/prompt/generation, `(frames, height, width)` for video and
+    `(frames, positions)` for axis. `order` ("frame" or "position", defaults to "frame") is how an axis segment
+    stores its tokens; every other kind is frame-major."""
 
     kind: str
     shape: tuple[int, ...]
+    order: str = "frame"
 
     def __post_init__(self):
         if self.kind not in SEGMENT_KINDS:
             raise ValueError(f"Unknown segment kind {self.kind!r}; expected one of {', '.join(SEGMENT_KINDS)}.")
-        want = 3 if self.kind == "video" else 1
+        want = {"video": 3, "axis": 2}.get(self.kind, 1)
         if len(self.shape) != want:
             raise ValueError(
                 f"Segment {self.kind!r} needs {want} size(s) but got {self.shape}; "
-                f"write it as {'video:FxHxW' if want == 3 else self.kind + ':N'}."
+                f"write it as {_SIZES_SYNTAX.get(self.kind, self.kind + ':N')}."
             )
         for size in self.shape:
             if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
@@ -43,13 +59,35 @@ class Segment:
                     f"Segment {self.kind}:{'x'.join(map(str, self.shape))} has size {size!r}; "
                     "every size must be a positive integer (zero frames or negative sizes are not a layout)."
                 )
+        if self.order not in TOKEN_ORDERS:
+            raise ValueError(
+                f"Segment {self.kind}:{'x'.join(map(str, self.shape))} has token order {self.order!r}; expected "
+                "'frame' (frame-major, the default) or 'position' (position-major), e.g. 'axis:17x512:position'."
+            )
+        if self.order != "frame" and self.kind != "axis":
+            raise ValueError(
+                f"Segment {self.kind}:{'x'.join(map(str, self.shape))} has token order {self.order!r}, but only axis "
+                "segments take a token order (video is frame-major after patchify, text/prompt/generation are "
+                "1-D); describe position-major tokens as 'axis:TxN:position'."
+            )
 
     @property
     def num_tokens(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def frames(self) -> int:
+        """Frames of the segment; a 1-D segment has one frame per token."""
+        return self.shape[0]
+
+    @property
+    def positions(self) -> int:
+        """Positions per frame: `height * width` for video, N for axis, 1 for a 1-D segment."""
+        return self.num_tokens // self.shape[0]
+
     def __str__(self) -> str:
-        return f"{self.kind}:{'x'.join(map(str, self.shape))}"
+        suffix = f":{self.order}" if self.order != "frame" else ""
+        return f"{self.kind}:{'x'.join(map(str, self.shape))}{suffix}"
 
 
 def text(n: int) -> Segment:
@@ -58,6 +96,11 @@ def text(n: int) -> Segment:
 
 def video(frames: int, height: int, width: int) -> Segment:
     return Segment("video", (frames, height, width))
+
+
+def axis(frames: int, positions: int, order: str = "frame") -> Segment:
+    """T frames x N positions stored frame-major (`order="frame"`) or position-major (`order="position"`)."""
+    return Segment("axis", (frames, positions), order)
 
 
 def prompt(n: int) -> Segment:
@@ -73,14 +116,17 @@ class TokenLayout:
     """The token order of one attention call.
 
     Args:
-        segments (tuple[Segment, ...]): the segments in sequence order. At most one `video` segment, and a
-            layout either has a video segment or `prompt`/`generation` segments, not both.
+        segments (tuple[Segment, ...]): the segments in sequence order. The non-text segments are one `video`
+            segment, one `axis` segment, or `prompt`/`generation` segments, and text lies only before and after
+            them.
 
     >>> layout = TokenLayout.parse("text:4+video:2x3x3")
     >>> layout.num_tokens, layout.frames, layout.tokens_per_frame
     (22, 2, 9)
     >>> layout.locate(13)
     ('video', 1, 0, 0)
+    >>> TokenLayout.parse("axis:3x4:position").locate(1)  # position-major: frame 1 of position 0
+    ('axis', 1, 0, 0)
     """
 
     segments: tuple[Segment, ...]
@@ -90,36 +136,45 @@ class TokenLayout:
         if not self.segments:
             raise ValueError("A TokenLayout needs at least one segment, e.g. TokenLayout.parse('video:4x8x8').")
         kinds = [s.kind for s in self.segments]
-        if kinds.count("video") > 1:
-            raise ValueError(f"Layout {self} has {kinds.count('video')} video segments; at most one is supported.")
-        if "video" in kinds and ({"prompt", "generation"} & set(kinds)):
-            raise ValueError(f"Layout {self} mixes video with prompt/generation segments; use one or the other.")
-        axis = [i for i, k in enumerate(kinds) if k != "text"]
-        if axis and axis != list(range(axis[0], axis[-1] + 1)):
+        for kind in ("video", "axis"):
+            if kinds.count(kind) > 1:
+                raise ValueError(
+                    f"Layout {self} has {kinds.count(kind)} {kind} segments; at most one is supported "
+                    f"(describe the tokens as one {kind} segment)."
+                )
+        families = [f for f in ("video", "axis", "prompt/generation") if set(f.split("/")) & set(kinds)]
+        if len(families) > 1:
             raise ValueError(
-                f"Layout {self} puts text between video/prompt/generation segments; text may only come "
+                f"Layout {self} mixes {families[0]} with {families[1]} segments; the non-text tokens of a layout are "
+                "one video segment, one axis segment or prompt/generation segments, so use one or the other."
+            )
+        on_axis = [i for i, k in enumerate(kinds) if k != "text"]
+        if on_axis and on_axis != list(range(on_axis[0], on_axis[-1] + 1)):
+            raise ValueError(
+                f"Layout {self} puts text between prompt/generation segments; text may only come "
                 "before or after them (e.g. 'text:16+video:4x8x8+text:4')."
             )
 
     # ---- string form -------------------------------------------------------------------------------------
     @classmethod
     def parse(cls, spec: str) -> "TokenLayout":
-        """Parse the compact form, e.g. `text:226+video:13x30x45`."""
+        """Parse the compact form, e.g. `text:226+video:13x30x45` or `axis:17x512:position`."""
         if not isinstance(spec, str) or not spec.strip():
             raise ValueError(f"Layout {spec!r} is empty; write segments joined by '+', e.g. 'text:226+video:13x30x45'.")
         segments = []
         for part in spec.strip().split("+"):
-            kind, sep, sizes = part.strip().partition(":")
+            kind, sep, rest = part.strip().partition(":")
             if not sep or kind not in SEGMENT_KINDS:
                 raise ValueError(
                     f"Layout segment {part!r} in {spec!r} is not KIND:SIZES with KIND one of "
-                    f"{', '.join(SEGMENT_KINDS)}; e.g. 'video:8x32x32' or 'text:226'."
+                    f"{', '.join(SEGMENT_KINDS)}; e.g. 'video:8x32x32', 'axis:17x512:position' or 'text:226'."
                 )
+            sizes, has_order, order = rest.partition(":")
             try:
                 shape = tuple(int(x) for x in sizes.split("x"))
             except ValueError:
                 raise ValueError(f"Layout segment {part!r} in {spec!r} has non-integer sizes; e.g. 'video:8x32x32'.") from None
-            segments.append(Segment(kind, shape))
+            segments.append(Segment(kind, shape, order) if has_order else Segment(kind, shape))
         return cls(tuple(segments))
 
     @classmethod
@@ -164,40 +219,59 @@ class TokenLayout:
 
     @property
     def tokens_per_frame(self) -> int:
-        """Spatial tokens per frame; 1 for a 1-D (diffusion-LM) axis."""
-        for s in self.segments:
-            if s.kind == "video":
-                return s.shape[1] * s.shape[2]
-        return 1
+        """Positions per frame of the axis: `height * width` for video, N for `axis:TxN`, 1 for a 1-D axis."""
+        return next((s.positions for s in self.segments if s.kind != "text"), 1)
 
     @property
     def frames(self) -> int:
         """Frames on the axis; for a 1-D axis every token is a frame."""
         return self.num_axis_tokens // self.tokens_per_frame
 
+    @property
+    def is_frame_major(self) -> bool:
+        """The axis tokens already lie frame-major (true for a 1-D axis and for a single frame)."""
+        return self.tokens_per_frame == 1 or self.frames == 1 or all(s.order == "frame" for s in self.segments)
+
+    @property
+    def is_position_major(self) -> bool:
+        """The axis tokens already lie position-major (true for a 1-D axis and for a single frame)."""
+        return self.tokens_per_frame == 1 or self.frames == 1 or all(
+            s.order == "position" for s in self.segments if s.kind != "text"
+        )
+
     # ---- token maps ---------------------------------------------------------------------------------------
     def locate(self, index: int) -> tuple[str, int, int, int]:
-        """Token index -> (segment kind, frame, row, col). Text/prompt/generation tokens give (kind, i, 0, 0)
-        with i the position inside their segment."""
+        """Token index -> (segment kind, frame, row, col). An axis token gives (kind, frame, position, 0);
+        text/prompt/generation tokens give (kind, i, 0, 0) with i the position inside their segment."""
         if not 0 <= index < self.num_tokens:
             raise IndexError(f"Token {index} is outside layout {self} of {self.num_tokens} tokens.")
         for seg, start in zip(self.segments, self.offsets):
             if index < start + seg.num_tokens:
                 local = index - start
-                if seg.kind != "video":
-                    return seg.kind, local, 0, 0
-                _, h, w = seg.shape
-                return seg.kind, local // (h * w), (local // w) % h, local % w
+                if seg.kind == "video":
+                    _, h, w = seg.shape
+                    return seg.kind, local // (h * w), (local // w) % h, local % w
+                if seg.kind == "axis":
+                    t, n = seg.shape
+                    frame, position = (local % t, local // t) if seg.order == "position" else divmod(local, n)
+                    return seg.kind, frame, position, 0
+                return seg.kind, local, 0, 0
         raise AssertionError("unreachable")
 
     def index(self, segment: int, frame: int, row: int = 0, col: int = 0) -> int:
-        """(segment number, frame, row, col) -> token index; inverse of `locate`."""
+        """(segment number, frame, row, col) -> token index; inverse of `locate`. For an axis segment `row` is
+        the position within the frame."""
         seg = self.segments[segment]
         if seg.kind == "video":
             f, h, w = seg.shape
             if not (0 <= frame < f and 0 <= row < h and 0 <= col < w):
                 raise IndexError(f"({frame}, {row}, {col}) is outside {seg}.")
             return self.offsets[segment] + (frame * h + row) * w + col
+        if seg.kind == "axis":
+            t, n = seg.shape
+            if not (0 <= frame < t and 0 <= row < n and col == 0):
+                raise IndexError(f"(frame {frame}, position {row}, col {col}) is outside {seg}.")
+            return self.offsets[segment] + (row * t + frame if seg.order == "position" else frame * n + row)
         if not 0 <= frame < seg.num_tokens:
             raise IndexError(f"Position {frame} is outside {seg}.")
         return self.offsets[segment] + frame
@@ -209,7 +283,10 @@ class TokenLayout:
 
     @cached_property
     def axis_index(self) -> torch.Tensor:
-        """(S,) int64: position on the pattern axis (frame-major), -1 for text."""
+        """(S,) int64: place on the axis of the token at each index, -1 for text.
+
+        It counts places, not tokens, so it reads the same in the layout's order and in a pattern's kernel order
+        (`Pattern.order` moves axis tokens among the axis places and keeps text in place)."""
         out = torch.full((self.num_tokens,), -1, dtype=torch.long)
         out[~self.is_text] = torch.arange(self.num_axis_tokens)
         return out
@@ -220,19 +297,54 @@ class TokenLayout:
         return torch.cat([torch.full((s.num_tokens,), s.kind == "generation") for s in self.segments])
 
     @cached_property
-    def token_major_order(self) -> torch.Tensor:
-        """(S,) permutation: token-major (row, col, frame) order of the axis tokens, text kept in place.
+    def _axis_coordinates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(frame, position) of each axis token, in layout order; frames count on across prompt/generation."""
+        frames, positions, first = [torch.empty(0, dtype=torch.long)], [torch.empty(0, dtype=torch.long)], 0
+        for s in self.segments:
+            if s.kind == "text":
+                continue
+            local = torch.arange(s.num_tokens)
+            if s.order == "position":
+                frame, position = local % s.frames, local // s.frames
+            else:
+                frame, position = local // s.positions, local % s.positions
+            frames.append(frame + first)
+            positions.append(position)
+            first += s.frames
+        return torch.cat(frames), torch.cat(positions)
 
-        `x[:, :, order]` reorders, `x[:, :, inverse]` with `inverse = order.argsort()` undoes it. After the
-        reorder, the same spatial position in consecutive frames is adjacent, so `multi_diagonal` is a band.
-        """
+    def _axis_order(self, rank: torch.Tensor) -> torch.Tensor:
+        """The permutation that moves the t-th axis token (in layout order) to axis place `rank[t]`, text kept in
+        place."""
+        start, end = self.axis_range
         order = torch.arange(self.num_tokens)
-        axis_positions = torch.nonzero(~self.is_text).flatten()
-        a = torch.arange(self.num_axis_tokens)
-        frame, spatial = a // self.tokens_per_frame, a % self.tokens_per_frame
-        token_major = spatial * self.frames + frame  # rank of each axis token in token-major order
-        order[axis_positions[token_major]] = axis_positions
+        order[start + rank] = torch.arange(start, end)
         return order
+
+    @cached_property
+    def frame_major_order(self) -> torch.Tensor:
+        """(S,) permutation: frame-major (frame, position) order of the axis tokens, text kept in place.
+
+        `x[..., order, :]` reorders, `x[..., order.argsort(), :]` undoes it. The identity unless the layout holds a
+        position-major axis segment (see `is_frame_major`). After it, `diagonal` is a band.
+        """
+        frame, position = self._axis_coordinates
+        return self._axis_order(frame * self.tokens_per_frame + position)
+
+    @cached_property
+    def position_major_order(self) -> torch.Tensor:
+        """(S,) permutation: position-major (position, frame) order of the axis tokens, text kept in place.
+
+        `x[..., order, :]` reorders, `x[..., order.argsort(), :]` undoes it. After the reorder, the same position
+        in consecutive frames is adjacent, so `multi_diagonal` is a band.
+        """
+        frame, position = self._axis_coordinates
+        return self._axis_order(position * self.frames + frame)
+
+    @property
+    def token_major_order(self) -> torch.Tensor:
+        """Alias of `position_major_order` (the name from when the axis was always a video)."""
+        return self.position_major_order
 
     # ---- blocks -------------------------------------------------------------------------------------------
     def num_blocks(self, block_size: int) -> int:

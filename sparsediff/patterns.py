@@ -11,10 +11,12 @@ Rules that hold for every sparse pattern:
   key and every query sees every text key.
 - The block mask is the token mask reduced per block (a block is computed if any of its token pairs is
   allowed); kernels compute exactly those blocks and mask inside partial ones. Both are taken in the
-  pattern's *kernel order*: the token order its kernel runs in. That is the layout's own order for every
-  pattern but `multi_diagonal`, which runs as a band after a frame-major -> token-major reorder
-  (`Pattern.order`). `token_mask` is always in the layout's order (the reference's truth);
-  `kernel_token_mask` is the same mask in kernel order.
+  pattern's *kernel order*: the token order its kernel runs in (`Pattern.order`, None for the layout's own).
+  `diagonal` and `vertical_stripe` run in frame-major order and `multi_diagonal` in position-major order, so
+  each reorders the axis tokens when the layout stores them otherwise (a video is frame-major, an
+  `axis:TxN:position` segment position-major, a 1-D axis is both). `topk_blocks` runs in the layout's order.
+  `token_mask` is always in the layout's order (the reference's truth); `kernel_token_mask` is the same mask
+  in kernel order.
 - Density is the share of the S x S score area that the computed blocks cover (the cost of a block-sparse
   kernel relative to dense).
 
@@ -198,8 +200,8 @@ def band_block_mask(layout: TokenLayout, block_size: int, radius: int) -> torch.
 @dataclass(frozen=True)
 class Diagonal(Pattern):
     """Local window: each axis query sees axis keys within `w` frames' worth of tokens in frame-major order
-    (the same and nearby frames, nearby space). Half-width `R = round(w * tokens_per_frame)` tokens
-    (Sparse-vDiT M2)."""
+    (the same and nearby frames, nearby space). Half-width `R = round(w * tokens_per_frame)` tokens; runs as a
+    band in frame-major order, after a reorder for a position-major layout (Sparse-vDiT M2)."""
 
     kind: ClassVar[str] = "diagonal"
     params: ClassVar[dict[str, str]] = {"w": "w"}
@@ -212,8 +214,11 @@ class Diagonal(Pattern):
     def kernel_radius(self, layout: TokenLayout) -> int:
         return round(self.w * layout.tokens_per_frame)
 
+    def order(self, layout):
+        return None if layout.is_frame_major else layout.frame_major_order
+
     def allowed(self, layout, rows):
-        a = layout.axis_index
+        a = layout.axis_index  # in kernel order this is the frame-major place
         return (a[rows][:, None] - a[None, :]).abs() <= self.kernel_radius(layout)
 
     def block_mask(self, layout, block_size, scores=None):
@@ -224,8 +229,9 @@ class Diagonal(Pattern):
 @dataclass(frozen=True)
 class MultiDiagonal(Pattern):
     """The same spatial neighbourhood in every frame: a band of half-width `R = round(w * frames)` tokens in
-    token-major (row, col, frame) order, i.e. about `w` spatial tokens around the query's position, across
-    all frames. Runs as a band after a frame-major -> token-major reorder (Sparse-vDiT M3)."""
+    position-major (position, frame) order, i.e. about `w` positions around the query's position, across all
+    frames. Runs as a band in position-major order, after a reorder for a frame-major layout such as a video
+    (Sparse-vDiT M3)."""
 
     kind: ClassVar[str] = "multi_diagonal"
     params: ClassVar[dict[str, str]] = {"w": "w"}
@@ -239,10 +245,10 @@ class MultiDiagonal(Pattern):
         return round(self.w * layout.frames)
 
     def order(self, layout):
-        return layout.token_major_order
+        return None if layout.is_position_major else layout.position_major_order
 
     def allowed(self, layout, rows):
-        a = layout.axis_index  # in kernel order this is the token-major position
+        a = layout.axis_index  # in kernel order this is the position-major place
         return (a[rows][:, None] - a[None, :]).abs() <= self.kernel_radius(layout)
 
     def block_mask(self, layout, block_size, scores=None):
@@ -253,7 +259,8 @@ class MultiDiagonal(Pattern):
 @dataclass(frozen=True)
 class VerticalStripe(Pattern):
     """Global key columns every query attends to: the first `f` frames of the axis (attention sinks),
-    `R = max(1, round(f * tokens_per_frame))` keys, plus text (Sparse-vDiT M4)."""
+    `R = max(1, round(f * tokens_per_frame))` keys, plus text (Sparse-vDiT M4). Those keys are the first `R`
+    axis places in frame-major order, so a position-major layout is reordered to frame-major first."""
 
     kind: ClassVar[str] = "vertical_stripe"
     params: ClassVar[dict[str, str]] = {"f": "f"}
@@ -266,6 +273,9 @@ class VerticalStripe(Pattern):
     def kernel_radius(self, layout: TokenLayout) -> int:
         """Stripe width: the number of leading axis keys every query sees."""
         return min(layout.num_axis_tokens, max(1, round(self.f * layout.tokens_per_frame)))
+
+    def order(self, layout):
+        return None if layout.is_frame_major else layout.frame_major_order
 
     def allowed(self, layout, rows):
         a = layout.axis_index

@@ -12,7 +12,8 @@ from sparsediff.layout import TokenLayout
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Ragged lengths (97, 130, 191 tokens), text first and text last, and diffusion-LM layouts.
+# Ragged lengths (97, 130, 191 tokens), text first and text last, diffusion-LM layouts and axis segments stored
+# frame-major and position-major.
 RAGGED_LAYOUTS = [
     "video:97x1x1",  # 97 tokens, one token per frame
     "video:5x2x13",  # 130 tokens
@@ -20,6 +21,10 @@ RAGGED_LAYOUTS = [
     "video:3x6x10+text:11",  # 191 tokens, text last (HunyuanVideo, Mochi)
     "text:7+video:4x5x6+text:3",
     "prompt:61+generation:36",  # 97 tokens
+    "axis:5x19",  # 95 tokens, a sequence of latent sets, frame-major
+    "text:7+axis:4x13:position",  # 59 tokens, position-major after text
+    "axis:6x17:position+text:9",  # 111 tokens, position-major before text
+    "axis:3x1",  # 3 tokens, shorter than one block
 ]
 
 

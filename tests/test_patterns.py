@@ -5,6 +5,7 @@ import torch
 
 from sparsediff.layout import TokenLayout
 from sparsediff.patterns import PATTERNS, Pattern, get_pattern, topk_block_mask
+from sparsediff.runtime import build_spec
 
 EXAMPLES = [
     "full",
@@ -97,6 +98,59 @@ def test_vertical_stripe_keeps_first_frames():
     layout = TokenLayout.parse("video:4x2x5")
     m = get_pattern("vertical_stripe_f1.5").token_mask(layout)
     assert torch.equal(m, torch.arange(40)[None, :].expand(40, -1) < 15)
+
+
+@pytest.mark.parametrize("name", ["diagonal_w1", "diagonal_w0.4", "multi_diagonal_w1", "vertical_stripe_f1.5"])
+def test_axis_patterns_mean_the_same_in_either_storage_order(name):
+    """The same (query, key) pairs, by (frame, position), whether the latent sets are stored frame-major or
+    position-major: map the position-major tokens to frame-major places and compare."""
+    by_frame = TokenLayout.parse("text:3+axis:4x6+text:2")
+    by_position = TokenLayout.parse("text:3+axis:4x6:position+text:2")
+    pattern = get_pattern(name)
+    to_frame_major = by_position.frame_major_order
+    expect = pattern.token_mask(by_frame)
+    assert torch.equal(pattern.token_mask(by_position)[to_frame_major][:, to_frame_major], expect)
+    assert not expect.all()
+
+
+def test_patterns_reorder_only_when_the_storage_order_differs():
+    by_frame, by_position = TokenLayout.parse("axis:4x6"), TokenLayout.parse("text:2+axis:4x6:position")
+    diagonal, multi, stripe = (get_pattern(n) for n in ["diagonal_w1", "multi_diagonal_w1", "vertical_stripe_f1"])
+    assert multi.order(by_position) is None  # already a band in position-major order
+    assert torch.equal(multi.order(by_frame), by_frame.position_major_order)
+    assert diagonal.order(by_frame) is None and stripe.order(by_frame) is None
+    assert torch.equal(diagonal.order(by_position), by_position.frame_major_order)
+    assert torch.equal(stripe.order(by_position), by_position.frame_major_order)
+    for one_d in ("prompt:6+generation:4", "axis:9x1:position", "video:1x3x3"):
+        layout = TokenLayout.parse(one_d)
+        assert all(p.order(layout) is None for p in (diagonal, multi, stripe)), one_d
+
+
+def test_multi_diagonal_on_position_major_latent_sets():
+    layout = TokenLayout.parse("axis:5x8:position")
+    m = get_pattern("multi_diagonal_w1").token_mask(layout)
+    i, j = torch.meshgrid(torch.arange(40), torch.arange(40), indexing="ij")
+    assert torch.equal(m, (i - j).abs() <= 5)  # a band of one position's worth of frames, no reorder
+    q = layout.index(0, 2, 3)
+    assert all(m[q, layout.index(0, f, 3)] for f in range(5))  # the same position in every frame
+    assert not m[q, layout.index(0, 2, 6)]  # far away in the same frame
+
+
+def test_vertical_stripe_on_position_major_keeps_first_frames():
+    layout = TokenLayout.parse("text:2+axis:4x5:position")
+    m = get_pattern("vertical_stripe_f2").token_mask(layout)
+    coordinates = map(layout.locate, range(layout.num_tokens))
+    first_frames = torch.tensor([kind == "text" or f < 2 for kind, f, _, _ in coordinates])
+    assert torch.equal(m, first_frames[None, :].expand(layout.num_tokens, -1) | layout.is_text[:, None])
+
+
+@pytest.mark.parametrize("name", ["diagonal_w1", "diagonal_w0.3", "multi_diagonal_w1", "vertical_stripe_f1"])
+def test_kernel_spec_rule_is_the_kernel_order_token_mask(ragged_layout, name):
+    """What kernels are told (band or stripe on axis places, in kernel order) is the pattern's token mask."""
+    pattern = get_pattern(name)
+    spec = build_spec(pattern, ragged_layout, 16)
+    idx = torch.arange(ragged_layout.num_tokens)
+    assert torch.equal(spec.token_allowed(idx, idx), pattern.kernel_token_mask(ragged_layout))
 
 
 def test_topk_selects_prompt_and_generation_separately():
