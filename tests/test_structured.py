@@ -9,12 +9,13 @@ from sparsediff.patterns import get_pattern
 from sparsediff.pipelines.embedded.pipeline import EmbeddedModelConfig, build_pipeline
 from sparsediff.pipelines.embedded.structured import (
     DEFAULT_HEAD_PATTERNS,
+    StructureController,
     StructuredHeads,
-    StructuredSelfAttnProcessor,
     check_head_patterns,
     sparse_step,
 )
 from sparsediff.pipelines.embedded.train import TrainConfig, Trainer
+from sparsediff.pipelines.processor import SparseAttnProcessor
 
 from training_checks import assert_resume_repeats
 
@@ -37,7 +38,7 @@ def test_all_full_heads_reproduce_the_model_and_remove_restores_it(pipe):
     with torch.no_grad():
         before = forward(pipe)
         heads = StructuredHeads(pipe.transformer, [["full", "full"], ["full", "full"]])
-        assert all(isinstance(b.attn1.processor, StructuredSelfAttnProcessor) for b in pipe.transformer.blocks)
+        assert all(isinstance(b.attn1.processor, SparseAttnProcessor) for b in pipe.transformer.blocks)
         during = forward(pipe)
         heads.set_sparse(True)  # nothing to swap in: no head has a pattern
         swapped = forward(pipe)
@@ -79,14 +80,14 @@ def test_sparse_mode_passes_exactly_the_patterned_heads_sparse_output_on(pipe):
     seen = []
     heads = StructuredHeads(pipe.transformer, [["multi_diagonal_w1", "full"], ["full", "full"]])
     heads.set_sparse(True)
-    processor = pipe.transformer.blocks[0].attn1.processor
+    controller = heads.shared
 
-    def spy(dense, q, k, v):  # the processor's own step, with its inputs and output kept
-        out = StructuredSelfAttnProcessor._structured(processor, dense, q, k, v)
+    def spy(layer, dense, q, k, v, layout, scale=None):  # the controller's own step, with its inputs and output kept
+        out = StructureController.structured(controller, layer, dense, q, k, v, layout, scale)
         seen.append((dense, q, k, v, out))
         return out
 
-    processor._structured = spy
+    controller.structured = spy
     with torch.no_grad():
         forward(pipe)
     dense, q, k, v, out = seen[0]

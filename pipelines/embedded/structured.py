@@ -6,8 +6,9 @@ columns (Sparse-vDiT measured most heads of HunyuanVideo and Wan this way); a 5 
 module fine-tunes the model so that chosen heads carry their information inside a chosen pattern, the way STA and
 Sparse-vDiT adapt models to sparse attention, while the model stays a dense model:
 
-* every self-attention layer computes its dense attention as usual, and for the chosen heads also the sparse
-  attention of their pattern, through sparsediff's own torch runtime (the code that runs them at inference);
+* every self-attention layer computes its dense attention as usual (the model's own processor, its attention call
+  caught by the diffusers adapter as `accelerate` catches it), and for the chosen heads also the sparse attention of
+  their pattern, through sparsediff's own torch runtime (the code that runs them at inference);
 * the relative squared difference of the two (per head: |sparse - dense|^2 / |dense|^2) is added to the loss with
   weight `consistency_weight`, which pulls the dense head towards its pattern;
 * in a share `sparse_prob` of the steps the layer passes the sparse output on instead of the dense one, so the
@@ -34,12 +35,12 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 
-from ...layout import TokenLayout, video
 from ...patterns import get_pattern
-from ...runtime import SparseAttention
+from ...runtime import AttentionStats, SparseAttention
+from ..adapter import adapter_for, install_all
 from ..families import family_of
+from ..state import RunLog
 
 # The recipe-v3 assignment for the default 4 x 4 model. Each layer mixes a local window (`diagonal`: the same frame and
 # its neighbours' near rows), the same place across all frames (`multi_diagonal`: carries motion along a row) and the
@@ -67,68 +68,55 @@ def check_head_patterns(head_patterns: Sequence[Sequence[str]], num_layers: int,
     return rows
 
 
-class _Shared:
-    """What the processors of one model share during a forward: the mixing switch and the collected losses."""
+class StructureController:
+    """A controller for sparsediff's own attention intercept (the one `accelerate` uses, so the model's projections,
+    norms and RoPE run as the model's own processor runs them): every layer computes its dense attention, and its
+    chosen heads also their pattern's sparse attention through the torch runtime. It adds their consistency loss to
+    `losses` and, when `use_sparse` is set, passes their sparse output on.
 
-    def __init__(self):
+    Args:
+        head_patterns: one pattern name per head per layer ("full" for heads left alone), already checked.
+    """
+
+    def __init__(self, head_patterns: Sequence[Sequence[str]]):
+        self.head_patterns = tuple(tuple(layer) for layer in head_patterns)
+        self.heads = [torch.tensor([h for h, p in enumerate(layer) if p != "full"], dtype=torch.long) for layer in self.head_patterns]
+        self.runtimes = [SparseAttention(backend="torch") for _ in self.head_patterns]
         self.use_sparse = False
         self.losses: list[torch.Tensor] = []
-        self.layout: TokenLayout | None = None  # the token grid of the current input, set by a pre-forward hook
 
+    def active(self, layer: int, state) -> bool:
+        return True  # the dense output is the layer's own, so an all-full layer is exact
 
-class StructuredSelfAttnProcessor:
-    """Wan self-attention (projections, RMS norms, RoPE and output as `WanAttnProcessor`) whose chosen heads are also
-    run under their pattern: adds their consistency loss to the shared list and, when `use_sparse` is set, passes
-    their sparse output on. Self-attention only (no image context, no context parallelism)."""
+    def record(self, state, stats: AttentionStats) -> None:
+        pass  # training keeps no per-step log
 
-    def __init__(self, patterns: Sequence[str], shared: _Shared):
-        self.patterns = tuple(patterns)
-        self.shared = shared
-        self.heads = torch.tensor([h for h, p in enumerate(self.patterns) if p != "full"], dtype=torch.long)
-        self.runtime = SparseAttention(backend="torch")
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        if encoder_hidden_states is not None or attn.add_k_proj is not None or attention_mask is not None:
-            raise ValueError("StructuredSelfAttnProcessor handles unmasked self-attention only.")
-        query, key, value = _get_qkv_projections(attn, hidden_states, None)
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
-        if rotary_emb is not None:
-            query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
-        q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, H, S, D)
-        out = F.scaled_dot_product_attention(q, k, v)
-        if len(self.heads):
-            out = self._structured(out, q, k, v)
-        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
-        return attn.to_out[1](attn.to_out[0](out))
+    def attend(self, layer: int, state, query, key, value, groups, scale=None, head_start=None):
+        if len(groups) != 1 or groups[0][0] is not None:
+            raise ValueError("Structure-aware training handles unpadded self-attention only (one token layout per call).")
+        dense = F.scaled_dot_product_attention(query, key, value, scale=scale)
+        if len(self.heads[layer]):
+            dense = self.structured(layer, dense, query, key, value, groups[0][1], scale)
+        return dense, AttentionStats()
 
     @torch.compiler.disable
-    def _structured(self, dense, q, k, v):
-        layout = self.shared.layout
-        if layout is None or layout.num_tokens != q.shape[2]:
-            raise ValueError(f"No token grid for {q.shape[2]} tokens: call the transformer itself, which sets it.")
-        h = self.heads.to(q.device)
-        sparse, _ = self.runtime(q[:, h].contiguous(), k[:, h].contiguous(), v[:, h].contiguous(), layout, [self.patterns[i] for i in self.heads.tolist()])
+    def structured(self, layer: int, dense, q, k, v, layout, scale=None):
+        """`dense` with the layer's patterned heads' consistency loss collected and, in sparse mode, their output
+        replaced by their pattern's."""
+        h = self.heads[layer].to(q.device)
+        patterns = [self.head_patterns[layer][i] for i in self.heads[layer].tolist()]
+        sparse, _ = self.runtimes[layer](q[:, h].contiguous(), k[:, h].contiguous(), v[:, h].contiguous(), layout, patterns, scale=scale)
         target = dense[:, h]
         error = (sparse - target).pow(2).sum(dim=(2, 3)) / target.pow(2).sum(dim=(2, 3)).clamp_min(1e-12)
-        self.shared.losses.append(error.mean())
-        if not self.shared.use_sparse:
+        self.losses.append(error.mean())
+        if not self.use_sparse:
             return dense
         return dense.index_copy(1, h, sparse)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Wan's interleaved rotary embedding (as in `WanAttnProcessor`)."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(x)
-
-
 class StructuredHeads:
-    """Installs `StructuredSelfAttnProcessor` on every block's self-attention of a `WanTransformer3DModel`.
+    """Installs a `StructureController` on every video self-attention layer of the embedded model's Wan transformer,
+    through the diffusers adapter (the same seam as `accelerate`).
 
     Args:
         transformer: the model (its patch size gives the token grid of each input).
@@ -139,21 +127,14 @@ class StructuredHeads:
     """
 
     def __init__(self, transformer: torch.nn.Module, head_patterns: Sequence[Sequence[str]]):
-        self._family = family_of(transformer)
-        if self._family is None or self._family.name != "wan":
+        family = family_of(transformer)
+        if family is None or family.name != "wan":
             raise ValueError(f"StructuredHeads trains Wan self-attention; got a {type(transformer).__name__}.")
-        blocks = transformer.blocks
-        self.head_patterns = check_head_patterns(head_patterns, len(blocks), blocks[0].attn1.heads)
+        fp = adapter_for(transformer).fingerprint(transformer)
+        self.head_patterns = check_head_patterns(head_patterns, fp.num_layers, fp.num_heads)
         self.transformer = transformer
-        self.shared = _Shared()
-        self._originals = [block.attn1.processor for block in blocks]
-        for block, patterns in zip(blocks, self.head_patterns):
-            block.attn1.set_processor(StructuredSelfAttnProcessor(patterns, self.shared))
-        self._hook = transformer.register_forward_pre_hook(self._note_grid, with_kwargs=True)
-
-    def _note_grid(self, module, args, kwargs):  # the grid as sparsediff reads it for Wan at inference
-        frames, height, width = self._family.grid(module, self._family.forward_inputs(module, args, kwargs))
-        self.shared.layout = TokenLayout((video(frames, height, width),))
+        self.shared = StructureController(self.head_patterns)
+        self._installed = install_all(transformer, lambda name, n: self.shared, RunLog())
 
     def set_sparse(self, use_sparse: bool) -> None:
         self.shared.use_sparse = bool(use_sparse)
@@ -163,9 +144,9 @@ class StructuredHeads:
         return torch.stack(losses).mean() if losses else torch.zeros(())
 
     def remove(self) -> None:
-        for block, original in zip(self.transformer.blocks, self._originals):
-            block.attn1.set_processor(original)
-        self._hook.remove()
+        for installation in self._installed:
+            installation.remove()
+        self._installed = []
 
 
 def sparse_step(seed: int, step: int, prob: float) -> bool:
