@@ -197,10 +197,13 @@ class AttentionStats:
 
 class Clock:
     """Wall time of attention calls: `perf_counter` on the CPU; CUDA events on a GPU, read only when stats are
-    read, so timing adds no synchronisation to the denoising loop."""
+    read, so timing adds no synchronisation to the denoising loop. Inside a `torch.compile`d graph nothing is timed
+    (a timer is a graph break; the compiled region is timed as a whole by whoever compiled it)."""
 
     @staticmethod
     def start(device: torch.device):
+        if torch.compiler.is_compiling():
+            return None
         if device.type == "cuda":
             event = torch.cuda.Event(enable_timing=True)
             event.record()
@@ -209,6 +212,8 @@ class Clock:
 
     @staticmethod
     def stop(start):
+        if start is None:
+            return None
         if isinstance(start, float):
             return time.perf_counter() - start
         end = torch.cuda.Event(enable_timing=True)
@@ -217,6 +222,8 @@ class Clock:
 
     @staticmethod
     def seconds(timing) -> float:
+        if timing is None:
+            return 0.0
         if isinstance(timing, float):
             return timing
         start, end = timing
