@@ -6,7 +6,6 @@ The end-to-end search on a real tiny pipeline is in test_search.py; these fixtur
 
 from __future__ import annotations
 
-import math
 
 import torch
 

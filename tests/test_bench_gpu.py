@@ -13,6 +13,7 @@ pytest.importorskip("triton")
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # Triton interpreter in a subprocess
 def test_bench_gpu_runs_end_to_end_on_the_interpreter(tmp_path):
     command = [
         sys.executable, "samples/bench_gpu.py", "--device", "cpu", "--layout", "video:2x4x8", "--heads", "8",

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import create_mask
 
-from sparsediff.kernels import flex_sparse
+from sparsediff.kernels import flex_sparse, log
 from sparsediff.kernels.flex_sparse import build_block_mask, compile_unsupported, flex_block_mask, flex_sparse_attention
 from sparsediff.kernels.reference import spec_reference_attention
 from sparsediff.layout import TokenLayout
@@ -99,6 +99,7 @@ def test_sparsity_changes_the_output():
     assert (flex_sparse_attention(q, k, v, spec, compiled=False) - dense).abs().max() > 1e-2
 
 
+@pytest.mark.slow  # compiles flex_attention (15 s on 2 cores)
 @needs_compile
 def test_compiled_matches_spec_reference_on_ragged_text_layout():
     """One compiled graph (band mode, G=2, S=191, D=64, block 16) serves diagonal and multi_diagonal specs."""
@@ -135,7 +136,7 @@ def test_block_mask_is_built_once_per_spec_and_device(monkeypatch):
 
 
 def test_unsupported_compiled_dtype_falls_back_with_one_warning(monkeypatch, caplog):
-    monkeypatch.setattr(flex_sparse, "_warned", set())
+    monkeypatch.setattr(log, "_warned", set())
     spec = make_spec("vertical_stripe_f1", "video:5x2x13", block_size=16)
     q, k, v = qkv(spec.seq_len, dtype=torch.float64)
     with caplog.at_level(logging.WARNING, logger=flex_sparse.__name__):

@@ -60,6 +60,7 @@ def test_cli_generate_video_dense_and_with_a_plan(tmp_path, capsys):
     assert sparse["sparse_density"] < 1.0 and sparse["calls"] > sparse["dense_calls"]
 
 
+@pytest.mark.slow  # the shipped model end to end
 def test_demo_on_the_shipped_model_at_a_small_size(tmp_path, capsys):
     """`sparsediff demo` end to end on the embedded model and its shipped plan (2048 tokens, 7 steps: the plan keeps the first 5 dense; 2 prompts):
     the table's figures, a playable side-by-side video of both prompts, the strip; the sparse half really sparse."""
