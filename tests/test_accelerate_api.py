@@ -199,3 +199,21 @@ def test_wan22_plan_per_transformer():
         pipe(**call_kwargs())
         by_model = {(s.model, s.dense) for s in handle.stats}
     assert by_model == {("transformer", True), ("transformer_2", False)}  # the high-noise expert left dense
+
+
+def test_plan_resolution_is_one_rule(wan_model, tmp_path):
+    """"auto": the model's shipped plan, else dense; "dense"/None: dense; a path or a SparsePlan; bad values named."""
+    from sparsediff.api import resolve_plan
+
+    plan = SparsePlan.uniform(fingerprint(wan_model), "diagonal_w1", block_size=8)
+    assert resolve_plan(wan_model, "auto") is None and resolve_plan(wan_model, "dense") is None
+    assert resolve_plan(wan_model, None) is None and resolve_plan(wan_model, plan) is plan
+    plan.save(tmp_path / "plan.json")
+    assert resolve_plan(wan_model, str(tmp_path / "plan.json")) == plan
+    shipping = SimpleNamespace(transformer=wan_model, shipped_plan=lambda: plan)
+    assert resolve_plan(shipping, "auto") is plan and resolve_plan(shipping, "dense") is None
+    assert resolve_plan(shipping, {"transformer": "auto"}) == {"transformer": plan}
+    with pytest.raises(ValueError, match=r"plan=3 is not a plan; give \"auto\""):
+        resolve_plan(wan_model, 3)
+    with sparsediff.accelerate(shipping) as handle:  # accelerate's default is "auto": the shipped plan
+        assert handle.config.plan is plan
