@@ -26,7 +26,8 @@ import logging
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from .spec import SparseSpec
+from .log import warn_once
+from .spec import SparseSpec, block_order
 
 logger = logging.getLogger(__name__)
 
@@ -40,13 +41,6 @@ COMPILED_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 RECOMPILE_LIMIT = 64
 
 _compiled_flex = None
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        logger.warning(message)
 
 
 def compiled_flex_attention():
@@ -117,27 +111,20 @@ def token_mask_mod(spec: SparseSpec, device: torch.device):
 # ---- BlockMask --------------------------------------------------------------------------------------------
 
 
-def _ordered_blocks(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(count (1, G, nq) int32, index (1, G, nq, nk) int32) of a (G, nq, nk) block mask: True blocks first in
-    ascending order, as in `SparseSpec.block_table`. The tail after `count` holds the remaining block
-    indices instead of -1: flex needs one column per key block and kernels may read past the count."""
-    count = mask.sum(dim=-1).to(torch.int32)
-    index = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
-    return count[None], index[None]
-
-
 def build_block_mask(spec: SparseSpec, device: torch.device | str = "cpu") -> BlockMask:
     """The spec as a flex `BlockMask` of shape (1, G', S, S): full blocks skip the mask, partial blocks apply
     the token rule. Broadcasts over the batch and, for G' = 1, over the group's heads."""
     full = spec.full_block_mask()  # same (G', nq, nk) shape as spec.block_mask
     partial = spec.block_mask & ~full
-    kv_num_blocks, kv_indices = _ordered_blocks(partial)
-    full_kv_num_blocks, full_kv_indices = _ordered_blocks(full)
+    # `block_order`, not `block_table`: flex wants one column per key block (no -1 padding), and its kernels may
+    # read an index past the count
+    kv_indices, kv_num_blocks = block_order(partial)
+    full_kv_indices, full_kv_num_blocks = block_order(full)
     return BlockMask.from_kv_blocks(
-        kv_num_blocks.to(device),
-        kv_indices.to(device),
-        full_kv_num_blocks.to(device),
-        full_kv_indices.to(device),
+        kv_num_blocks[None].to(device),
+        kv_indices[None].to(device),
+        full_kv_num_blocks[None].to(device),
+        full_kv_indices[None].to(device),
         BLOCK_SIZE=spec.block_size,
         mask_mod=token_mask_mod(spec, torch.device(device)),
         seq_lengths=(spec.seq_len, spec.seq_len),
@@ -195,7 +182,7 @@ def flex_sparse_attention(
     if compiled:
         reason = compile_unsupported(q)
         if reason:
-            _warn_once(f"sparsediff: running flex_attention eagerly (slow, dense scores) because {reason}.")
+            warn_once(logger, f"sparsediff: running flex_attention eagerly (slow, dense scores) because {reason}.")
             compiled = False
     block_mask = flex_block_mask(spec, q.device)
     attend = compiled_flex_attention() if compiled else flex_attention

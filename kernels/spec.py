@@ -10,14 +10,16 @@ attends every text key. For two axis tokens i, j (axis positions `a = i - axis_s
 - `"blocks"`: allowed iff block_mask[h, i // block_size, j // block_size]   (topk_blocks; no partial blocks)
 
 `block_mask` is the token rule reduced per block (block-sparse kernels visit exactly its True blocks and
-apply the token rule only inside them). `kv_block_index` / `kv_block_count` list those blocks per query
-block, sorted ascending and padded with -1, the block table a Triton or FlexAttention kernel walks.
+apply the token rule only inside them). `block_table` lists those blocks per query block, sorted ascending and
+padded with -1, the table the Triton and torch kernels walk; `block_order` is the same list continued with the
+blocks left out, the form FlexAttention's `BlockMask` takes. Every backend builds its tables with these two.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -46,12 +48,13 @@ class SparseSpec:
     block_mask: torch.Tensor
     _device_cache: dict = field(default_factory=dict, compare=False, repr=False)
 
-    def cached(self, name: str, device: torch.device, build: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """`build()` moved to `device`, computed once per (name, device): block tables are built once per
-        spec, never per call. The spec itself stays on the CPU."""
+    def cached(self, name: str, device: torch.device, build: Callable[[], Any]) -> Any:
+        """`build()` (a tensor or a tuple of tensors) moved to `device`, computed once per (name, device): block
+        tables are built once per spec, never per call. The spec itself stays on the CPU."""
         key = (name, str(device))
         if key not in self._device_cache:
-            self._device_cache[key] = build().to(device)
+            value = build()
+            self._device_cache[key] = tuple(t.to(device) for t in value) if isinstance(value, tuple) else value.to(device)
         return self._device_cache[key]
 
     def __post_init__(self):
@@ -106,14 +109,22 @@ class SparseSpec:
         return rule | text_r[:, None] | text_c[None, :]
 
 
+def block_order(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (G, nq, nk) bool block mask as (order (G, nq, nk) int32: each query block's kept key blocks, ascending,
+    then the ones left out, ascending; counts (G, nq) int32 of the kept ones)."""
+    # a stable sort of "not kept" puts the kept blocks first, each part in ascending key order
+    order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
+    return order, mask.sum(dim=-1).to(torch.int32)
+
+
 def block_table(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A (G, nq, nk) bool block mask as (indices (G, nq, max_k) int32, ascending, padded with -1; counts (G, nq))."""
-    count = mask.sum(dim=-1).to(torch.int32)
+    """A (G, nq, nk) bool block mask as (indices (G, nq, max_k) int32, ascending, padded with -1; counts (G, nq)):
+    `block_order` cut after the longest list."""
+    order, count = block_order(mask)
     max_k = max(int(count.max()), 1)
-    # a stable sort of "not kept" puts the kept blocks first, in ascending key order
-    order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[..., :max_k]
+    order = order[..., :max_k]
     valid = torch.arange(max_k, device=mask.device)[None, None, :] < count[..., None]
-    return torch.where(valid, order, torch.full_like(order, -1)).to(torch.int32), count
+    return torch.where(valid, order, torch.full_like(order, -1)), count
 
 
 def block_axis_ranges(seq_len: int, axis_start: int, axis_end: int, block_size: int):

@@ -227,14 +227,10 @@ def full_and_partial_blocks(spec: SparseSpec) -> tuple[torch.Tensor, torch.Tenso
 
 def _block_tables(spec: SparseSpec, device: torch.device) -> tuple[torch.Tensor, ...]:
     """(full index, full count, partial index, partial count) on `device`, built once per spec and device."""
-    full, partial = spec.cached(  # (G', nq, nk) each, kept on the CPU
-        "triton_full_partial", torch.device("cpu"), lambda: torch.stack(full_and_partial_blocks(spec))
-    )
+    full, partial = spec.cached("triton_full_partial", torch.device("cpu"), lambda: full_and_partial_blocks(spec))
     return (
-        spec.cached("triton_full_index", device, lambda: block_table(full)[0]),
-        spec.cached("triton_full_count", device, lambda: block_table(full)[1]),
-        spec.cached("triton_partial_index", device, lambda: block_table(partial)[0]),
-        spec.cached("triton_partial_count", device, lambda: block_table(partial)[1]),
+        *spec.cached("triton_full_table", device, lambda: block_table(full)),
+        *spec.cached("triton_partial_table", device, lambda: block_table(partial)),
     )
 
 

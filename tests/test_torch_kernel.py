@@ -5,6 +5,7 @@ import torch
 
 import sparsediff.kernels.torch_sparse as torch_sparse
 from sparsediff.kernels.reference import spec_reference_attention
+from sparsediff.kernels.spec import block_order, block_table
 from sparsediff.kernels.torch_sparse import torch_sparse_attention
 from sparsediff.layout import TokenLayout
 from sparsediff.patterns import get_pattern
@@ -98,3 +99,13 @@ def test_full_blocks_are_exactly_the_blocks_without_a_masked_pair(ragged_layout,
         for j in range(n):
             expect[i, j] = allowed[i * block_size : (i + 1) * block_size, j * block_size : (j + 1) * block_size].all()
     assert torch.equal(spec.full_block_mask()[0], expect & spec.block_mask[0])
+
+
+def test_block_table_and_block_order_list_kept_blocks_ascending():
+    mask = torch.tensor([[[False, True, False, True], [True, True, True, True], [False, False, False, False]]])
+    index, count = block_table(mask)
+    assert count.tolist() == [[2, 4, 0]]
+    assert index.tolist() == [[[1, 3, -1, -1], [0, 1, 2, 3], [-1, -1, -1, -1]]]  # padded with -1 to the longest list
+    order, same_count = block_order(mask)
+    assert torch.equal(same_count, count) and order.dtype == index.dtype == torch.int32
+    assert order.tolist() == [[[1, 3, 0, 2], [0, 1, 2, 3], [0, 1, 2, 3]]]  # each row continued with the blocks left out
