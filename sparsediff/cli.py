@@ -5,12 +5,82 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
 from .version import __version__
 
 logger = logging.getLogger("sparsediff")
+
+
+# ---- checks at the boundary: arguments, devices and output paths, before any work ----------------------------
+def positive_int(text: str) -> int:
+    """argparse type: a whole number above 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; pass one above 0, e.g. 8.") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not above 0; pass a whole number above 0, e.g. 8.")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (no nan or inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; pass a finite number, e.g. 30.") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not finite; pass a finite number, e.g. 30.")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number above 0."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not above 0; pass a number above 0, e.g. 2.")
+    return value
+
+
+def _check_device(device: str | None) -> None:
+    """Refuse a --device that is unknown, or names CUDA where there is none, before anything is loaded."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a device name; pass --device cpu or --device cuda.") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r} is not supported (only cpu and cuda are); pass --device cpu or --device cuda.")
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {device!r} asks for CUDA but this machine has no CUDA device; pass --device cpu.")
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(f"--device {device!r} asks for CUDA device {parsed.index} but this machine has {count}; "
+                             f"pass --device cuda:0, or --device cpu.")
+
+
+def _check_out(out: Path, force: bool, targets: "list[Path] | None" = None, folder: bool = False) -> None:
+    """Refuse an --out that cannot be written (a parent is a file; a folder where a file goes) or that would replace
+    something the user already has (`targets`, default `out` itself) without --force."""
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"--out {str(out)!r} cannot be written because its parent {str(parent)!r} is a file; "
+                         "choose an --out inside a folder.")
+    if not folder and out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a folder, not a file; choose a file name for --out.")
+    if folder and out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file, not a folder; choose a folder for --out.")
+    if not force:
+        for target in targets or [out]:
+            if target.exists():
+                raise ValueError(f"{str(target)!r} already exists; pass --force to overwrite, or choose another --out.")
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -20,6 +90,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
     from .render import render_pattern, render_plan
 
     layout = TokenLayout.parse(args.layout) if args.layout else None
+    profile_dir = bool(args.plan) and Path(args.plan).is_dir()
+    # a profile's two PNGs are checked by render_profile, once the chosen layers and steps are known to exist
+    _check_out(Path(args.out), args.force or profile_dir)
     if args.pattern:
         if layout is None:
             raise ValueError("`sparsediff show --pattern` needs --layout, e.g. --layout video:4x8x8.")
@@ -28,12 +101,13 @@ def _cmd_show(args: argparse.Namespace) -> int:
         info = {"pattern": pattern.name, "layout": str(layout), "out": str(out)}
         if args.block_size:
             info["density"] = round(pattern.estimated_density(layout, args.block_size), 4)
-    elif args.plan and Path(args.plan).is_dir():
+    elif profile_dir:
         from .render import render_profile
         from .search.profile import AttentionProfile
 
         prof = AttentionProfile.load(args.plan)
-        maps, errors = render_profile(prof, args.out, layers=_ints(args.layers), steps=_ints(args.steps))
+        maps, errors = render_profile(prof, args.out, layers=_ints(args.layers), steps=_ints(args.steps),
+                                      force=args.force)
         info = {"profile": args.plan, "out": str(maps), "errors_out": str(errors), "model": prof.model.model_class,
                 "layout": str(prof.layout), "mean_errors": prof.mean_errors()}
     elif args.plan:
@@ -84,6 +158,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from .search.profile import AttentionProfile
 
     out = Path(args.out)
+    _check_device(args.device)
+    _check_out(out, force=True)  # where it can be written; what it would replace is checked below
     if not args.force and (out.exists() or out.with_name("search_report.png").exists()):
         raise ValueError(f"{str(out)!r} or its search_report.png already exists; pass --force to overwrite, or choose another --out.")
     profile = AttentionProfile.load(args.profile)
@@ -118,17 +194,17 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate_video(args: argparse.Namespace) -> int:
-    from .api import load_pipeline
-    from .generate import generate, write_video
+    from .api import load_pipeline, resolve_plan
+    from .generate import generate, video_target, write_video
 
-    from .api import resolve_plan
-
+    _check_device(args.device)
+    _check_out(Path(args.out), args.force, targets=[video_target(args.out)])
     pipe = load_pipeline(args.model, args.device)
     pipe.set_progress_bar_config(disable=args.json)
     plan = resolve_plan(pipe, args.plan)
     sizes = {k: v for k, v in {"height": args.height, "width": args.width, "num_frames": args.frames}.items() if v}
     result = generate(pipe, [args.prompt], plan, backend=args.backend, seed=args.seed, num_inference_steps=args.steps, **sizes)
-    out = write_video(result.frames[0], args.out, fps=args.fps)
+    out = write_video(result.frames[0], args.out, fps=args.fps, force=args.force)
     frames = result.frames[0]
     info = {"out": str(out), "prompt": args.prompt, "frames": int(frames.shape[0]), "height": int(frames.shape[1]),
             "width": int(frames.shape[2]), "steps": args.steps, "seconds": round(result.seconds, 3),
@@ -157,9 +233,11 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
     from .api import load_pipeline, profile
 
+    _check_device(args.device)
+    _check_out(Path(args.out), args.force, folder=True)
+    calls = _calibration_calls(args)
     pipe = load_pipeline(args.model, args.device)
     pipe.set_progress_bar_config(disable=True)  # the profile's own bar counts the work
-    calls = _calibration_calls(args)
     inputs = [dict(c, output_type="latent", generator=torch.Generator().manual_seed(c.pop("seed"))) for c in map(dict, calls)]
     candidates = args.candidates.split(",") if args.candidates else None
     prof = profile(pipe, inputs, out=args.out, candidates=candidates, block_size=args.block_size,
@@ -252,15 +330,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"sparsediff {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the Python traceback too")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     show = sub.add_parser("show", help="render a plan (layer x head grid) or a pattern's mask on a layout to PNG")
     show.add_argument("plan", nargs="?", help="plan JSON file, or profile directory, to render")
     show.add_argument("--pattern", help="a pattern name to render instead, e.g. diagonal_w1")
     show.add_argument("--layout", help="token layout, e.g. text:16+video:4x8x8 (patterns: required)")
-    show.add_argument("--block-size", type=int, default=None, help="draw the block mask instead of the token mask")
-    show.add_argument("--scale", type=int, default=1, help="pixels per mask cell (patterns)")
-    show.add_argument("--out", required=True, help="PNG file to write")
+    show.add_argument("--block-size", type=positive_int, default=None, help="draw the block mask instead of the token mask")
+    show.add_argument("--scale", type=positive_int, default=1, help="pixels per mask cell (patterns)")
+    show.add_argument("--out", required=True, help="PNG file to write (profiles: and <stem>_errors.png beside it)")
+    show.add_argument("--force", action="store_true", help="overwrite existing PNGs")
     show.add_argument("--layers", help="profiles: layers to draw, comma-separated (default: first, middle, last)")
     show.add_argument("--steps", help="profiles: steps to draw, comma-separated (default: first and last)")
     show.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -269,13 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
     prof = sub.add_parser("profile", help="record per-head attention mass and each candidate pattern's error")
     prof.add_argument("--model", required=True, help="a saved diffusers pipeline directory (`embedded`: not yet)")
     prof.add_argument("--prompts", help="text file, one calibration prompt per line (default: one built-in prompt)")
-    prof.add_argument("--steps", type=int, default=10, help="denoising steps per prompt")
-    prof.add_argument("--height", type=int, help="video height in pixels (default: the pipeline's)")
-    prof.add_argument("--width", type=int, help="video width in pixels (default: the pipeline's)")
-    prof.add_argument("--frames", type=int, help="video frames (default: the pipeline's)")
+    prof.add_argument("--steps", type=positive_int, default=10, help="denoising steps per prompt")
+    prof.add_argument("--height", type=positive_int, help="video height in pixels (default: the pipeline's)")
+    prof.add_argument("--width", type=positive_int, help="video width in pixels (default: the pipeline's)")
+    prof.add_argument("--frames", type=positive_int, help="video frames (default: the pipeline's)")
     prof.add_argument("--out", required=True, help="directory to write profile.json and tensors.safetensors to")
+    prof.add_argument("--force", action="store_true", help="write into an existing --out directory, replacing its profile")
     prof.add_argument("--candidates", help="comma-separated pattern names (default: the standard list)")
-    prof.add_argument("--block-size", type=int, default=64, help="block size of the candidates' block masks")
+    prof.add_argument("--block-size", type=positive_int, default=64, help="block size of the candidates' block masks")
     prof.add_argument("--record-steps", help="step indices to record, comma-separated (default: all)")
     prof.add_argument("--layers", help="layer indices to record, comma-separated (default: all)")
     prof.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -286,19 +367,19 @@ def build_parser() -> argparse.ArgumentParser:
     srch.add_argument("--model", required=True, help="the saved diffusers pipeline the profile was recorded on")
     srch.add_argument("--profile", required=True, help="profile directory from `sparsediff profile`")
     srch.add_argument("--out", required=True, help="plan JSON to write (search_report.png goes beside it)")
-    srch.add_argument("--min-psnr", type=float, default=30.0, help="quality floor in dB against the dense output")
-    srch.add_argument("--target-speedup", type=float, help="instead: best quality reaching this predicted speedup")
-    srch.add_argument("--trials", type=int, default=20, help="trials in the study (shared by all workers)")
-    srch.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    srch.add_argument("--min-psnr", type=finite_float, default=30.0, help="quality floor in dB against the dense output")
+    srch.add_argument("--target-speedup", type=positive_float, help="instead: best quality reaching this predicted speedup")
+    srch.add_argument("--trials", type=positive_int, default=20, help="trials in the study (shared by all workers)")
+    srch.add_argument("--timeout", type=positive_float, help="stop starting trials after this many seconds")
     srch.add_argument("--storage", help="SQLAlchemy URL of the study (default: an SQLite file beside --out)")
     srch.add_argument("--backend", help="kernel backend to cost and run (default: automatic)")
     srch.add_argument("--block-sizes", help="block sizes to try, comma-separated (default: the profile's)")
     srch.add_argument("--prompts", help="calibration prompts, one per line (default: the profile's)")
-    srch.add_argument("--steps", type=int, help="denoising steps of the calibration runs (default: the profile's)")
+    srch.add_argument("--steps", type=positive_int, help="denoising steps of the calibration runs (default: the profile's)")
     srch.add_argument("--validate-prompts", help="held-out prompts, one per line: the chosen plan must hold the floor on them too")
-    srch.add_argument("--height", type=int)
-    srch.add_argument("--width", type=int)
-    srch.add_argument("--frames", type=int)
+    srch.add_argument("--height", type=positive_int)
+    srch.add_argument("--width", type=positive_int)
+    srch.add_argument("--frames", type=positive_int)
     srch.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     srch.add_argument("--force", action="store_true", help="overwrite an existing plan and report")
     srch.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
@@ -310,15 +391,16 @@ def build_parser() -> argparse.ArgumentParser:
     vid.add_argument("--model", default="embedded", help="`embedded` (default) or a saved diffusers pipeline directory")
     vid.add_argument("--prompt", required=True)
     vid.add_argument("--plan", default="auto", help="`auto` (default: the model's shipped plan if it has one, else dense), `dense`, or a plan JSON")
-    vid.add_argument("--steps", type=int, default=20)
+    vid.add_argument("--steps", type=positive_int, default=20)
     vid.add_argument("--seed", type=int, default=0)
-    vid.add_argument("--height", type=int)
-    vid.add_argument("--width", type=int)
-    vid.add_argument("--frames", type=int)
-    vid.add_argument("--fps", type=int, default=8)
+    vid.add_argument("--height", type=positive_int)
+    vid.add_argument("--width", type=positive_int)
+    vid.add_argument("--frames", type=positive_int)
+    vid.add_argument("--fps", type=positive_int, default=8)
     vid.add_argument("--backend", help="kernel backend (default: automatic)")
     vid.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    vid.add_argument("--out", required=True, help="video file to write (.mp4)")
+    vid.add_argument("--out", required=True, help="video file to write (.mp4; .gif where ffmpeg is missing)")
+    vid.add_argument("--force", action="store_true", help="overwrite an existing video")
     vid.add_argument("--json", action="store_true")
     vid.set_defaults(func=_cmd_generate_video)
 
@@ -380,7 +462,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
+        if args.debug:
+            raise
+        if isinstance(e, OSError) and e.filename is not None:  # a path of the user's could not be read or written
+            reason = (e.strerror or type(e).__name__).lower()
+            e = f"{str(e.filename)!r} could not be used ({reason}); check that path, or choose another."
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -24,12 +24,29 @@ logger = logging.getLogger(__name__)
 
 
 # ---- files -----------------------------------------------------------------------------------------------
-def write_video(frames: np.ndarray, out: "str | os.PathLike", fps: int = 8) -> Path:
+def video_target(out: "str | os.PathLike") -> Path:
+    """The file `write_video(frames, out)` writes: `out` as .mp4, or as .gif where ffmpeg (imageio-ffmpeg) is missing."""
+    try:
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        return Path(out).with_suffix(".gif")
+    return Path(out).with_suffix(".mp4")
+
+
+def _refuse_existing(target: Path, force: bool) -> None:
+    if not force and target.exists():
+        raise ValueError(f"{str(target)!r} already exists; pass --force to overwrite, or choose another --out.")
+
+
+def write_video(frames: np.ndarray, out: "str | os.PathLike", fps: int = 8, force: bool = True) -> Path:
     """Write (F, H, W, 3) frames in [0, 1] as MP4 (H.264 through imageio-ffmpeg) or, when ffmpeg is missing, as a
     GIF next to the requested name. Returns the path written. Frames are upscaled to at least 128 px high so players
-    show them; the file is written to a temporary name first, so a failure leaves an existing file as it was."""
+    show them; the file is written to a temporary name first, so a failure leaves an existing file as it was.
+    With `force=False` an existing file at the path to be written is refused (ValueError) before anything is written."""
     import imageio.v2 as imageio
 
+    if fps <= 0:
+        raise ValueError(f"fps={fps!r} is not a positive frame rate; pass fps=8, for example.")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     video = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
@@ -40,11 +57,13 @@ def write_video(frames: np.ndarray, out: "str | os.PathLike", fps: int = 8) -> P
         import imageio_ffmpeg  # noqa: F401
 
         target = out.with_suffix(".mp4")
+        _refuse_existing(target, force)
         tmp = target.with_name(f".{target.name}.tmp.mp4")
         imageio.mimwrite(tmp, list(video), fps=fps, codec="libx264", quality=8, macro_block_size=16)
     except (ImportError, RuntimeError) as e:
         logger.warning("sparsediff: writing a GIF instead of MP4 because ffmpeg is unavailable (%s).", e)
         target = out.with_suffix(".gif")
+        _refuse_existing(target, force)
         tmp = target.with_name(f".{target.name}.tmp.gif")
         imageio.mimwrite(tmp, list(video), duration=1000 / fps, loop=0)
     os.replace(tmp, target)
@@ -52,7 +71,8 @@ def write_video(frames: np.ndarray, out: "str | os.PathLike", fps: int = 8) -> P
 
 
 def frame_strip(dense: np.ndarray, sparse: np.ndarray, out: "str | os.PathLike", gain: float = 4.0) -> Path:
-    """PNG: dense frames on top, sparse frames below, |sparse - dense| x gain at the bottom."""
+    """PNG: dense frames on top, sparse frames below, |sparse - dense| x gain at the bottom. Written to a temporary
+    name first, so a failure leaves an existing file as it was."""
     from PIL import Image
 
     diff = np.clip(np.abs(sparse - dense) * gain, 0, 1)
@@ -62,7 +82,9 @@ def frame_strip(dense: np.ndarray, sparse: np.ndarray, out: "str | os.PathLike",
     img = img.repeat(scale, axis=0).repeat(scale, axis=1)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img).save(out)
+    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
+    Image.fromarray(img).save(tmp, format="PNG")
+    os.replace(tmp, out)
     return out
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -21,6 +23,20 @@ KIND_COLOURS = {
     "vertical_stripe": (255, 127, 14),
     "topk_blocks": (148, 103, 189),
 }
+
+
+def _write_atomic(out: "str | Path", save: Callable[[Path], None]) -> Path:
+    """Call `save(tmp)` on a temporary name beside `out`, then rename it to `out`: an interrupted write leaves an
+    existing file as it was."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
+    try:
+        save(tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
 
 
 def kind_colour(kind: str) -> tuple[int, int, int]:
@@ -52,10 +68,7 @@ def render_pattern(
     img[mask.numpy()] = kind_colour(pattern.kind)
     if scale > 1:
         img = img.repeat(scale, axis=0).repeat(scale, axis=1)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img).save(out)
-    return out
+    return _write_atomic(out, Image.fromarray(img).save)
 
 
 def render_plan(plan: SparsePlan, out: "str | Path", layout: TokenLayout | None = None, dpi: int = 100) -> Path:
@@ -88,10 +101,7 @@ def render_plan(plan: SparsePlan, out: "str | Path", layout: TokenLayout | None 
         fontsize=9,
     )
     fig.subplots_adjust(bottom=0.2, right=0.9, wspace=0.4)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
-    return out
+    return _write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=dpi))
 
 
 def plan_grid(plan: SparsePlan, step_range) -> tuple[np.ndarray, set[str]]:
@@ -134,6 +144,7 @@ def render_profile(
     steps: "list[int] | None" = None,
     max_heads: int = 16,
     dpi: int = 100,
+    force: bool = True,
 ) -> tuple[Path, Path]:
     """Write a profile (`sparsediff.search.profile.AttentionProfile`) as two PNGs.
 
@@ -141,11 +152,18 @@ def render_profile(
     chosen (step, layer), one column per head (the first `max_heads`); by default the first, middle and last
     layers at the first and last recorded steps. `<out stem>_errors.png`: the error table as a heatmap, one row
     per (layer, head), one column per candidate, the relative L2 error averaged over the chosen steps (0..1).
+    With `force=False` an existing file at either path is refused (ValueError) before anything is drawn.
     """
     from matplotlib.figure import Figure
 
     layers = _pick(profile.layers, layers, "layers")
     steps = _pick(profile.steps, steps, "steps")
+    out = Path(out)
+    errors_out = out.with_name(f"{out.stem}_errors{out.suffix}")
+    existing = [repr(str(p)) for p in (out, errors_out) if p.exists()]
+    if existing and not force:
+        verb = "exists" if len(existing) == 1 else "exist"
+        raise ValueError(f"{' and '.join(existing)} already {verb}; pass --force to overwrite, or choose another --out.")
     heads = min(profile.num_heads, max_heads)
     rows = [(s, l) for s in steps for l in layers]
     fig = Figure(figsize=(max(5.0, 1.0 + 1.2 * heads), 0.6 + 1.2 * len(rows)), dpi=dpi)
@@ -166,9 +184,7 @@ def render_profile(
         fontsize=9,
     )
     fig.subplots_adjust(top=1 - 0.9 / (0.6 + 1.2 * len(rows)))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
+    _write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=dpi))
 
     t = [profile.steps.index(s) for s in steps]
     errors = profile.errors[t].nanmean(dim=0).flatten(0, 1)  # (L * H, C)
@@ -182,8 +198,7 @@ def render_profile(
     ax.set_title(f"relative L2 error vs full attention, steps {steps} (rows: layer x head)", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.04)
     fig.tight_layout()
-    errors_out = out.with_name(f"{out.stem}_errors{out.suffix}")
-    fig.savefig(errors_out, dpi=dpi)
+    _write_atomic(errors_out, lambda tmp: fig.savefig(tmp, dpi=dpi))
     return out, errors_out
 
 
@@ -219,7 +234,4 @@ def render_search_report(outcomes, front, chosen, plan: SparsePlan, out: "str | 
     grid.legend(handles=[Patch(color=np.array(kind_colour(k)) / 255, label=k) for k in sorted(kinds)], fontsize=7,
                 loc="upper right", bbox_to_anchor=(1.0, -0.12), ncol=3)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
-    return out
+    return _write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=dpi))

@@ -1,0 +1,205 @@
+"""Bad input at the CLI: one sentence naming the value, no traceback, a non-zero exit, before any model is loaded,
+and nothing of the user's overwritten without --force."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import sparsediff.api
+from sparsediff.cli import main
+
+SENTINEL = b"the user's own bytes\n"
+
+
+@pytest.fixture(autouse=True)
+def no_model_loads(monkeypatch):
+    """Every refusal here must come before a pipeline is loaded: loading one fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a pipeline was loaded before the bad input was refused")
+
+    monkeypatch.setattr(sparsediff.api, "load_pipeline", refuse)
+
+
+def _run(argv, capsys) -> tuple[int, str]:
+    """Exit code and stderr of `sparsediff argv`, whether argparse exits or `main` returns."""
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+GENERATE = ["generate", "video", "--prompt", "a red square"]
+
+
+# ---- item 1: nothing the user already has is replaced without --force ---------------------------------------
+@pytest.mark.parametrize(
+    "existing, argv",
+    [
+        ("clip.mp4", [*GENERATE, "--out", "{tmp}/clip.mp4"]),
+        ("clip.mp4", [*GENERATE, "--out", "{tmp}/clip.avi"]),  # the suffix it rewrites lands on an existing MP4
+        ("mask.png", ["show", "--pattern", "diagonal_w1", "--layout", "video:2x4x4", "--out", "{tmp}/mask.png"]),
+        ("prof", ["profile", "--model", "{tmp}/model", "--out", "{tmp}/prof"]),
+        ("plan.json", ["search", "--model", "{tmp}/model", "--profile", "{tmp}/prof", "--out", "{tmp}/plan.json"]),
+    ],
+)
+def test_existing_output_is_refused_without_force(tmp_path, capsys, monkeypatch, existing, argv):
+    import sparsediff.generate
+
+    monkeypatch.setattr(sparsediff.generate, "video_target", lambda out: Path(out).with_suffix(".mp4"))
+    target = tmp_path / existing
+    if existing == "prof":
+        target.mkdir()
+        target = target / "profile.json"
+    target.write_bytes(SENTINEL)
+    code, err = _run([a.format(tmp=tmp_path) for a in argv], capsys)
+    assert code != 0
+    assert existing in err and "pass --force to overwrite, or choose another --out" in err
+    assert target.read_bytes() == SENTINEL
+
+
+def test_show_profile_refuses_its_existing_errors_png(tmp_path, capsys):
+    from sparsediff.render import render_profile
+
+    class Profile:  # just what render_profile reads before it draws
+        layers, steps = [0, 1], [0, 1]
+
+    companion = tmp_path / "maps_errors.png"
+    companion.write_bytes(SENTINEL)
+    with pytest.raises(ValueError, match=r"maps_errors\.png' already exists; pass --force"):
+        render_profile(Profile(), tmp_path / "maps.png", force=False)
+    assert companion.read_bytes() == SENTINEL and not (tmp_path / "maps.png").exists()
+
+
+def test_show_force_overwrites_and_leaves_no_temporary_file(tmp_path, capsys):
+    out = tmp_path / "existing.png"
+    out.write_bytes(SENTINEL)
+    assert main(["show", "--pattern", "diagonal_w1", "--layout", "video:2x4x4", "--out", str(out), "--force", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["out"] == str(out)
+    assert out.read_bytes().startswith(b"\x89PNG") and [p.name for p in tmp_path.iterdir()] == ["existing.png"]
+
+
+def test_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from sparsediff.layout import TokenLayout
+    from sparsediff.patterns import get_pattern
+    from sparsediff.render import render_pattern
+
+    out = tmp_path / "mask.png"
+    out.write_bytes(SENTINEL)
+
+    def interrupted(self, fp, *args, **kwargs):
+        open(fp, "wb").write(b"half a PNG")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        render_pattern(get_pattern("diagonal_w1"), TokenLayout.parse("video:2x4x4"), out)
+    assert out.read_bytes() == SENTINEL and [p.name for p in tmp_path.iterdir()] == ["mask.png"]
+
+
+# ---- item 2: a path of the user's at fault: one sentence, no traceback; --debug shows it -----------------------
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [*GENERATE, "--out", "{tmp}/afile/clip.mp4"],
+        ["show", "--pattern", "diagonal_w1", "--layout", "video:2x4x4", "--out", "{tmp}/afile/deeper/mask.png"],
+        ["profile", "--model", "{tmp}/model", "--out", "{tmp}/afile/prof"],
+        ["search", "--model", "{tmp}/model", "--profile", "{tmp}/prof", "--out", "{tmp}/afile/plan.json"],
+    ],
+)
+def test_out_under_a_file_is_refused(tmp_path, capsys, argv):
+    (tmp_path / "afile").write_bytes(SENTINEL)
+    code, err = _run([a.format(tmp=tmp_path) for a in argv], capsys)
+    assert code != 0
+    assert f"its parent {str(tmp_path / 'afile')!r} is a file" in err and err.count("\n") == 1
+    assert (tmp_path / "afile").read_bytes() == SENTINEL
+
+
+def test_out_that_is_a_file_where_a_folder_goes_and_vice_versa(tmp_path, capsys):
+    (tmp_path / "afile").write_bytes(SENTINEL)
+    code, err = _run(["profile", "--model", str(tmp_path), "--out", str(tmp_path / "afile"), "--force"], capsys)
+    assert code != 0 and "is a file, not a folder" in err and (tmp_path / "afile").read_bytes() == SENTINEL
+    code, err = _run(["show", "--pattern", "diagonal_w1", "--layout", "video:2x4x4", "--out", str(tmp_path), "--force"], capsys)
+    assert code != 0 and "is a folder, not a file" in err
+
+
+def test_os_errors_are_one_sentence_and_debug_shows_the_traceback(tmp_path, capsys):
+    missing = tmp_path / "no-such-prompts.txt"
+    argv = ["profile", "--model", str(tmp_path), "--prompts", str(missing), "--out", str(tmp_path / "prof")]
+    code, err = _run(argv, capsys)
+    assert code != 0 and str(missing) in err and "check that path" in err
+    with pytest.raises(FileNotFoundError):
+        main(["--debug", *argv])
+    with pytest.raises(ValueError, match="needs --layout"):
+        main(["--debug", "show", "--pattern", "diagonal_w1", "--out", str(tmp_path / "x.png")])
+
+
+# ---- item 3: nonsense numbers refused by argparse, naming the value ------------------------------------------
+@pytest.mark.parametrize(
+    "argv, flag, value",
+    [
+        ([*GENERATE, "--out", "x.mp4", "--steps", "0"], "--steps", "0"),
+        ([*GENERATE, "--out", "x.mp4", "--steps", "-3"], "--steps", "-3"),
+        ([*GENERATE, "--out", "x.mp4", "--steps", "two"], "--steps", "two"),
+        ([*GENERATE, "--out", "x.mp4", "--frames", "0"], "--frames", "0"),
+        ([*GENERATE, "--out", "x.mp4", "--fps", "0"], "--fps", "0"),
+        ([*GENERATE, "--out", "x.mp4", "--height", "-64"], "--height", "-64"),
+        ([*GENERATE, "--out", "x.mp4", "--width", "-64"], "--width", "-64"),
+        (["show", "--pattern", "diagonal_w1", "--layout", "video:2x4x4", "--out", "x.png", "--scale", "0"], "--scale", "0"),
+        (["show", "--pattern", "diagonal_w1", "--layout", "video:2x4x4", "--out", "x.png", "--scale", "-3"], "--scale", "-3"),
+        (["show", "--pattern", "diagonal_w1", "--layout", "video:2x4x4", "--out", "x.png", "--block-size", "0"], "--block-size", "0"),
+        (["search", "--model", "m", "--profile", "p", "--out", "x.json", "--target-speedup", "-1"], "--target-speedup", "-1"),
+        (["search", "--model", "m", "--profile", "p", "--out", "x.json", "--target-speedup", "0"], "--target-speedup", "0"),
+        (["search", "--model", "m", "--profile", "p", "--out", "x.json", "--trials", "0"], "--trials", "0"),
+        (["search", "--model", "m", "--profile", "p", "--out", "x.json", "--min-psnr", "nan"], "--min-psnr", "nan"),
+        (["search", "--model", "m", "--profile", "p", "--out", "x.json", "--min-psnr", "inf"], "--min-psnr", "inf"),
+        (["search", "--model", "m", "--profile", "p", "--out", "x.json", "--timeout", "-5"], "--timeout", "-5"),
+        (["profile", "--model", "m", "--out", "p", "--steps", "0"], "--steps", "0"),
+        (["profile", "--model", "m", "--out", "p", "--block-size", "-8"], "--block-size", "-8"),
+    ],
+)
+def test_nonsense_numbers_are_refused_by_the_parser(tmp_path, capsys, monkeypatch, argv, flag, value):
+    monkeypatch.chdir(tmp_path)
+    code, err = _run(argv, capsys)
+    assert code == 2
+    assert f"argument {flag}: {value!r}" in err
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_a_negative_seed_is_fine_for_the_parser():
+    from sparsediff.cli import build_parser
+
+    args = build_parser().parse_args([*GENERATE, "--out", "x.mp4", "--seed", "-1"])
+    assert args.seed == -1 and args.force is False
+
+
+# ---- item 4: devices ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "device, expected",
+    [
+        ("gpu", "is not a device name; pass --device cpu"),
+        ("tpu", "pass --device cpu"),
+        ("cuda:banana", "is not a device name; pass --device cpu"),
+        ("cuda:99", "pass --device cuda:0, or --device cpu"),
+    ],
+)
+def test_bad_device_is_refused_before_loading(tmp_path, capsys, monkeypatch, device, expected):
+    if device == "cuda:99" and not torch.cuda.is_available():
+        expected = "has no CUDA device; pass --device cpu"
+    for argv in ([*GENERATE, "--out", str(tmp_path / "clip.mp4")], ["profile", "--model", "m", "--out", str(tmp_path / "p")]):
+        code, err = _run([*argv, "--device", device], capsys)
+        assert code != 0 and repr(device) in err and expected in err
+
+
+def test_cuda_without_cuda_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, err = _run([*GENERATE, "--out", str(tmp_path / "clip.mp4"), "--device", "cuda"], capsys)
+    assert code != 0 and "--device 'cuda' asks for CUDA but this machine has no CUDA device; pass --device cpu." in err
