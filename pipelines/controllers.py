@@ -5,7 +5,7 @@ groups: batch rows that share a number of valid tokens, each with the `TokenLayo
 layout)]` when every row is whole). Rows with padding run on their valid tokens, and their padded query rows attend
 the valid keys densely, which is what a key-padding-masked SDPA computes (padded keys are never attended).
 
-A controller has `active(layer, state)` (does this call need q, k, v at all: when not, the model's own attention runs
+A controller has `may_replace` (False when it never replaces a call, e.g. a dense plan), `active(layer, state)` (does this call need q, k, v at all: when not, the model's own attention runs
 untouched), `attend(layer, state, query, key, value, groups, scale) -> (output, AttentionStats) | None` (None keeps the
 model's own call) and `record(state, AttentionStats)`.
 """
@@ -69,6 +69,10 @@ class PlanController:
         patterns = self.plan.layer_patterns(state.step, state.num_steps, layer)
         return None if all(p.kind == "full" for p in patterns) else patterns
 
+    @property
+    def may_replace(self) -> bool:
+        return self.plan is not None and not self.plan.is_all_dense
+
     def active(self, layer: int, state: CallState) -> bool:
         return self.patterns(layer, state) is not None
 
@@ -121,6 +125,8 @@ class ObserveController:
         self.log = log
         self.observe = observe
         self.wants = wants
+
+    may_replace = True
 
     def active(self, layer: int, state: CallState) -> bool:
         return self.wants(state.step, layer)

@@ -44,6 +44,8 @@ class Installation:
     def remove(self) -> None:
         for module, processor in self.processors:
             module.processor = processor.restore()
+        if self.hook is not None:
+            self.hook.remove()
         registry = HookRegistry.check_if_exists_or_initialize(self.model)
         if registry.get_hook(HOOK_NAME) is not None:
             registry.remove_hook(HOOK_NAME, recurse=False)
@@ -56,6 +58,11 @@ class Installation:
         self.hook.reset_state(self.model)
 
 
+def _uncompiled(model: torch.nn.Module) -> torch.nn.Module:
+    """The module a `torch.compile` wrapper holds (sparsediff installs into it; the wrapper recompiles once)."""
+    return getattr(model, "_orig_mod", model)
+
+
 class DiffusersVideoAdapter(Adapter):
     """Adapter for the diffusers video families in `families.FAMILIES` (a registry of their own)."""
 
@@ -66,17 +73,18 @@ class DiffusersVideoAdapter(Adapter):
 
     def matches(self, pipe_or_model: Any) -> bool:
         if isinstance(pipe_or_model, torch.nn.Module):
-            return family_of(pipe_or_model) is not None
+            return family_of(_uncompiled(pipe_or_model)) is not None
         found = [getattr(pipe_or_model, n, None) for n in DENOISER_COMPONENTS]
-        return any(m is not None and family_of(m) is not None for m in found)
+        return any(m is not None and family_of(_uncompiled(m)) is not None for m in found)
 
     def denoisers(self, pipe_or_model: Any) -> dict[str, torch.nn.Module]:
         """`{component name: denoiser}`: a pipeline's `transformer`, plus `transformer_2` for Wan 2.2 A14B; a bare
         model is named "transformer"."""
         if isinstance(pipe_or_model, torch.nn.Module):
-            found = {"transformer": pipe_or_model}
+            found = {"transformer": _uncompiled(pipe_or_model)}
         else:
-            found = {n: getattr(pipe_or_model, n) for n in DENOISER_COMPONENTS if getattr(pipe_or_model, n, None) is not None}
+            found = {n: _uncompiled(getattr(pipe_or_model, n)) for n in DENOISER_COMPONENTS
+                     if getattr(pipe_or_model, n, None) is not None}
         for name, model in found.items():
             if family_of(model) is None:
                 inner = "" if model is pipe_or_model else f" (its {name} is a {type(model).__name__})"

@@ -20,6 +20,7 @@ import torch
 from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 
+from .compiled_ops import register_site, unregister_site
 from .families import Family
 from .state import CallState, RunLog
 
@@ -74,15 +75,29 @@ class StepTrackingHook(ModelHook):
         self.num_steps = num_steps
         self.contexts = StateManager(_Calls)  # diffusers' cache_context() sets the pipeline's CacheContext here
         self._outside = _Calls()  # calls made outside any cache context
+        self.site = register_site(self)
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         inputs = self.family.forward_inputs(module, args, kwargs)
-        context: CacheContext | None = self.contexts._context
-        self.state.grid = self.family.grid(module, inputs)
-        self.state.context = context.name if context is not None else None
-        self.state.step, self.state.num_steps, self.state.source = self._locate(context, inputs.get("timestep"))
-        self.log.begin_call(self.state)
+        grid = self.family.grid(module, inputs)  # shapes only: constant in a compiled graph
+        timestep = inputs.get("timestep")
+        if torch.compiler.is_compiling():  # the step is found at run time, in an op (see compiled_ops.py)
+            t = timestep if torch.is_tensor(timestep) else torch.tensor([] if timestep is None else [float(timestep)])
+            self.state.token = torch.ops.sparsediff.begin_call(t, self.site, list(grid) if grid else [])
+        else:
+            self.begin(timestep, grid)
         return args, kwargs
+
+    def begin(self, timestep, grid) -> None:
+        """Record one denoiser call: its token grid, cache context and denoising step."""
+        context: CacheContext | None = self.contexts._context
+        self.state.grid = grid
+        self.state.context = context.name if context is not None else None
+        self.state.step, self.state.num_steps, self.state.source = self._locate(context, timestep)
+        self.log.begin_call(self.state)
+
+    def remove(self) -> None:
+        unregister_site(self.site)
 
     def _locate(self, context: CacheContext | None, timestep) -> tuple[int, int | None, str]:
         calls = self.contexts.get_state() if context is not None else self._outside

@@ -1,14 +1,17 @@
-"""The attention processor sparsediff installs: the model's own processor, with only its attention call replaced.
+"""The attention processor sparsediff installs: the model's own processor code, with only its attention call routed.
 
-Each video self-attention layer gets one `SparseAttnProcessor` wrapping the processor it had. The wrapper calls that
-original processor, so the model's own projections, norms and RoPE run unchanged, inside a `TorchFunctionMode` that
-catches its `F.scaled_dot_product_attention` call(s), turns each into q, k, v in (B, H, S, D) layout with the token
-layouts of its batch rows, and hands them to a controller (`controllers.py`): the sparse runtime when accelerating,
-the profiler when profiling. When the controller replaces nothing (dense steps and
-layers, an all-`full` plan) the original SDPA call runs as is, so the output is bit-identical to the unwrapped model.
+Each video self-attention layer gets one `SparseAttnProcessor` wrapping the processor it had. The wrapper runs the
+original processor's own `__call__` code, so the model's projections, norms and RoPE run unchanged, but rebound to
+globals in which `F.scaled_dot_product_attention` (CogVideoX, Mochi) and diffusers' `dispatch_attention_fn` (Wan,
+LTX, HunyuanVideo) lead to this layer's `attend`. No function mode and no patching of diffusers: the rebound code is
+an ordinary Python function, which `torch.compile` traces (`fullgraph=True` included).
 
-Processors that dispatch through diffusers' attention backends (Wan, LTX, HunyuanVideo) run on the `native` backend
-while a call is replaced, since only that backend ends in SDPA; dense calls keep the backend the user chose.
+`attend` turns a call into q, k, v in (B, H, S, D) layout with the token layouts of its batch rows and asks the
+controller (`controllers.py`): the sparse runtime when accelerating, the profiler when profiling. When the controller
+replaces nothing (dense steps and layers, an all-`full` plan) the original call runs as is, with the backend the user
+chose, so the output is bit-identical to the unwrapped model. Under `torch.compile` the decision is made at run time
+inside the `sparsediff::attention` op (`compiled_ops.py`), so changing plans between steps never recompiles.
+
 `_attention_backend` and `_parallel_config` live on the wrapper, where `set_attention_backend` and
 `enable_parallelism` put them, and are handed to the original processor on every call.
 """
@@ -17,21 +20,21 @@ from __future__ import annotations
 
 import inspect
 import logging
-import dataclasses
+import sys
+import types
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from ..kernels.log import warn_once
 from ..runtime import AttentionStats, Clock
+from .compiled_ops import register_site, unregister_site
 from .controllers import TokenGroups
 from .state import CallState
 
 logger = logging.getLogger("sparsediff.pipelines")
 
-_SDPA = F.scaled_dot_product_attention
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SWITCHES = ("_attention_backend", "_parallel_config")  # diffusers' per-processor switches
 _MISSING = object()
@@ -81,55 +84,17 @@ def _check_plain(dropout_p: float, is_causal: bool, enable_gqa: bool, query, key
         raise DenseFallback("the attention call uses dropout, causal masking, GQA or unequal q/k/v shapes")
 
 
-class SDPAIntercept(TorchFunctionMode):
-    """Sends every `F.scaled_dot_product_attention` call made inside it, as q, k, v with their token groups, to
-    `controller.attend` (which returns `(output, AttentionStats)`, or None to keep SDPA). Torch disables
-    the mode while `__torch_function__` runs, so the controller's own SDPA calls go straight through."""
-
-    def __init__(self, controller, layer: int, state: CallState):
-        super().__init__()
-        self.controller, self.layer, self.state = controller, layer, state
-        self.calls: list[AttentionStats] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not _SDPA:
-            return func(*args, **kwargs)
-        call = {**dict(zip(_SDPA_PARAMS, args)), **kwargs}
-        result = self._attend(**call)
-        out, stats = (func(*args, **kwargs), AttentionStats()) if result is None else result
-        self.calls.append(stats)
-        return out
-
-    def _attend(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        try:
-            _check_plain(dropout_p, is_causal, enable_gqa, query, key, value)
-            groups = token_groups(self.state, query, attn_mask)
-        except DenseFallback as why:
-            warn_once(logger, f"sparsediff: attention stays dense because {why}.")
-            return None
-        return self.controller.attend(self.layer, self.state, query, key, value, groups, scale)
-
-    def layer_stats(self, timing) -> AttentionStats:
-        """The layer call's record: a Mochi-style layer makes one SDPA call per sample, each counted in the density.
-        `timing` is the whole layer call's (projections included, as for a dense layer, so the two compare)."""
-        replaced = [c for c in self.calls if not c.dense]
-        if not replaced:
-            return AttentionStats(timings=[timing])
-        density = (sum(r.density for r in replaced) + len(self.calls) - len(replaced)) / len(self.calls)
-        return dataclasses.replace(replaced[0], density=density, timings=[timing], groups=())
-
-
 class SparseAttnProcessor:
-    """Wraps one layer's original processor; the controller decides each call.
+    """Wraps one layer's original processor; the controller decides each attention call.
 
     Args:
         original: the processor the layer had (restored by `restore()`).
         layer (int): the layer's index among the model's video self-attention layers.
         state (CallState): written by the step-tracking hook before each denoiser call.
-        controller: has `active(layer, state) -> bool` (does this call need q, k, v at all),
-            `attend(layer, state, query, key, value, groups, scale) -> (output, AttentionStats) | None` and
-            `record(state, AttentionStats)`.
+        controller: has `may_replace` (False when no call can ever be replaced: a dense plan), `active(layer, state)
+            -> bool` (does this call need q, k, v at all),
+            `attend(layer, state, query, key, value, groups, scale) -> (output, AttentionStats) | None` (None keeps
+            the model's own call) and `record(state, AttentionStats)`.
     """
 
     _attention_backend = None
@@ -143,39 +108,105 @@ class SparseAttnProcessor:
         self._saved = {name: vars(original).get(name, _MISSING) for name in _SWITCHES if hasattr(original, name)}
         for name in self._saved:
             setattr(self, name, getattr(original, name))
+        self.site = register_site(self)
+        self._call = rebind(type(original).__call__, self)
 
-    def _run(self, attn: torch.nn.Module, *args, **kwargs):
-        active = self.controller.active(self.layer, self.state)
-        if active and self._parallel_config is not None:
-            warn_once(
-                logger,
-                "sparsediff: context parallelism is enabled, so attention stays dense; sparse patterns need the full "
-                "sequence of every head, which Ulysses/ring sharding does not give this processor.",
+    # ---- the routed attention calls ------------------------------------------------------------------------
+    def sdpa(self, *args, **kwargs) -> torch.Tensor:
+        """Stands in for `F.scaled_dot_product_attention` in the original processor's code: (B, H, S, D)."""
+        call = {**dict(zip(_SDPA_PARAMS, args)), **kwargs}
+        return self._route(call, lambda: F.scaled_dot_product_attention(*args, **kwargs), heads_first=True)
+
+    def dispatch(self, *args, **kwargs) -> torch.Tensor:
+        """Stands in for diffusers' `dispatch_attention_fn` in the original processor's code: (B, S, H, D)."""
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        call = {**dict(zip(_SDPA_PARAMS, args)), **kwargs}
+        own = lambda: dispatch_attention_fn(*args, **kwargs)  # noqa: E731
+        if call.get("parallel_config") is not None or call.get("attention_kwargs"):
+            if call.get("parallel_config") is not None and self.controller.may_replace:
+                warn_once(
+                    logger,
+                    "sparsediff: context parallelism is enabled, so attention stays dense; sparse patterns need the "
+                    "full sequence of every head, which Ulysses/ring sharding does not give this processor.",
+                )
+            return own()
+        sdpa = {k: v for k, v in call.items() if k in _SDPA_PARAMS}
+        q, k, v = (sdpa.pop(n).transpose(1, 2) for n in ("query", "key", "value"))  # (B, H, S, D)
+        return self._route({"query": q, "key": k, "value": v, **sdpa}, own, heads_first=False)
+
+    def _route(self, call: dict, original, heads_first: bool) -> torch.Tensor:
+        """Eagerly, or through the `sparsediff::attention` op when compiling (the decision is made at run time)."""
+        if torch.compiler.is_compiling():
+            if not self.controller.may_replace:  # nothing to decide: the model's own call, traced as it is
+                return original()
+            token = getattr(self.state, "token", None)
+            token = token if token is not None else call["query"].new_zeros(())
+            out = torch.ops.sparsediff.attention(
+                call["query"], call["key"], call["value"], token, self.site, call.get("attn_mask"),
+                float(call.get("dropout_p", 0.0)), bool(call.get("is_causal", False)), call.get("scale"),
+                bool(call.get("enable_gqa", False)), heads_first,
             )
-            active = False
-        self._hand_switches(native=active)
-        hidden = args[0] if args else kwargs.get("hidden_states")
-        start = Clock.start(hidden.device if torch.is_tensor(hidden) else torch.device("cpu"))
-        if not active:  # the model's own call, untouched
-            out = self.original(attn, *args, **kwargs)
-            self.controller.record(self.state, AttentionStats(timings=[Clock.stop(start)]))
-            return out
-        intercept = SDPAIntercept(self.controller, self.layer, self.state)
-        with intercept:
-            out = self.original(attn, *args, **kwargs)
-        self.controller.record(self.state, intercept.layer_stats(Clock.stop(start)))
+            return out if heads_first else out.transpose(1, 2)
+        start = Clock.start(call["query"].device)
+        result = self._decide(call)
+        if result is None:  # the model's own call, timed too so that dense and sparse steps compare
+            out, stats = original(), AttentionStats()
+        else:
+            out, stats = result
+            out = out if heads_first else out.transpose(1, 2)
+        stats.timings = [Clock.stop(start)]
+        self.controller.record(self.state, stats)
         return out
 
-    def _hand_switches(self, native: bool) -> None:
-        if "_attention_backend" in self._saved:
-            from diffusers.models.attention_dispatch import AttentionBackendName
+    def attend_eager(self, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, heads_first) -> torch.Tensor:
+        """The `sparsediff::attention` op's body: (B, H, S, D) in and out, decided and recorded at run time."""
+        call = dict(query=query, key=key, value=value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                    scale=scale, enable_gqa=enable_gqa)
+        start = Clock.start(query.device)
+        result = self._decide(call)
+        if result is not None:
+            out, stats = result
+        elif heads_first:
+            out, stats = F.scaled_dot_product_attention(**call), AttentionStats()
+        else:  # the user's diffusers backend, as the model's own call would run it
+            from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-            self.original._attention_backend = AttentionBackendName.NATIVE if native else self._attention_backend
-        if "_parallel_config" in self._saved:
-            self.original._parallel_config = self._parallel_config
+            q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+            out = dispatch_attention_fn(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                        scale=scale, enable_gqa=enable_gqa, backend=self.original._attention_backend)
+            out, stats = out.transpose(1, 2), AttentionStats()
+        stats.timings = [Clock.stop(start)]
+        self.controller.record(self.state, stats)
+        return out
+
+    def _decide(self, call: dict):
+        """`(output, AttentionStats)` from the controller for one (B, H, S, D) call, or None for the model's own."""
+        if not self.controller.active(self.layer, self.state):
+            return None
+        query = call["query"]
+        try:
+            _check_plain(call.get("dropout_p", 0.0), call.get("is_causal", False), call.get("enable_gqa", False),
+                         query, call["key"], call["value"])
+            groups = token_groups(self.state, query, call.get("attn_mask"))
+        except DenseFallback as why:
+            warn_once(logger, f"sparsediff: attention stays dense because {why}.")
+            return None
+        return self.controller.attend(self.layer, self.state, query, call["key"], call["value"], groups, call.get("scale"))
+
+    # ---- the processor call --------------------------------------------------------------------------------
+    def _run(self, attn: torch.nn.Module, *args, **kwargs):
+        self._hand_switches()
+        return self._call(self.original, attn, *args, **kwargs)
+
+    def _hand_switches(self) -> None:
+        for name in self._saved:
+            setattr(self.original, name, getattr(self, name))
 
     def restore(self) -> Any:
         """The original processor, with diffusers' switches as they were, or as the user set them since."""
+        unregister_site(self.site)
+        unbind(self._call)
         for name, saved in self._saved.items():
             initial = saved if saved is not _MISSING else getattr(type(self.original), name, None)
             current = getattr(self, name)
@@ -186,6 +217,41 @@ class SparseAttnProcessor:
             else:
                 setattr(self.original, name, saved)
         return self.original
+
+
+def rebind(function: types.FunctionType, processor: SparseAttnProcessor) -> types.FunctionType:
+    """`function` (a processor's `__call__`) with its global `F` and `dispatch_attention_fn` leading to `processor`.
+
+    The code is the processor's own; only the names it looks up change. They live in a copy of its module registered
+    in `sys.modules` under a name of sparsediff's (removed by `unbind`): the compiler reads a function's globals
+    through the module its `__module__` names, so the copy must be a real module."""
+    names = function.__globals__
+    routed = {}
+    if names.get("F") is F:
+        shim = types.ModuleType("sparsediff_functional", "torch.nn.functional with SDPA routed to sparsediff")
+        shim.__dict__.update({k: v for k, v in vars(F).items() if not k.startswith("__")})
+        shim.scaled_dot_product_attention = processor.sdpa
+        routed["F"] = shim
+    if "dispatch_attention_fn" in names:
+        routed["dispatch_attention_fn"] = processor.dispatch
+    if not routed:
+        raise ValueError(
+            f"sparsediff cannot route the attention of {type(processor.original).__name__}: its code calls neither "
+            "F.scaled_dot_product_attention nor diffusers' dispatch_attention_fn; accelerate a supported family."
+        )
+    module = types.ModuleType(f"{__name__}._routed_{processor.site}")
+    module.__dict__.update({**names, **routed, "__name__": module.__name__})
+    sys.modules[module.__name__] = module
+    # a code object of its own: the compiler keys what it learns about a function on its code object, and the
+    # original processors of other layers (cross-attention) run the same code with the module's own globals
+    code = function.__code__.replace()
+    rebound = types.FunctionType(code, module.__dict__, function.__name__, function.__defaults__, function.__closure__)
+    rebound.__kwdefaults__ = function.__kwdefaults__
+    return rebound
+
+
+def unbind(rebound: types.FunctionType) -> None:
+    sys.modules.pop(rebound.__module__, None)
 
 
 _classes: dict[type, type] = {}

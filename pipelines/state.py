@@ -1,7 +1,7 @@
 """State shared by a denoiser's hook and its attention processors, and the run log of what they did.
 
 The step-tracking hook writes a `CallState` (which denoiser, token grid, step, cache context) before every denoiser
-forward; the processors of that denoiser read it. Every attention layer call adds its `AttentionStats` to the
+forward; the processors of that denoiser read it. Every attention call adds its `AttentionStats` to the
 `RunLog`, which folds them into one `AttentionStats` per (denoiser, cache context, step) of the current run.
 """
 

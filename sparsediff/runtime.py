@@ -143,12 +143,13 @@ def build_spec(pattern: Pattern, layout: TokenLayout, block_size: int, scores: t
 class AttentionStats:
     """What attention did, the one record from a kernel call up to `handle.summary()`.
 
-    A runtime call returns one for its layer call; a pipeline's run log folds them (`fold`) into one per
+    A runtime call returns one for its attention call; a pipeline's run log folds them (`fold`) into one per
     (denoiser, cache context, step), filling in where they come from.
 
-    Fields: `density` (share of attention blocks computed, mean over heads and layers: full = 1, skip = 0),
-    `heads_skipped` / `heads_sparse` / `heads_full` (summed over layers), `dense` (every head ran the model's own
-    attention), `layers` (layer calls folded in), `backend`, `groups` (a single call's head groups, with global head
+    Fields: `density` (share of attention blocks computed, mean over heads and calls: full = 1, skip = 0),
+    `heads_skipped` / `heads_sparse` / `heads_full` (summed over calls), `dense` (every head ran the model's own
+    attention), `layers` (attention calls folded in: one per layer, or one per sample where a model loops over its
+    batch, as Mochi does), `backend`, `groups` (a single call's head groups, with global head
     indices), `timings` (raw timings of the attention calls; `attention_ms` reads them), and where a folded record
     belongs: `model`, `context`, `step`, `num_steps`, `source` (how the step was found).
     """

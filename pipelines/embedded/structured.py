@@ -85,6 +85,8 @@ class StructureController:
         self.use_sparse = False
         self.losses: list[torch.Tensor] = []
 
+    may_replace = True
+
     def active(self, layer: int, state) -> bool:
         return True  # the dense output is the layer's own, so an all-full layer is exact
 
