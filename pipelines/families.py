@@ -82,10 +82,16 @@ class Family:
         pattern = re.compile(self.attention)
         return [(name, module) for name, module in model.named_modules() if pattern.fullmatch(name)]
 
-    def forward_inputs(self, model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    @staticmethod
+    def forward_parameters(model: torch.nn.Module) -> tuple[str, ...]:
+        """Names of the transformer's forward parameters after `self`, in order (read once, at install time:
+        `inspect` cannot run inside a compiled graph)."""
+        return tuple(inspect.signature(type(model).forward).parameters)[1:]
+
+    @staticmethod
+    def forward_inputs(parameters: tuple[str, ...], args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The transformer's forward arguments by name, whether passed by position or keyword."""
-        bound = inspect.signature(type(model).forward).bind_partial(model, *args, **kwargs)
-        return dict(bound.arguments)
+        return {**dict(zip(parameters, args)), **kwargs}
 
 
 FAMILIES: dict[str, Family] = {}

@@ -76,9 +76,14 @@ class StepTrackingHook(ModelHook):
         self.contexts = StateManager(_Calls)  # diffusers' cache_context() sets the pipeline's CacheContext here
         self._outside = _Calls()  # calls made outside any cache context
         self.site = register_site(self)
+        self.parameters: tuple[str, ...] = ()  # the model's forward parameters, set by `initialize_hook`
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.parameters = self.family.forward_parameters(module)
+        return module
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
-        inputs = self.family.forward_inputs(module, args, kwargs)
+        inputs = self.family.forward_inputs(self.parameters, args, kwargs)
         grid = self.family.grid(module, inputs)  # shapes only: constant in a compiled graph
         timestep = inputs.get("timestep")
         if torch.compiler.is_compiling():  # the step is found at run time, in an op (see compiled_ops.py)
