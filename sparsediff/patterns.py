@@ -378,11 +378,18 @@ def get_pattern(spec: "str | Pattern") -> Pattern:
         raise ValueError(f"Unknown pattern {spec!r}; known patterns: {', '.join(PATTERNS)} (e.g. 'diagonal_w1').")
     by_tag = {tag: field for field, tag in cls.params.items()}
     values: dict[str, float] = {}
-    for token in filter(None, spec[len(kind) :].split("_")):
+    expected = ", ".join(f"{t}<number> ({f})" for t, f in by_tag.items()) or "no parameters"
+    tokens = spec[len(kind) + 1 :].split("_") if spec != kind else []
+    for token in tokens:
+        if not token:
+            raise ValueError(f"Pattern {spec!r} has an empty parameter (a stray '_'); {kind} takes {expected}, "
+                             f"joined by single underscores as in {get_pattern(kind).name!r}.")
         m = _NAME_RE.match(token)
         if not m or m.group(1) not in by_tag:
-            expected = ", ".join(f"{t}<number> ({f})" for t, f in by_tag.items()) or "no parameters"
             raise ValueError(f"Pattern {spec!r} has a bad parameter {token!r}; {kind} takes {expected}.")
+        if by_tag[m.group(1)] in values:
+            raise ValueError(f"Pattern {spec!r} gives parameter {m.group(1)!r} twice; give each parameter once, "
+                             f"e.g. {kind}_{token}.")
         try:
             values[by_tag[m.group(1)]] = float(m.group(2))
         except ValueError:

@@ -28,6 +28,20 @@ from .version import __version__
 SCHEMA_VERSION = 1
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    """`repr(value)`, cut to `limit` characters so a huge field stays one readable sentence."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _expect(value: Any, kind: "type | tuple[type, ...]", name: str, expected: str) -> Any:
+    """`value` when it is a `kind` (never a bool standing in for a number); otherwise a ValueError naming the field."""
+    if isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool):
+        return value
+    raise ValueError(f"Plan field {name!r} is {_short(value)}; it must be {expected}. Fix the file or re-create it "
+                     "with `sparsediff search`.")
+
+
 @dataclass(frozen=True)
 class ModelFingerprint:
     """What a plan was made for: the denoiser class, its attention shape and a hash of its config."""
@@ -154,14 +168,27 @@ class SparsePlan:
     @classmethod
     def load(cls, path: "str | os.PathLike", model: ModelFingerprint | None = None) -> "SparsePlan":
         """Read and validate a plan; with `model`, refuse a plan made for another model."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise ValueError(f"SparsePlan.load takes the path of a plan JSON file, not {path!r}; pass a str or Path.")
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"Plan file {str(path)!r} does not exist; make one with `sparsediff search` or SparsePlan.save.")
         try:
-            data = json.loads(path.read_text())
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"Plan file {str(path)!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                             f"{e.start}); pass a plan JSON file written by `sparsediff search`.") from None
+        try:
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"Plan file {str(path)!r} is not valid JSON ({e}); re-create it with `sparsediff search`.") from None
-        plan = cls.from_dict(data)
+        except RecursionError:
+            raise ValueError(f"Plan file {str(path)!r} nests JSON too deeply to read; a plan is a few levels deep, so "
+                             "re-create it with `sparsediff search`.") from None
+        try:
+            plan = cls.from_dict(data)
+        except ValueError as e:
+            raise ValueError(f"Plan file {str(path)!r}: {e}") from None
         if model is not None:
             plan.check_model(model)
         return plan
@@ -169,7 +196,7 @@ class SparsePlan:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SparsePlan":
         if not isinstance(data, dict):
-            raise ValueError(f"A plan is a JSON object, not {type(data).__name__}.")
+            raise ValueError(f"A plan is a JSON object, not {type(data).__name__}; pass a plan written by `sparsediff search`.")
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
             raise ValueError(
@@ -184,29 +211,36 @@ class SparsePlan:
             model = ModelFingerprint(**m)
         except TypeError:
             want = ", ".join(ModelFingerprint.__dataclass_fields__)
-            raise ValueError(f"Plan field 'model' is {m!r}; it needs exactly the keys {want}.") from None
+            raise ValueError(f"Plan field 'model' is {_short(m)}; it needs exactly the keys {want}.") from None
+        for key in ("model_class", "config_hash"):
+            _expect(getattr(model, key), str, f"model.{key}", "a string")
         ranges = []
-        for i, r in enumerate(data["ranges"]):
+        for i, r in enumerate(_expect(data["ranges"], list, "ranges", "a list of {start, end, layers} objects")):
             if not isinstance(r, dict) or not {"start", "end", "layers"} <= set(r):
-                raise ValueError(f"Plan field 'ranges[{i}]' needs 'start', 'end' and 'layers'.")
+                raise ValueError(f"Plan field 'ranges[{i}]' is {_short(r)}; it needs 'start', 'end' and 'layers'.")
+            bounds = [_expect(r[key], (int, float), f"ranges[{i}].{key}", "a number in [0, 1]") for key in ("start", "end")]
             layers = []
-            for li, layer in enumerate(r["layers"]):
+            for li, layer in enumerate(_expect(r["layers"], list, f"ranges[{i}].layers", "a list with one list of head patterns per layer")):
                 heads = []
-                for hi, name in enumerate(layer):
+                for hi, name in enumerate(_expect(layer, list, f"ranges[{i}].layers[{li}]", "a list of pattern names, one per head")):
                     try:
                         heads.append(get_pattern(name))
                     except ValueError as e:
                         raise ValueError(f"Plan field 'ranges[{i}].layers[{li}][{hi}]': {e}") from None
                 layers.append(tuple(heads))
-            ranges.append(StepRange(float(r["start"]), float(r["end"]), tuple(layers)))
+            ranges.append(StepRange(float(bounds[0]), float(bounds[1]), tuple(layers)))
+        dense_layers = _expect(data.get("dense_layers", []), list, "dense_layers", "a list of layer indices such as [0, 1]")
+        layout = data.get("layout")
+        if layout is not None:
+            _expect(layout, str, "layout", "a layout string such as 'video:4x8x8', or null")
         plan = cls(
             model=model,
             ranges=ranges,
             block_size=data["block_size"],
             dense_steps=data.get("dense_steps", 0),
-            dense_layers=tuple(data.get("dense_layers", ())),
-            layout=data.get("layout"),
-            search=data.get("search", {}),
+            dense_layers=tuple(dense_layers),
+            layout=layout,
+            search=_expect(data.get("search", {}), dict, "search", "an object of search metadata"),
             sparsediff_version=data.get("sparsediff_version", "unknown"),
             schema_version=version,
         )
@@ -224,12 +258,12 @@ class SparsePlan:
         if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size <= 0:
             raise ValueError(f"Plan field 'block_size' is {self.block_size!r}; use a positive integer such as 64.")
         ds = self.dense_steps
-        if isinstance(ds, bool) or not isinstance(ds, (int, float)) or ds < 0 or (isinstance(ds, float) and ds > 1):
+        if isinstance(ds, bool) or not isinstance(ds, (int, float)) or not 0 <= ds or (isinstance(ds, float) and not ds <= 1):
             raise ValueError(
                 f"Plan field 'dense_steps' is {ds!r}; give a count of leading steps (int >= 0) or a fraction in [0, 1]."
             )
         for layer in self.dense_layers:
-            if not isinstance(layer, int) or not 0 <= layer < m.num_layers:
+            if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < m.num_layers:
                 raise ValueError(
                     f"Plan field 'dense_layers' holds {layer!r}; layers are integers in [0, {m.num_layers - 1}]."
                 )

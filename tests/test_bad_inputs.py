@@ -203,3 +203,64 @@ def test_cuda_without_cuda_is_refused_before_loading(tmp_path, capsys, monkeypat
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     code, err = _run([*GENERATE, "--out", str(tmp_path / "clip.mp4"), "--device", "cuda"], capsys)
     assert code != 0 and "--device 'cuda' asks for CUDA but this machine has no CUDA device; pass --device cpu." in err
+
+
+# ---- item 5: plan files that are not plans: one sentence naming the file and the field -----------------------
+def _plan_dict() -> dict:
+    from sparsediff.plan import ModelFingerprint, SparsePlan
+
+    return SparsePlan.uniform(ModelFingerprint("Toy", 2, 2, 8, "cafe"), "diagonal_w1").to_dict()
+
+
+def _edited(path, **edits):
+    data = _plan_dict()
+    for key, value in edits.items():
+        target, *keys = key.split("__")
+        node = data
+        for k in [target, *keys][:-1]:
+            node = node[int(k) if k.isdigit() else k]
+        last = [target, *keys][-1]
+        node[int(last) if last.isdigit() else last] = value
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    "write, words",
+    [
+        (lambda p: _edited(p, ranges=None), "Plan field 'ranges' is None; it must be a list"),
+        (lambda p: _edited(p, ranges__0__layers=7), "Plan field 'ranges[0].layers' is 7; it must be a list"),
+        (lambda p: _edited(p, ranges__0__layers__1=None), "Plan field 'ranges[0].layers[1]' is None; it must be a list"),
+        (lambda p: _edited(p, ranges__0__layers__1__0=5), "Plan field 'ranges[0].layers[1][0]': A pattern is a name"),
+        (lambda p: _edited(p, ranges__0__start=None), "Plan field 'ranges[0].start' is None; it must be a number"),
+        (lambda p: _edited(p, dense_layers=None), "Plan field 'dense_layers' is None; it must be a list"),
+        (lambda p: _edited(p, dense_layers=3), "Plan field 'dense_layers' is 3; it must be a list"),
+        (lambda p: _edited(p, block_size="64"), "Plan field 'block_size' is '64'; use a positive integer"),
+        (lambda p: _edited(p, ranges__0__layers__0__0="diagonal_w1_w2"), "gives parameter 'w' twice"),
+        (lambda p: p.write_bytes(b"\xff\xfe\x00garbage"), "is not UTF-8 text (byte 0xff at offset 0)"),
+        (lambda p: p.write_bytes(b"[" * 200_000), "nests JSON too deeply to read"),
+        (lambda p: p.write_bytes(b"not json at all"), "is not valid JSON"),
+        (lambda p: p.write_bytes(b"42"), "A plan is a JSON object, not int"),
+    ],
+)
+def test_show_a_broken_plan_names_the_file_and_field(tmp_path, capsys, write, words):
+    plan = tmp_path / "plan.json"
+    write(plan)
+    before = plan.read_bytes()
+    code, err = _run(["show", str(plan), "--out", str(tmp_path / "x.png")], capsys)
+    assert code == 2 and err.startswith(f"error: Plan file {str(plan)!r}") and words in err
+    assert err.count("\n") == 1 and plan.read_bytes() == before and not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize(
+    "name, words",
+    [
+        ("diagonal_w1_w2", "'diagonal_w1_w2' gives parameter 'w' twice"),
+        ("topk_blocks_k0.5_k0.5", "gives parameter 'k' twice"),
+        ("diagonal__w1", "'diagonal__w1' has an empty parameter"),
+        ("diagonal_w-1", "w=-1"),
+        ("spiral_w2", "Unknown pattern 'spiral_w2'"),
+    ],
+)
+def test_show_a_malformed_pattern_name_is_named(tmp_path, capsys, name, words):
+    code, err = _run(["show", "--pattern", name, "--layout", "video:2x4x4", "--out", str(tmp_path / "m.png")], capsys)
+    assert code == 2 and words in err and err.count("\n") == 1 and not (tmp_path / "m.png").exists()

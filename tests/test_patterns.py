@@ -224,3 +224,29 @@ def test_analytic_block_masks_match_the_generic_reduction(ragged_layout, name):
     for block_size in (16, 48):
         generic = Pattern.block_mask(pattern, ragged_layout, block_size)  # chunked token-mask reduction
         assert torch.equal(pattern.block_mask(ragged_layout, block_size), generic)
+
+
+@pytest.mark.parametrize(
+    "name, words",
+    [
+        ("diagonal_w1_w2", "gives parameter 'w' twice; give each parameter once, e.g. diagonal_w2"),
+        ("diagonal_w1_w1", "gives parameter 'w' twice"),
+        ("topk_blocks_k0.5_k0.25", "gives parameter 'k' twice"),
+        ("multi_diagonal_w2_w1", "gives parameter 'w' twice"),
+        ("diagonal_", "has an empty parameter (a stray '_')"),
+        ("diagonal__w1", "has an empty parameter (a stray '_'); diagonal takes w<number> (w), joined by single underscores as in 'diagonal_w1'"),
+        ("diagonal_w1_", "has an empty parameter"),
+        ("skip_", "has an empty parameter (a stray '_'); skip takes no parameters"),
+        ("diagonal_w", "has a bad parameter 'w'"),
+        ("diagonal_wnan", "has a bad parameter 'wnan'"),
+        ("diagonal_k1", "has a bad parameter 'k1'; diagonal takes w<number> (w)"),
+        ("Diagonal_w1", "Unknown pattern 'Diagonal_w1'"),
+        ("diagonal_w1e999", "w=inf"),
+    ],
+)
+def test_malformed_names_are_refused_naming_the_part(name, words):
+    import re
+
+    with pytest.raises(ValueError, match=re.escape(words)) as info:
+        get_pattern(name)
+    assert repr(name) in str(info.value) or "w=inf" in words

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -114,3 +115,71 @@ def test_config_hash_ignores_private_keys_and_order():
     a = ModelFingerprint.hash_config({"num_layers": 2, "heads": 4, "_name_or_path": "x"})
     b = ModelFingerprint.hash_config({"heads": 4, "num_layers": 2, "_name_or_path": "y"})
     assert a == b and a != ModelFingerprint.hash_config({"heads": 5, "num_layers": 2})
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda d: d.__setitem__("ranges", None), r"'ranges' is None; it must be a list"),
+        (lambda d: d.__setitem__("ranges", 3), r"'ranges' is 3; it must be a list"),
+        (lambda d: d.__setitem__("ranges", {"start": 0}), r"'ranges' is \{'start': 0\}; it must be a list"),
+        (lambda d: d["ranges"].__setitem__(0, "full"), r"'ranges\[0\]' is 'full'; it needs 'start', 'end' and 'layers'"),
+        (lambda d: d["ranges"][0].__setitem__("layers", None), r"'ranges\[0\]\.layers' is None; it must be a list"),
+        (lambda d: d["ranges"][0].__setitem__("layers", "full"), r"'ranges\[0\]\.layers' is 'full'; it must be a list"),
+        (lambda d: d["ranges"][0]["layers"].__setitem__(1, None), r"'ranges\[0\]\.layers\[1\]' is None; it must be a list"),
+        (lambda d: d["ranges"][0]["layers"].__setitem__(1, "full"), r"'ranges\[0\]\.layers\[1\]' is 'full'; it must be a list"),
+        (lambda d: d["ranges"][0]["layers"][1].__setitem__(0, 3), r"'ranges\[0\]\.layers\[1\]\[0\]'.*not 3"),
+        (lambda d: d["ranges"][0]["layers"][1].__setitem__(0, None), r"'ranges\[0\]\.layers\[1\]\[0\]'.*not None"),
+        (lambda d: d["ranges"][0].__setitem__("start", None), r"'ranges\[0\]\.start' is None; it must be a number"),
+        (lambda d: d["ranges"][0].__setitem__("start", "0"), r"'ranges\[0\]\.start' is '0'; it must be a number"),
+        (lambda d: d["ranges"][1].__setitem__("end", True), r"'ranges\[1\]\.end' is True; it must be a number"),
+        (lambda d: d.__setitem__("dense_layers", None), r"'dense_layers' is None; it must be a list of layer indices"),
+        (lambda d: d.__setitem__("dense_layers", 1), r"'dense_layers' is 1; it must be a list of layer indices"),
+        (lambda d: d.__setitem__("dense_layers", "01"), r"'dense_layers' is '01'; it must be a list"),
+        (lambda d: d.__setitem__("dense_layers", [None]), r"'dense_layers' holds None"),
+        (lambda d: d.__setitem__("dense_layers", [True]), r"'dense_layers' holds True"),
+        (lambda d: d.__setitem__("dense_steps", None), r"'dense_steps' is None"),
+        (lambda d: d.__setitem__("dense_steps", float("nan")), r"'dense_steps' is nan"),
+        (lambda d: d.__setitem__("block_size", "64"), r"'block_size' is '64'; use a positive integer"),
+        (lambda d: d.__setitem__("block_size", None), r"'block_size' is None; use a positive integer"),
+        (lambda d: d.__setitem__("layout", 5), r"'layout' is 5; it must be a layout string"),
+        (lambda d: d.__setitem__("search", []), r"'search' is \[\]; it must be an object"),
+        (lambda d: d.__setitem__("model", None), r"'model' is None; it needs exactly the keys"),
+        (lambda d: d["model"].__setitem__("num_heads", "4"), r"'model.num_heads' is '4'; it must be a positive integer"),
+        (lambda d: d["model"].__setitem__("model_class", None), r"'model.model_class' is None; it must be a string"),
+    ],
+)
+def test_a_field_of_the_wrong_type_is_named(tmp_path, edit, words):
+    with pytest.raises(ValueError, match=words):
+        SparsePlan.from_dict(_broken(edit))
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(_broken(edit)))
+    with pytest.raises(ValueError, match=f"Plan file '{path}': .*{words}"):
+        SparsePlan.load(path)
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (b"\xff\xfe{\x00}\x00", r"is not UTF-8 text \(byte 0xff at offset 0\); pass a plan JSON file"),
+        ("{}".encode("utf-16"), r"is not UTF-8 text"),
+        (b"[" * 100_000 + b"]" * 100_000, r"nests JSON too deeply to read"),
+        (b"\x89PNG\r\n\x1a\n", r"is not UTF-8 text"),
+        (b"ranges: []\n", r"is not valid JSON"),
+        (b"", r"is not valid JSON"),
+        (b"[1, 2]", r"A plan is a JSON object, not list"),
+        (b"null", r"A plan is a JSON object, not NoneType"),
+    ],
+)
+def test_a_file_that_is_not_a_plan_is_named(tmp_path, content, words):
+    path = tmp_path / "plan.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"Plan file '{path}'.*{words}" if "Plan" not in words else words) as info:
+        SparsePlan.load(path)
+    assert str(path) in str(info.value) and info.value.__cause__ is None
+
+
+@pytest.mark.parametrize("path", [None, 3, ["plan.json"], b"plan.json"])
+def test_load_needs_a_path(path):
+    with pytest.raises(ValueError, match=re.escape(f"SparsePlan.load takes the path of a plan JSON file, not {path!r}; pass")):
+        SparsePlan.load(path)
