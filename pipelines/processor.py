@@ -123,19 +123,48 @@ class SparseAttnProcessor:
 
         call = {**dict(zip(_SDPA_PARAMS, args)), **kwargs}
         own = lambda: dispatch_attention_fn(*args, **kwargs)  # noqa: E731
+        if call.get("parallel_config") is not None and self.controller.may_replace:
+            return self._context_parallel(call, own)
         if call.get("parallel_config") is not None or call.get("attention_kwargs"):
-            if call.get("parallel_config") is not None and self.controller.may_replace:
-                warn_once(
-                    logger,
-                    "sparsediff: context parallelism is enabled, so attention stays dense; sparse patterns need the "
-                    "full sequence of every head, which Ulysses/ring sharding does not give this processor.",
-                )
             return own()
         sdpa = {k: v for k, v in call.items() if k in _SDPA_PARAMS}
         q, k, v = (sdpa.pop(n).transpose(1, 2) for n in ("query", "key", "value"))  # (B, H, S, D)
         return self._route({"query": q, "key": k, "value": v, **sdpa}, own, heads_first=False)
 
-    def _route(self, call: dict, original, heads_first: bool) -> torch.Tensor:
+    def _context_parallel(self, call: dict, own) -> torch.Tensor:
+        """A (B, S/N, H, D) call under diffusers' context parallelism: Ulysses runs the plan's patterns of each rank's
+        head block over the whole sequence (`parallel.py`); ring is refused, and so is profiling."""
+        from .controllers import ObserveController
+        from .parallel import ulysses_attention, ulysses_degree
+
+        if isinstance(self.controller, ObserveController):
+            raise ValueError(
+                "sparsediff cannot profile a model under context parallelism; profile on one process (calibration "
+                "inputs are small), then run the searched plan under Ulysses."
+            )
+        ulysses_degree(call["parallel_config"])  # refuses ring on dense steps too: the plan would be sparse later
+        if torch.compiler.is_compiling():
+            warn_once(logger, "sparsediff: attention stays dense under torch.compile with context parallelism; run "
+                              "the context-parallel model eagerly to use the plan.")
+            return own()
+        heads_last = {k: v for k, v in call.items() if k in _SDPA_PARAMS}
+        if not self.controller.active(self.layer, self.state):  # a dense step or layer: the model's own call, timed
+            q, k, v = (heads_last[n].transpose(1, 2) for n in ("query", "key", "value"))
+            return self._route({**heads_last, "query": q, "key": k, "value": v}, own, heads_first=False)
+
+        def attend(query, key, value, attn_mask, dropout_p, scale, head_start):  # (B, S, H/N, D), whole sequence
+            q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+            local = dict(query=q, key=k, value=v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+            dense = lambda: F.scaled_dot_product_attention(**local).transpose(1, 2)  # noqa: E731
+            return self._route(local, dense, heads_first=False, head_start=head_start)
+
+        return ulysses_attention(
+            heads_last["query"], heads_last["key"], heads_last["value"], heads_last.get("attn_mask"),
+            heads_last.get("dropout_p", 0.0), heads_last.get("is_causal", False), heads_last.get("scale"),
+            heads_last.get("enable_gqa", False), call["parallel_config"], attend,
+        )  # fmt: skip
+
+    def _route(self, call: dict, original, heads_first: bool, head_start: int | None = None) -> torch.Tensor:
         """Eagerly, or through the `sparsediff::attention` op when compiling (the decision is made at run time)."""
         if torch.compiler.is_compiling():
             if not self.controller.may_replace:  # nothing to decide: the model's own call, traced as it is
@@ -149,7 +178,7 @@ class SparseAttnProcessor:
             )
             return out if heads_first else out.transpose(1, 2)
         start = Clock.start(call["query"].device)
-        result = self._decide(call)
+        result = self._decide(call, head_start)
         if result is None:  # the model's own call, timed too so that dense and sparse steps compare
             out, stats = original(), AttentionStats()
         else:
@@ -180,8 +209,9 @@ class SparseAttnProcessor:
         self.controller.record(self.state, stats)
         return out
 
-    def _decide(self, call: dict):
-        """`(output, AttentionStats)` from the controller for one (B, H, S, D) call, or None for the model's own."""
+    def _decide(self, call: dict, head_start: int | None = None):
+        """`(output, AttentionStats)` from the controller for one (B, H, S, D) call, or None for the model's own;
+        `head_start` is the global index of the call's first head when it holds a slice of them (Ulysses)."""
         if not self.controller.active(self.layer, self.state):
             return None
         query = call["query"]
@@ -192,7 +222,8 @@ class SparseAttnProcessor:
         except DenseFallback as why:
             warn_once(logger, f"sparsediff: attention stays dense because {why}.")
             return None
-        return self.controller.attend(self.layer, self.state, query, call["key"], call["value"], groups, call.get("scale"))
+        return self.controller.attend(self.layer, self.state, query, call["key"], call["value"], groups, call.get("scale"),
+                                      head_start=head_start)
 
     # ---- the processor call --------------------------------------------------------------------------------
     def _run(self, attn: torch.nn.Module, *args, **kwargs):
