@@ -20,7 +20,7 @@ import time
 import torch
 
 import sparsediff
-from bench_e2e_wan import build_model, parse_args
+from bench_e2e_wan import build_model, forward_inputs, parse_args
 from sparsediff.bench import DTYPES, pattern_for_density
 from sparsediff.layout import TokenLayout
 from sparsediff.patterns import get_pattern
@@ -43,13 +43,7 @@ def main(argv=None) -> int:
     sparse = copy.deepcopy(plain)
     plan = SparsePlan.uniform(fingerprint(plain), pattern, block_size=args.block_size)
     handle = sparsediff.accelerate(sparse, plan, backend=args.backend, num_steps=1)
-    g = torch.Generator(device=device).manual_seed(0)
-    inputs = dict(
-        hidden_states=torch.randn(1, 16, args.frames, args.height, args.width, generator=g, device=device, dtype=dtype),
-        timestep=torch.tensor([500], device=device),
-        encoder_hidden_states=torch.randn(1, args.text_len, 256, generator=g, device=device, dtype=dtype),
-        return_dict=False,
-    )
+    inputs = forward_inputs(args, device, dtype)
     models = {
         "plain eager": plain,
         "plain compiled": torch.compile(plain, fullgraph=True),

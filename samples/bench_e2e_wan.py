@@ -76,6 +76,17 @@ def build_model(args, device, dtype) -> WanTransformer3DModel:
     return model.eval()
 
 
+def forward_inputs(args, device, dtype) -> dict:
+    """The forward's inputs: seeded latents of the configured size, timestep 500, text embeddings."""
+    g = torch.Generator(device=device).manual_seed(0)
+    return dict(
+        hidden_states=torch.randn(1, 16, args.frames, args.height, args.width, generator=g, device=device, dtype=dtype),
+        timestep=torch.tensor([500], device=device),
+        encoder_hidden_states=torch.randn(1, args.text_len, 256, generator=g, device=device, dtype=dtype),
+        return_dict=False,
+    )
+
+
 def sampled_kernel_error(layout, heads, head_dim, pattern, block_size, backend, device, dtype) -> float:
     """Max abs error of the sparse runtime against masked attention (the specs' exact token rule) on 256 rows."""
     g = torch.Generator(device=device).manual_seed(1)
@@ -112,13 +123,7 @@ def main(argv=None) -> int:
     # num_steps=1: every forward is a run of its own, so each handle's stats hold just the latest forward
     dense_handle = sparsediff.accelerate(dense_model, backend=args.backend, num_steps=1)
     sparse_handle = sparsediff.accelerate(sparse_model, plan, backend=args.backend, num_steps=1)
-    g = torch.Generator(device=device).manual_seed(0)
-    inputs = dict(
-        hidden_states=torch.randn(1, 16, args.frames, args.height, args.width, generator=g, device=device, dtype=dtype),
-        timestep=torch.tensor([500], device=device),
-        encoder_hidden_states=torch.randn(1, args.text_len, 256, generator=g, device=device, dtype=dtype),
-        return_dict=False,
-    )
+    inputs = forward_inputs(args, device, dtype)
 
     # correctness first
     with torch.no_grad():
