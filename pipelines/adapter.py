@@ -90,7 +90,7 @@ def register_adapter(adapter: Adapter) -> Adapter:
 
 
 def _load_builtin() -> None:
-    from . import diffusers_video  # noqa: F401  (registers itself)
+    from . import diffusers_video, transformers_attention  # noqa: F401  (they register themselves)
 
 
 def supported() -> str:

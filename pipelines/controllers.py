@@ -30,6 +30,26 @@ logger = logging.getLogger("sparsediff.pipelines")
 TokenGroups = list[tuple["torch.Tensor | None", TokenLayout]]
 
 
+class DenseFallback(Exception):
+    """Why an attention call stays dense (logged once per reason)."""
+
+
+def valid_lengths(attn_mask: torch.Tensor | None, batch: int, seq_len: int) -> torch.Tensor | None:
+    """(B,) valid-token counts of a boolean key-padding mask whose valid tokens come first; None if all valid."""
+    if attn_mask is None:
+        return None
+    mask = attn_mask
+    if mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == mask.shape[2] == 1:
+        mask = mask[:, 0, 0]  # (B, 1, 1, S): HunyuanVideo's key padding
+    if mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[-1] != seq_len:
+        raise DenseFallback(f"an attention mask of shape {tuple(attn_mask.shape)} and dtype {attn_mask.dtype} is not a key-padding mask")
+    mask = mask.expand(batch, seq_len)
+    lengths = mask.sum(dim=-1)
+    if not torch.equal(mask, torch.arange(seq_len, device=mask.device)[None] < lengths[:, None]):
+        raise DenseFallback("the attention mask leaves padding between valid tokens, not only at the end")
+    return None if bool((lengths == seq_len).all()) else lengths.cpu()
+
+
 def layout_bound_patterns(plan: SparsePlan) -> list[str]:
     """Names of the plan's patterns whose parameters hold only on the plan's calibration layout (a pattern class
     says so with `layout_bound = True`; the built-in patterns are all in layout units and transfer)."""

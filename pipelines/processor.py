@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..kernels.log import warn_once
 from ..runtime import AttentionStats, Clock
 from .compiled_ops import register_site, unregister_site
-from .controllers import TokenGroups
+from .controllers import DenseFallback, TokenGroups, valid_lengths
 from .state import CallState
 
 logger = logging.getLogger("sparsediff.pipelines")
@@ -39,10 +39,6 @@ _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", 
 _SWITCHES = ("_attention_backend", "_parallel_config")  # diffusers' per-processor switches
 _MISSING = object()
 
-class DenseFallback(Exception):
-    """Why an attention call stays dense (logged once per reason)."""
-
-
 def token_groups(state: CallState, query: torch.Tensor, attn_mask: torch.Tensor | None) -> TokenGroups:
     """Batch rows that share a number of valid tokens, with their layout; `[(None, layout)]` when all are valid.
 
@@ -50,7 +46,7 @@ def token_groups(state: CallState, query: torch.Tensor, attn_mask: torch.Tensor 
     (layout `video + text(valid)`); Mochi drops padded text itself and calls SDPA once per sample, each call with its
     own layout."""
     B, _, S, _ = query.shape
-    lengths = _valid_lengths(attn_mask, B, S)
+    lengths = valid_lengths(attn_mask, B, S)
     groups = []
     for n in sorted(set(lengths.tolist())) if lengths is not None else [S]:
         layout = state.layout(n)
@@ -61,22 +57,6 @@ def token_groups(state: CallState, query: torch.Tensor, attn_mask: torch.Tensor 
             )
         groups.append((None if lengths is None else torch.nonzero(lengths == n).flatten(), layout))
     return groups
-
-
-def _valid_lengths(attn_mask: torch.Tensor | None, batch: int, seq_len: int) -> torch.Tensor | None:
-    """(B,) valid-token counts of a boolean key-padding mask whose valid tokens come first; None if all valid."""
-    if attn_mask is None:
-        return None
-    mask = attn_mask
-    if mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == mask.shape[2] == 1:
-        mask = mask[:, 0, 0]  # (B, 1, 1, S): HunyuanVideo's key padding
-    if mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[-1] != seq_len:
-        raise DenseFallback(f"an attention mask of shape {tuple(attn_mask.shape)} and dtype {attn_mask.dtype} is not a key-padding mask")
-    mask = mask.expand(batch, seq_len)
-    lengths = mask.sum(dim=-1)
-    if not torch.equal(mask, torch.arange(seq_len, device=mask.device)[None] < lengths[:, None]):
-        raise DenseFallback("the attention mask leaves padding between valid tokens, not only at the end")
-    return None if bool((lengths == seq_len).all()) else lengths.cpu()
 
 
 def _check_plain(dropout_p: float, is_causal: bool, enable_gqa: bool, query, key, value) -> None:

@@ -1,0 +1,231 @@
+"""The transformers adapter: any `PreTrainedModel` whose attention dispatches through transformers' attention interface.
+
+This is the seam diffusion language models come in through (a bidirectional Llama trained as a masked diffusion LM,
+diffusers' `LLaDA2Pipeline` around one). Installing registers an attention function named `sparsediff` (and
+`sparsediff_eager` over eager models) with transformers' `AttentionInterface`, registers the model's own mask function
+under the same name in `AttentionMaskInterface` (an implementation without one silently gets no padding mask), and
+switches the model to it with `set_attn_implementation` (setting `config._attn_implementation` where a remote-code
+model ignores that call). `remove()` puts the model's implementation back.
+
+Each call: layer from `module.layer_idx`, q as (B, Hq, S, D) and k, v as (B, Hkv, S, D) (GQA: query head h reads KV
+head h // groups), the denoising step from a forward pre-hook that counts calls (a bare model needs `num_steps`), and
+the token layout `generation(S)` (1-D: patterns act on token distance). When the controller replaces nothing, the
+model's own implementation runs with the mask it would have had, so a dense plan is bit-exact. Causal calls, sliding
+windows and masks other than right-side key padding stay dense (one warning each).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..kernels.log import warn_once
+from ..layout import TokenLayout, generation
+from ..plan import ModelFingerprint
+from ..runtime import AttentionStats, Clock
+from .adapter import Adapter, register_adapter
+from .controllers import DenseFallback, valid_lengths
+from .state import CallState, RunLog
+
+logger = logging.getLogger("sparsediff.pipelines")
+
+# the name our attention function is registered under, per the model's own implementation
+NAMES = {"sdpa": "sparsediff", "eager": "sparsediff_eager"}
+_ATTR = "_sparsediff_attention"  # on each accelerated attention module: (installation, layer)
+
+
+def _pretrained(obj: Any) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(obj, PreTrainedModel)
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules that dispatch attention through the interface: they carry `layer_idx` and a config."""
+    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
+
+
+@dataclass
+class TextCallState(CallState):
+    """The state of one denoiser call of a text model: the layout is 1-D over the call's valid tokens."""
+
+    text: str | None = None
+
+    def layout(self, seq_len: int) -> TokenLayout | None:
+        return TokenLayout((generation(seq_len),))
+
+
+@dataclass
+class Installation:
+    """sparsediff inside one transformers model."""
+
+    name: str
+    model: torch.nn.Module
+    state: TextCallState
+    controller: Any
+    log: RunLog
+    original: str
+    num_steps: int | None
+    modules: list[torch.nn.Module] = field(default_factory=list)
+    hook: Any = None
+    count: int = 0
+
+    def begin(self, module, args, kwargs) -> None:
+        """Forward pre-hook: the call's step by counting calls (wrapping at `num_steps`)."""
+        step = self.count % self.num_steps if self.num_steps else self.count
+        self.count += 1
+        self.state.step, self.state.num_steps, self.state.source = step, self.num_steps, "count"
+        self.log.begin_call(self.state)
+
+    def remove(self) -> None:
+        for module in self.modules:
+            vars(module).pop(_ATTR, None)
+        if self.hook is not None:
+            self.hook.remove()
+        _set_implementation(self.model, self.original)
+
+    def reset(self) -> None:
+        self.count = 0
+
+
+def _set_implementation(model: torch.nn.Module, name: str) -> None:
+    try:
+        model.set_attn_implementation(name)
+    except (ValueError, KeyError, AttributeError):
+        pass
+    if model.config._attn_implementation != name:  # remote-code models ignore set_attn_implementation
+        model.config._attn_implementation = name
+
+
+def _own_function(module: torch.nn.Module, original: str) -> Callable:
+    """The attention function the model used before: the interface's entry, or its modeling file's eager one."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if original == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[original]
+
+
+def sparse_attention(module, query, key, value, attention_mask, *, dropout: float = 0.0, scaling: float | None = None,
+                     is_causal: bool | None = None, sliding_window: int | None = None, **kwargs):
+    """The function registered with transformers' `AttentionInterface`: returns ((B, S, Hq, D), None)."""
+    installation, layer = vars(module)[_ATTR]
+    own = lambda: _own_function(module, installation.original)(  # noqa: E731
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
+        sliding_window=sliding_window, **kwargs)
+    controller, state = installation.controller, installation.state
+    start = Clock.start(query.device)
+    result = None
+    if controller.active(layer, state):
+        try:
+            causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+            if (causal and attention_mask is None and query.shape[2] > 1) or sliding_window or (dropout and module.training):
+                raise DenseFallback("the call is causal, uses a sliding window or dropout")
+            groups = _token_groups(state, query, key, attention_mask)
+        except DenseFallback as why:
+            warn_once(logger, f"sparsediff: attention stays dense because {why}.")
+        else:
+            groups_of = module.num_key_value_groups
+            k, v = (x.repeat_interleave(groups_of, dim=1) if groups_of > 1 else x for x in (key, value))
+            result = controller.attend(layer, state, query, k, v, groups, scaling)
+    if result is None:
+        out, stats = own(), AttentionStats()
+        out = out[0]
+    else:
+        out, stats = result
+        out = out.transpose(1, 2).contiguous()
+    stats.timings = [Clock.stop(start)]
+    controller.record(state, stats)
+    return out, None
+
+
+def _token_groups(state: TextCallState, query, key, attention_mask):
+    """Batch rows by valid key length (right padding only), each with its 1-D layout."""
+    B, _, S, _ = query.shape
+    if key.shape[2] != S:
+        raise DenseFallback(f"the keys ({key.shape[2]}) are not the queries ({S}), as with a cache")
+    mask = attention_mask
+    if mask is not None:
+        if mask.dtype != torch.bool:  # an additive float mask (eager models)
+            mask = mask > torch.finfo(mask.dtype).min / 2
+        if mask.dim() == 4 and mask.shape[1] == 1:
+            if not torch.equal(mask, mask[:, :, :1].expand_as(mask)):
+                raise DenseFallback("the attention mask differs between queries (not key padding)")
+            mask = mask[:, 0, 0]
+    lengths = valid_lengths(mask, B, S)
+    sizes = sorted(set(lengths.tolist())) if lengths is not None else [S]
+    return [(None if lengths is None else torch.nonzero(lengths == n).flatten(), state.layout(n)) for n in sizes]
+
+
+class TransformersAdapter(Adapter):
+    """Adapter for transformers models (and pipelines that hold one as `model`, like diffusers' `LLaDA2Pipeline`)."""
+
+    name = "transformers"
+    quality_name = "token agreement"
+    quality_unit = ""
+
+    def supported(self) -> str:
+        return "transformers models dispatching through the attention interface (sdpa or eager), bare or as a pipeline's `model`"
+
+    def matches(self, pipe_or_model: Any) -> bool:
+        return _pretrained(pipe_or_model) or _pretrained(getattr(pipe_or_model, "model", None))
+
+    def denoisers(self, pipe_or_model: Any) -> dict[str, torch.nn.Module]:
+        model = pipe_or_model if _pretrained(pipe_or_model) else pipe_or_model.model
+        if not attention_modules(model):
+            raise ValueError(f"{type(model).__name__} has no attention modules with `layer_idx`; sparsediff cannot reach its attention.")
+        return {"model": model}
+
+    def fingerprint(self, model: torch.nn.Module) -> ModelFingerprint:
+        modules = attention_modules(model)
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return ModelFingerprint(type(model).__name__, len(modules), heads, head_dim,
+                                ModelFingerprint.hash_config(config.to_dict()))
+
+    def is_installed(self, model: torch.nn.Module) -> bool:
+        return str(model.config._attn_implementation).startswith("sparsediff")
+
+    def install(self, name, model, make_controller, log, pipeline=None, num_steps=None) -> Installation:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+        from transformers.modeling_utils import AttentionInterface
+
+        original = model.config._attn_implementation or "eager"
+        if original not in NAMES:
+            raise ValueError(
+                f"{type(model).__name__} runs attn_implementation={original!r}; sparsediff wraps 'sdpa' or 'eager'. Call "
+                "model.set_attn_implementation('sdpa') first, then accelerate."
+            )
+        ours = NAMES[original]
+        AttentionInterface.register(ours, sparse_attention)
+        AttentionMaskInterface.register(ours, ALL_MASK_ATTENTION_FUNCTIONS[original])  # the model's own masks
+        modules = attention_modules(model)
+        controller = make_controller(len(modules))
+        state = TextCallState(model=name)
+        installation = Installation(name, model, state, controller, log, original, num_steps)
+        for module in modules:
+            vars(module)[_ATTR] = (installation, module.layer_idx)
+            installation.modules.append(module)
+        installation.hook = model.register_forward_pre_hook(installation.begin, with_kwargs=True)
+        try:
+            _set_implementation(model, ours)
+        except BaseException:
+            installation.remove()
+            raise
+        return installation
+
+    def run(self, pipe, call, on_step=None):
+        raise NotImplementedError("searching plans on text models is not built yet (issue 13)")
+
+    def quality(self, output: torch.Tensor, reference: torch.Tensor) -> float:
+        """Share of positions where the argmax token agrees with the dense run's."""
+        return float((output.argmax(-1) == reference.argmax(-1)).float().mean())
+
+
+register_adapter(TransformersAdapter())

@@ -1,0 +1,104 @@
+"""The transformers adapter on a tiny bidirectional Llama (an in-tree LLaDA-style denoiser): GQA, padding, exactness."""
+
+import pytest
+import torch
+
+import sparsediff
+from sparsediff.patterns import get_pattern
+from sparsediff.pipelines.adapter import adapter_for, fingerprint
+from sparsediff.plan import SparsePlan, StepRange
+
+
+def bidirectional_llama(implementation="sdpa"):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=256, attn_implementation=implementation)
+    config.is_causal = False  # a masked diffusion LM attends both ways
+    return LlamaForCausalLM(config).eval()
+
+
+def inputs(padded=True):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (3, 40), generator=g)
+    mask = torch.ones(3, 40, dtype=torch.long)
+    if padded:
+        mask[1, 31:] = 0  # right padding on one row
+    return dict(input_ids=ids, attention_mask=mask)
+
+
+def mixed_plan(model, block_size=8):
+    fp = fingerprint(model)
+    names = ["diagonal_w4", "skip", "vertical_stripe_f8", "full"]
+    layers = tuple(tuple(get_pattern(names[(h + layer) % 4]) for h in range(fp.num_heads)) for layer in range(fp.num_layers))
+    return SparsePlan(model=fp, ranges=[StepRange(0.0, 1.0, layers)], block_size=block_size)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_dense_plan_is_exact_and_remove_restores_the_implementation(implementation):
+    model = bidirectional_llama(implementation)
+    assert adapter_for(model).name == "transformers"
+    with torch.no_grad():
+        reference = model(**inputs()).logits
+        for plan in ("dense", SparsePlan.dense(fingerprint(model), block_size=8)):
+            with sparsediff.accelerate(model, plan, num_steps=1) as handle:
+                assert model.config._attn_implementation.startswith("sparsediff")
+                assert torch.equal(model(**inputs()).logits, reference)
+                assert handle.stats and all(s.dense for s in handle.stats)
+            assert model.config._attn_implementation == implementation
+            assert torch.equal(model(**inputs()).logits, reference)
+
+
+def test_a_second_accelerate_is_refused():
+    model = bidirectional_llama()
+    with sparsediff.accelerate(model):
+        with pytest.raises(ValueError, match="already accelerated or profiled by sparsediff; call .remove()"):
+            sparsediff.accelerate(model)
+
+
+def test_mixed_plan_with_gqa_and_padding_matches_the_reference_backend():
+    """Padded rows run on their valid tokens; GQA heads read their KV group; the torch kernels equal the reference."""
+    model = bidirectional_llama()
+    plan = mixed_plan(model)
+    outs = {}
+    with torch.no_grad():
+        dense = model(**inputs()).logits
+        for backend in ("torch", "reference"):
+            with sparsediff.accelerate(model, plan, backend=backend, num_steps=1) as handle:
+                outs[backend] = model(**inputs()).logits
+                stats = handle.stats
+    torch.testing.assert_close(outs["torch"], outs["reference"], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(outs["torch"], dense, atol=1e-3)
+    assert len(stats) == 1 and not stats[0].dense and stats[0].heads_skipped == 2 * 1  # one skip head per layer
+    assert 0.0 < stats[0].density < 1.0
+
+
+def test_padded_row_equals_the_same_row_alone():
+    """Key padding is honoured: a padded row's valid tokens give what the unpadded shorter row gives."""
+    model = bidirectional_llama()
+    plan = mixed_plan(model)
+    batch = inputs()
+    with torch.no_grad(), sparsediff.accelerate(model, plan, backend="torch", num_steps=1):
+        together = model(**batch).logits[1, :31]
+        alone = model(input_ids=batch["input_ids"][1:2, :31]).logits[0]
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_an_exception_in_the_middle_of_a_run_leaves_the_model_clean():
+    model = bidirectional_llama()
+    plan = mixed_plan(model)
+    with torch.no_grad():
+        reference = model(**inputs()).logits
+        handle = sparsediff.accelerate(model, plan, backend="torch", num_steps=2)
+        first = model.model.layers[1].self_attn
+        original = first.o_proj.forward
+        first.o_proj.forward = lambda x: (_ for _ in ()).throw(RuntimeError("boom"))  # fails inside the last layer
+        with pytest.raises(RuntimeError, match="boom"):
+            model(**inputs())
+        first.o_proj.forward = original
+        handle.remove()
+        assert model.config._attn_implementation == "sdpa"
+        assert not any("_sparsediff_attention" in vars(m) for m in model.modules())
+        assert not model._forward_pre_hooks
+        assert torch.equal(model(**inputs()).logits, reference)
