@@ -10,7 +10,10 @@ trial whose running PSNR falls below the floor is pruned at once (errors only ac
 trajectory), which Optuna's own pruners cannot do for multi-objective studies.
 
 Studies live in any SQLAlchemy URL (default: an SQLite file beside the plan) and resume with
-`load_if_exists=True`; several worker processes can share one storage, and the trial budget is shared too.
+`load_if_exists=True`; several worker processes can share one storage (SQLite on one machine, PostgreSQL across
+machines), and the trial budget is shared too. A running trial records a heartbeat; a trial whose worker died (a
+killed process, a lost machine) goes stale after the grace period, is marked failed by the next worker that looks,
+and is retried once with the same parameters (Optuna's `RetryFailedTrialCallback`), so it is never lost silently.
 """
 
 from __future__ import annotations
@@ -177,6 +180,42 @@ class _BelowFloor(Exception):
     """A validation run fell below the floor at a step (args: step, PSNR); it stops there."""
 
 
+def _driver_url(storage: str) -> str:
+    """`storage` with a PostgreSQL driver that is installed: SQLAlchemy 2.1 reads `postgresql://` as psycopg 3, the
+    test extras install psycopg2 (`postgresql+psycopg2://`); a URL naming its driver is kept as given."""
+    import importlib.util
+
+    if storage.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
+        return "postgresql+psycopg2://" + storage.removeprefix("postgresql://")
+    return storage
+
+
+class _Heartbeat:
+    """Records a running trial's heartbeat every `interval` s in a thread, as `Study.optimize` does for its trials
+    (the search asks and tells itself, so it keeps the heartbeat itself)."""
+
+    def __init__(self, storage: optuna.storages.RDBStorage, trial_id: int, interval: float):
+        import threading
+
+        self.storage, self.trial_id, self.interval = storage, trial_id, interval
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while True:
+            self.storage.record_heartbeat(self.trial_id)
+            if self.stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> "_Heartbeat":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
 class PlanSearch:
     """One search: profile + cost models (one per block size) + an end-to-end evaluator + a study storage.
 
@@ -193,6 +232,8 @@ class PlanSearch:
         storage: str = "sqlite:///sparsediff_search.db",
         study_name: str | None = None,
         seed: int = 0,
+        heartbeat_interval: int = 30,
+        grace_period: int | None = None,
     ):
         self.profile, self.costs, self.evaluator = profile, costs, evaluator
         self.space = space or SearchSpace(block_sizes=tuple(sorted(costs)))
@@ -208,13 +249,15 @@ class PlanSearch:
         self.study_name = study_name or f"sparsediff-{profile.model.model_class}-{profile.model.config_hash}-{profile.layout}-{profile_digest(profile)}"
         self.storage = storage
         self.seed = seed
+        self.heartbeat_interval = heartbeat_interval
         if storage.startswith("sqlite:///"):  # a new file beside the plan: create its folder
             Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.study = self._open_study(storage, seed)
+        self.study, created = self._open_study(storage, seed, heartbeat_interval, grace_period)
         with warnings.catch_warnings():  # experimental in Optuna, harmless
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             self.study.set_metric_names(["predicted_attention_ms", "psnr_db"])
-        if not self.study.trials:  # start from a cautious plan so the front has a quality anchor
+        self.study_id = self.rdb.get_study_id_from_name(self.study_name)
+        if created:  # start from a cautious plan so the front has a quality anchor (only the creator: no duplicate)
             L = profile.model.num_layers
             self.study.enqueue_trial(
                 {"dense_steps": min(self.max_dense_steps, max(1, self.num_steps // 5)), "dense_layers": 0,
@@ -222,20 +265,27 @@ class PlanSearch:
                  **{f"layer_scale_{l}": 1.0 for l in range(L)}}
             )
 
-    def _open_study(self, storage: str, seed: int) -> optuna.Study:
-        """Create or load the study; workers starting together on a new database may race to create its tables,
-        so a failed first attempt is retried once the other worker has made them."""
+    def _open_study(self, storage: str, seed: int, heartbeat_interval: int, grace_period: int | None) -> tuple[optuna.Study, bool]:
+        """Create or load the study, and whether this worker created it; workers starting together on a new database
+        may race to create its tables, so a failed first attempt is retried once the other worker has made them."""
         import time
 
+        sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
         for attempt in range(3):
             try:
-                return optuna.create_study(
-                    study_name=self.study_name,
-                    storage=storage,
-                    directions=["minimize", "maximize"],
-                    sampler=optuna.samplers.NSGAIISampler(seed=seed, population_size=8),
-                    load_if_exists=True,
-                )
+                with warnings.catch_warnings():  # heartbeats and their retry are experimental in Optuna, harmless
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    rdb = optuna.storages.RDBStorage(
+                        _driver_url(storage), heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+                    )  # fmt: skip
+                self.rdb = rdb
+                try:
+                    study = optuna.create_study(study_name=self.study_name, storage=rdb, directions=["minimize", "maximize"],
+                                                sampler=sampler)
+                    return study, True
+                except optuna.exceptions.DuplicatedStudyError:
+                    return optuna.load_study(study_name=self.study_name, storage=rdb, sampler=sampler), False
             except Exception as e:  # SQLAlchemy raises many kinds for a bad URL or an unreachable server
                 if attempt < 2:  # a race with another worker (tables, schema version) or a hiccup: retry
                     time.sleep(0.5 * (attempt + 1))
@@ -291,12 +341,17 @@ class PlanSearch:
         return t, min(result.psnr, PSNR_CAP)
 
     # ---- the loop ------------------------------------------------------------------------------------
-    def finished(self) -> int:
-        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+    def finished(self, running: bool = True) -> int:
+        """Trials done (complete or pruned), and with `running` those other workers (or this one) are running."""
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        states += (optuna.trial.TrialState.RUNNING,) if running else ()
         return len(self.study.get_trials(deepcopy=False, states=states))
 
     def run(self, trials: int, timeout: float | None = None, log: Callable[[str], None] = logger.info, progress: bool = True) -> None:
-        """Run until the study holds `trials` trials (shared by every worker on the storage) or `timeout` s pass."""
+        """Run until the study holds `trials` done trials (shared by every worker on the storage) or `timeout` s pass.
+
+        When the budget is taken but other workers still run trials, this worker waits for them: a dead worker's
+        trial goes stale after the grace period and is retried here, so on return the budget is complete."""
         import time
 
         from tqdm import tqdm
@@ -304,25 +359,35 @@ class PlanSearch:
         start = time.monotonic()
         bar = tqdm(total=trials, initial=min(self.finished(), trials), desc="search", disable=not progress, leave=False)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        while self.finished() < trials and (timeout is None or time.monotonic() - start < timeout):
-            trial = self.study.ask()
-            if self.finished() > trials:
-                # another worker took the last slot between our count and ask(): give this one back
-                trial.set_user_attr("reason", "trial budget already used by another worker")
-                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                continue
-            try:
-                values = self.objective(trial)
-                self.study.tell(trial, values)
-                log(f"trial {trial.number}: predicted {trial.user_attrs['predicted_speedup']:.2f}x attention, "
-                    f"measured {trial.user_attrs['measured_speedup']:.2f}x run, PSNR {values[1]:.1f} dB")
-            except optuna.TrialPruned as e:
-                self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                log(f"trial {trial.number}: pruned ({e})")
-            except Exception:
-                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                raise
-            bar.update(1)
+        # Optuna warns that heartbeats are meant for Study.optimize; this loop keeps them itself (`_Heartbeat`)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize")
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # fail_stale_trials: harmless
+            while self.finished(running=False) < trials and (timeout is None or time.monotonic() - start < timeout):
+                optuna.storages.fail_stale_trials(self.study)  # a dead worker's trial: failed, and queued again
+                if self.finished() >= trials:  # the rest of the budget is running elsewhere: wait for it
+                    time.sleep(min(1.0, self.heartbeat_interval))
+                    continue
+                trial = self.study.ask()
+                if self.finished() > trials:
+                    # another worker took the last slot between our count and ask(): give this one back
+                    trial.set_user_attr("reason", "trial budget already used by another worker")
+                    self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    continue
+                try:
+                    trial_id = self.rdb.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
+                    with _Heartbeat(self.rdb, trial_id, self.heartbeat_interval):
+                        values = self.objective(trial)
+                    self.study.tell(trial, values)
+                    log(f"trial {trial.number}: predicted {trial.user_attrs['predicted_speedup']:.2f}x attention, "
+                        f"measured {trial.user_attrs['measured_speedup']:.2f}x run, PSNR {values[1]:.1f} dB")
+                except optuna.TrialPruned as e:
+                    self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                    log(f"trial {trial.number}: pruned ({e})")
+                except Exception:
+                    self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    raise
+                bar.update(1)
         bar.close()
 
     # ---- results -------------------------------------------------------------------------------------
