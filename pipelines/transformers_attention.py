@@ -8,8 +8,12 @@ switches the model to it with `set_attn_implementation` (setting `config._attn_i
 model ignores that call). `remove()` puts the model's implementation back.
 
 Each call: layer from `module.layer_idx`, q as (B, Hq, S, D) and k, v as (B, Hkv, S, D) (GQA: query head h reads KV
-head h // groups), the denoising step from a forward pre-hook that counts calls (a bare model needs `num_steps`), and
-the token layout `generation(S)` (1-D: patterns act on token distance). When the controller replaces nothing, the
+head h // groups), the denoising step from a forward pre-hook, and the token layout `generation(S)` (1-D: patterns act
+on token distance). A bare model counts its calls (it needs `num_steps`). Under diffusers' `LLaDA2Pipeline`, which
+re-runs the whole prefix plus the active block at every step, the step is counted per block: a block starts when the
+sequence grows or its active block is all mask tokens; steps are that block's (the scheduler's `num_inference_steps`;
+the pipeline's extra editing steps count as the last one); each block is its own cache context in the stats
+("block 0", "block 1", ...), and a shorter sequence, or the first block starting again, is a new request. When the controller replaces nothing, the
 model's own implementation runs with the mask it would have had, so a dense plan is bit-exact. Causal calls, sliding
 windows and masks other than right-side key padding stay dense (one warning each).
 """
@@ -71,16 +75,41 @@ class Installation:
     log: RunLog
     original: str
     num_steps: int | None
+    pipeline: Any = None
     modules: list[torch.nn.Module] = field(default_factory=list)
     hook: Any = None
     count: int = 0
+    length: int = -1  # sequence length of the previous call
+    block: int = -1  # block index within the request (block-wise pipelines)
 
     def begin(self, module, args, kwargs) -> None:
-        """Forward pre-hook: the call's step by counting calls (wrapping at `num_steps`)."""
-        step = self.count % self.num_steps if self.num_steps else self.count
+        """Forward pre-hook: where this call belongs (step, block)."""
+        if self.pipeline is not None and getattr(self.pipeline, "scheduler", None) is not None:
+            ids = args[0] if args else kwargs.get("input_ids")
+            self._begin_block_step(ids)
+        else:
+            step = self.count % self.num_steps if self.num_steps else self.count
+            self.state.step, self.state.num_steps, self.state.source = step, self.num_steps, "count"
         self.count += 1
-        self.state.step, self.state.num_steps, self.state.source = step, self.num_steps, "count"
         self.log.begin_call(self.state)
+
+    def _begin_block_step(self, ids: torch.Tensor) -> None:
+        scheduler = self.pipeline.scheduler
+        length = ids.shape[-1]
+        block_length = scheduler.config.block_length
+        mask_token = getattr(self.pipeline, "mask_token_id", None)
+        fresh = mask_token is not None and bool((ids[:, -block_length:] == mask_token).all())
+        if length < self.length or (fresh and length == self.length and self.block == 0 and self.count > 0
+                                    and self.state.step > 0):
+            self.log.reset()  # a new request: its first block again
+            self.block = -1
+        if length != self.length or fresh:
+            self.block += 1
+            self.count = 0
+        num_steps = scheduler.num_inference_steps
+        self.state.step, self.state.num_steps = min(self.count, num_steps - 1), num_steps
+        self.state.context, self.state.source = f"block {self.block}", "block"
+        self.length = length
 
     def remove(self) -> None:
         for module in self.modules:
@@ -90,7 +119,7 @@ class Installation:
         _set_implementation(self.model, self.original)
 
     def reset(self) -> None:
-        self.count = 0
+        self.count, self.length, self.block = 0, -1, -1
 
 
 def _set_implementation(model: torch.nn.Module, name: str) -> None:
@@ -208,7 +237,7 @@ class TransformersAdapter(Adapter):
         modules = attention_modules(model)
         controller = make_controller(len(modules))
         state = TextCallState(model=name)
-        installation = Installation(name, model, state, controller, log, original, num_steps)
+        installation = Installation(name, model, state, controller, log, original, num_steps, pipeline)
         for module in modules:
             vars(module)[_ATTR] = (installation, module.layer_idx)
             installation.modules.append(module)

@@ -102,3 +102,42 @@ def test_an_exception_in_the_middle_of_a_run_leaves_the_model_clean():
         assert not any("_sparsediff_attention" in vars(m) for m in model.modules())
         assert not model._forward_pre_hooks
         assert torch.equal(model(**inputs()).logits, reference)
+
+
+def llada2(model):
+    from diffusers import BlockRefinementScheduler, LLaDA2Pipeline
+
+    pipe = LLaDA2Pipeline(model=model, scheduler=BlockRefinementScheduler(block_length=8, num_inference_steps=4))
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(input_ids=torch.randint(0, 60, (1, 8), generator=torch.Generator().manual_seed(1)), gen_length=16,
+                block_length=8, num_inference_steps=4, mask_token_id=63, output_type="seq", editing_threshold=None,
+                threshold=2.0)  # a threshold above 1: exactly the scheduled commits per step, 4 steps per block
+    return pipe, call
+
+
+def test_llada2_pipeline_counts_steps_per_block_and_a_dense_plan_is_exact():
+    model = bidirectional_llama()
+    pipe, call = llada2(model)
+    with torch.no_grad():
+        reference = pipe(**call).sequences
+        with sparsediff.accelerate(pipe) as handle:  # no shipped plan: dense
+            assert torch.equal(pipe(**call).sequences, reference)
+            stats = handle.stats
+        # a prompt of one block, then 2 generated blocks of 8; each call re-runs the prefix, 4 steps per block
+        assert [(s.context, s.step, s.num_steps) for s in stats] == [
+            (f"block {b}", i, 4) for b in range(2) for i in range(4)
+        ]
+        assert torch.equal(pipe(**call).sequences, reference)
+
+
+def test_llada2_pipeline_runs_dense_early_steps_then_the_plan_in_every_block():
+    model = bidirectional_llama()
+    pipe, call = llada2(model)
+    plan = mixed_plan(model)
+    plan.dense_steps = 0.5  # the first half of each block's steps
+    with torch.no_grad(), sparsediff.accelerate(pipe, plan, backend="torch") as handle:
+        pipe(**call)
+        first = [(s.context, s.step, s.dense) for s in handle.stats]
+        pipe(**call)  # a second request starts a fresh log
+        second = [(s.context, s.step, s.dense) for s in handle.stats]
+    assert first == second == [(f"block {b}", i, i < 2) for b in range(2) for i in range(4)]
