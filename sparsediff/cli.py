@@ -87,7 +87,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     from .layout import TokenLayout
     from .patterns import get_pattern
     from .plan import SparsePlan
-    from .render import render_pattern, render_plan
+    from .render import MAX_DENSITY_BLOCKS, render_pattern, render_plan
 
     layout = TokenLayout.parse(args.layout) if args.layout else None
     profile_dir = bool(args.plan) and Path(args.plan).is_dir()
@@ -99,7 +99,10 @@ def _cmd_show(args: argparse.Namespace) -> int:
         pattern = get_pattern(args.pattern)
         out = render_pattern(pattern, layout, args.out, block_size=args.block_size, scale=args.scale)
         info = {"pattern": pattern.name, "layout": str(layout), "out": str(out)}
-        if args.block_size:
+        if args.block_size and layout.num_blocks(args.block_size) > MAX_DENSITY_BLOCKS:
+            logger.warning("density not computed: %d blocks per side is over %d; pass a larger --block-size for it.",
+                           layout.num_blocks(args.block_size), MAX_DENSITY_BLOCKS)
+        elif args.block_size:
             info["density"] = round(pattern.estimated_density(layout, args.block_size), 4)
     elif profile_dir:
         from .render import render_profile

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Callable
@@ -13,6 +14,8 @@ from PIL import Image
 from .layout import TokenLayout
 from .patterns import PATTERNS, Pattern
 from .plan import SparsePlan
+
+logger = logging.getLogger(__name__)
 
 # One colour per pattern kind (RGB), shared by every figure so a plan reads the same everywhere.
 KIND_COLOURS = {
@@ -46,6 +49,103 @@ def kind_colour(kind: str) -> tuple[int, int, int]:
     return tuple(int(c) for c in rng.integers(0, 200, 3))
 
 
+# A mask wider than this many cells is drawn downsampled: each pixel shows whether any pair in its square of cells
+# is allowed, so a real-size layout (Wan 720p: 75600 tokens, a 46 GB token mask) draws without the S x S mask.
+MAX_MASK_CELLS = 2048
+# A downsampled token mask in another order than the pattern's kernel order visits every token pair (in row
+# chunks); past this many tokens the block mask in kernel order is drawn instead, with a warning.
+MAX_POOLED_TOKENS = 1 << 15
+# Tokens of a layout that can be drawn at all (its per-token tables alone take O(S) memory).
+MAX_LAYOUT_TOKENS = 1 << 24
+# Blocks per side of a score-dependent block mask (its scores are an (n, n) tensor).
+MAX_SCORED_BLOCKS = 1 << 14
+# Blocks per side up to which `sparsediff show` reports a block mask's density (it needs the whole block mask).
+MAX_DENSITY_BLOCKS = 1 << 12
+# Pixels per side of the written PNG (a 8192 x 8192 RGB image is 200 MB in memory).
+MAX_IMAGE_SIDE = 8192
+
+
+def _any_pool(mask: torch.Tensor, factor: int) -> torch.Tensor:
+    """(ceil(r / factor), ceil(c / factor)) bool: whether any cell of each factor x factor square is set."""
+    r, c = mask.shape
+    mask = torch.nn.functional.pad(mask, (0, (-c) % factor, 0, (-r) % factor))
+    return mask.view(mask.shape[0] // factor, factor, mask.shape[1] // factor, factor).any(dim=3).any(dim=1)
+
+
+def _pooled_token_mask(pattern: Pattern, layout: TokenLayout, factor: int, scores: torch.Tensor | None) -> torch.Tensor:
+    """`_any_pool(pattern.token_mask(layout), factor)` without the S x S mask: rows in chunks, layout order."""
+    S = layout.num_tokens
+    order = pattern.order(layout)
+    position = order.argsort() if order is not None else None  # where each layout token sits in kernel order
+    rows_per_chunk = max(1, (1 << 24) // (S * factor)) * factor
+    out = torch.empty((-(-S // factor), -(-S // factor)), dtype=torch.bool)
+    for start in range(0, S, rows_per_chunk):
+        rows = torch.arange(start, min(start + rows_per_chunk, S))
+        if position is None:
+            chunk = pattern.token_rows(layout, rows, None, scores)
+        else:
+            chunk = pattern.token_rows(layout, position[rows], None, scores)[:, position]
+        pooled = _any_pool(chunk, factor)
+        out[start // factor : start // factor + pooled.shape[0]] = pooled
+    return out
+
+
+def pattern_image_mask(
+    pattern: Pattern, layout: TokenLayout, block_size: int | None = None, scores: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The bool mask `render_pattern` draws: the token mask (or, with `block_size`, the block mask), downsampled by
+    any() to at most `MAX_MASK_CELLS` per side. Large sizes are drawn without building the full mask."""
+    if layout.num_tokens > MAX_LAYOUT_TOKENS:
+        raise ValueError(
+            f"Layout {str(layout)!r} has {layout.num_tokens} tokens, over the limit of {MAX_LAYOUT_TOKENS} that can be "
+            "drawn; pass a smaller --layout."
+        )
+    if pattern.needs_scores and scores is None:
+        block_size = block_size or 64
+        n = layout.num_blocks(block_size)
+        if n > MAX_SCORED_BLOCKS:
+            raise ValueError(
+                f"Layout {str(layout)!r} has {n} blocks of {block_size} tokens per side, over the limit of "
+                f"{MAX_SCORED_BLOCKS} for {pattern.name!r}, whose mask needs an {n} x {n} score table; pass a larger "
+                "--block-size or a smaller --layout."
+            )
+        scores = torch.rand((n, n), generator=torch.Generator().manual_seed(0))  # an illustrative draw
+    if block_size is not None:
+        n = layout.num_blocks(block_size)
+        if n <= MAX_MASK_CELLS:
+            return pattern.block_mask(layout, block_size, scores)
+        factor = -(-n // MAX_MASK_CELLS)
+        if scores is not None:
+            if n > MAX_SCORED_BLOCKS:
+                raise ValueError(
+                    f"Layout {str(layout)!r} has {n} blocks of {block_size} tokens per side, over the limit of "
+                    f"{MAX_SCORED_BLOCKS} for {pattern.name!r}; pass a larger --block-size or a smaller --layout."
+                )
+            return _any_pool(pattern.block_mask(layout, block_size, scores), factor)
+        # any() over factor x factor blocks is the block mask of blocks factor times as large
+        return pattern.block_mask(layout, block_size * factor)
+    S = layout.num_tokens
+    if S <= MAX_MASK_CELLS:
+        return pattern.token_mask(layout, None, scores)
+    factor = -(-S // MAX_MASK_CELLS)
+    if pattern.order(layout) is None and scores is None:
+        # kernel order is the layout's, so any() over factor x factor tokens is the block mask at that block size
+        return pattern.block_mask(layout, factor)
+    if S <= MAX_POOLED_TOKENS:
+        return _pooled_token_mask(pattern, layout, factor, scores)
+    if scores is not None:
+        raise ValueError(
+            f"Layout {str(layout)!r} has {S} tokens, over the limit of {MAX_POOLED_TOKENS} for drawing {pattern.name!r} "
+            "with scores as a token mask; pass a block_size to draw its block mask instead."
+        )
+    logger.warning(
+        "%s on %s (%d tokens) is drawn as its block mask in kernel order, %d tokens per pixel: its token mask in the "
+        "layout's order would visit all %d token pairs (over %d tokens); pass --block-size to choose the block size.",
+        pattern.name, layout, S, factor, S * S, MAX_POOLED_TOKENS,
+    )
+    return pattern.block_mask(layout, factor)
+
+
 def render_pattern(
     pattern: Pattern,
     layout: TokenLayout,
@@ -55,15 +155,20 @@ def render_pattern(
     scores: torch.Tensor | None = None,
 ) -> Path:
     """Write the token mask (or, with `block_size`, the block mask) as a PNG of `scale` pixels per cell.
-    Allowed pairs are drawn in the pattern's colour on white. Image size: (cells * scale) square."""
-    if pattern.needs_scores and scores is None:
-        n = layout.num_blocks(block_size or 64)
-        scores = torch.rand((n, n), generator=torch.Generator().manual_seed(0))  # an illustrative draw
-        block_size = block_size or 64
-    if block_size is not None:
-        mask = pattern.block_mask(layout, block_size, scores)
-    else:
-        mask = pattern.token_mask(layout, None, scores)
+    Allowed pairs are drawn in the pattern's colour on white. Image size: (cells * scale) square, where a mask of
+    more than `MAX_MASK_CELLS` cells per side is downsampled (a pixel is set when any pair it covers is allowed);
+    an image over `MAX_IMAGE_SIDE` pixels per side is refused before anything is computed."""
+    if not isinstance(scale, int) or isinstance(scale, bool) or scale < 1:
+        raise ValueError(f"scale={scale!r} must be a whole number of pixels per cell, 1 or more (--scale).")
+    cells = layout.num_blocks(block_size or (64 if pattern.needs_scores and scores is None else 1))
+    if cells > MAX_MASK_CELLS:
+        cells = -(-cells // -(-cells // MAX_MASK_CELLS))
+    if cells * scale > MAX_IMAGE_SIDE:
+        raise ValueError(
+            f"The image would be {cells * scale} x {cells * scale} pixels ({cells} cells x scale {scale}), over the "
+            f"limit of {MAX_IMAGE_SIDE} pixels per side; pass --scale {max(1, MAX_IMAGE_SIDE // cells)} or less."
+        )
+    mask = pattern_image_mask(pattern, layout, block_size, scores)
     img = np.full((*mask.shape, 3), 255, dtype=np.uint8)
     img[mask.numpy()] = kind_colour(pattern.kind)
     if scale > 1:

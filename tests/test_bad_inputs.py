@@ -264,3 +264,85 @@ def test_show_a_broken_plan_names_the_file_and_field(tmp_path, capsys, write, wo
 def test_show_a_malformed_pattern_name_is_named(tmp_path, capsys, name, words):
     code, err = _run(["show", "--pattern", name, "--layout", "video:2x4x4", "--out", str(tmp_path / "m.png")], capsys)
     assert code == 2 and words in err and err.count("\n") == 1 and not (tmp_path / "m.png").exists()
+
+
+# ---- item 6: sizes too large for memory: drawn downsampled without the S x S mask, absurd ones refused ---------
+def test_show_at_real_wan_size_draws_a_downsampled_token_mask(tmp_path, capsys):
+    from PIL import Image
+
+    from sparsediff.render import MAX_MASK_CELLS
+
+    out = tmp_path / "m.png"
+    code, err = _run(["show", "--pattern", "diagonal_w1", "--layout", "video:21x45x80", "--out", str(out)], capsys)
+    assert code == 0, err
+    side = -(-75600 // -(-75600 // MAX_MASK_CELLS))  # 37 tokens per pixel
+    assert Image.open(out).size == (side, side) and out.stat().st_size < 5_000_000
+
+
+@pytest.mark.parametrize(
+    "layout, name, block_size",
+    [
+        ("video:3x5x7", "diagonal_w1", None),
+        ("text:5+video:2x6x9", "diagonal_w0.5", None),
+        ("text:5+video:2x6x9", "multi_diagonal_w1", None),  # position-major kernel order: pooled in row chunks
+        ("axis:4x25:position", "vertical_stripe_f1", None),
+        ("video:3x5x7", "full", None),
+        ("video:3x5x7", "multi_diagonal_w1", 3),
+        ("text:5+video:2x6x9", "vertical_stripe_f1", 2),
+    ],
+)
+def test_downsampled_mask_is_any_over_each_pixels_cells(monkeypatch, layout, name, block_size):
+    import sparsediff.render as render
+    from sparsediff.layout import TokenLayout
+    from sparsediff.patterns import get_pattern
+
+    monkeypatch.setattr(render, "MAX_MASK_CELLS", 16)
+    layout, pattern = TokenLayout.parse(layout), get_pattern(name)
+    full = pattern.block_mask(layout, block_size) if block_size else pattern.token_mask(layout)
+    factor = -(-full.shape[0] // 16)
+    assert factor > 1
+    assert torch.equal(render.pattern_image_mask(pattern, layout, block_size), render._any_pool(full, factor))
+
+
+def test_a_large_layout_in_another_order_draws_the_block_mask_and_says_so(tmp_path, monkeypatch, caplog):
+    import sparsediff.render as render
+    from sparsediff.layout import TokenLayout
+    from sparsediff.patterns import get_pattern
+
+    monkeypatch.setattr(render, "MAX_MASK_CELLS", 16)
+    monkeypatch.setattr(render, "MAX_POOLED_TOKENS", 64)
+    layout, pattern = TokenLayout.parse("video:3x5x7"), get_pattern("multi_diagonal_w1")
+    with caplog.at_level("WARNING", logger="sparsediff.render"):
+        mask = render.pattern_image_mask(pattern, layout)
+    assert torch.equal(mask, pattern.block_mask(layout, 7))
+    assert "drawn as its block mask in kernel order, 7 tokens per pixel" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--pattern", "diagonal_w1", "--layout", "video:2x4x4", "--scale", "100000"],
+         "The image would be 3200000 x 3200000 pixels (32 cells x scale 100000), over the limit of 8192 pixels per side; pass --scale 256 or less."),
+        (["--pattern", "diagonal_w1", "--layout", "video:21x45x80", "--scale", "5"],
+         "(2044 cells x scale 5), over the limit of 8192 pixels per side; pass --scale 4 or less."),
+        (["--pattern", "diagonal_w1", "--layout", "video:1000x1000x1000"],
+         "Layout 'video:1000x1000x1000' has 1000000000 tokens, over the limit of 16777216 that can be drawn"),
+        (["--pattern", "topk_blocks_k0.25", "--layout", "video:21x45x80", "--block-size", "2"],
+         "has 37800 blocks of 2 tokens per side, over the limit of 16384 for 'topk_blocks_k0.25'"),
+    ],
+)
+def test_show_refuses_absurd_sizes_naming_size_and_limit(tmp_path, capsys, argv, words):
+    out = tmp_path / "m.png"
+    out.write_bytes(SENTINEL)
+    code, err = _run(["show", *argv, "--out", str(out), "--force"], capsys)
+    assert code == 2 and words in err and err.count("\n") == 1
+    assert out.read_bytes() == SENTINEL and [p.name for p in tmp_path.iterdir()] == ["m.png"]
+
+
+def test_show_skips_the_density_of_a_huge_block_mask_and_says_so(tmp_path, capsys, caplog):
+    out = tmp_path / "m.png"
+    argv = ["show", "--pattern", "diagonal_w1", "--layout", "video:21x45x80", "--block-size", "4", "--out", str(out), "--json"]
+    with caplog.at_level("WARNING", logger="sparsediff"):
+        assert main(argv) == 0
+    assert "density" not in json.loads(capsys.readouterr().out) and out.is_file()
+    assert "density not computed: 18900 blocks per side is over 4096" in caplog.text
