@@ -68,11 +68,16 @@ class ModelFingerprint:
 
 @dataclass(frozen=True)
 class StepRange:
-    """Patterns for progress in [start, end): `layers[l][h]` is the pattern of head h in layer l."""
+    """Patterns for progress in [start, end): `layers[l][h]` is the pattern of head h in layer l (a `Pattern` or its
+    name; names are parsed here, so a bad one is refused when the range is built)."""
 
     start: float
     end: float
     layers: tuple[tuple[Pattern, ...], ...]
+
+    def __post_init__(self):
+        if isinstance(self.layers, (list, tuple)) and all(isinstance(layer, (list, tuple)) for layer in self.layers):
+            object.__setattr__(self, "layers", tuple(tuple(get_pattern(p) for p in layer) for layer in self.layers))
 
 
 @dataclass

@@ -183,3 +183,13 @@ def test_a_file_that_is_not_a_plan_is_named(tmp_path, content, words):
 def test_load_needs_a_path(path):
     with pytest.raises(ValueError, match=re.escape(f"SparsePlan.load takes the path of a plan JSON file, not {path!r}; pass")):
         SparsePlan.load(path)
+
+
+def test_step_range_takes_pattern_names():
+    from sparsediff.patterns import get_pattern
+    from sparsediff.plan import StepRange
+
+    r = StepRange(0.0, 1.0, [["diagonal_w1", get_pattern("skip")]])
+    assert r.layers == ((get_pattern("diagonal_w1"), get_pattern("skip")),)
+    with pytest.raises(ValueError, match="Unknown pattern 'wobbly'"):
+        StepRange(0.0, 1.0, [["wobbly"]])
