@@ -326,14 +326,37 @@ def load_pipeline(model: str, device: "str | None" = None):
             )
         return ShapesVideoPipeline.from_pretrained(str(path)).to(device)
     path = Path(model)
-    if not (path / "model_index.json").is_file():
+    index = path / "model_index.json"
+    if not index.is_file():
         raise ValueError(
             f"--model {model!r} is not a saved diffusers pipeline (no model_index.json there); pass a directory written by "
             "pipe.save_pretrained()."
         )
-    from diffusers import DiffusionPipeline
+    import json
 
-    pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
+    again = "save the pipeline again with pipe.save_pretrained(DIR), or pass another --model"
+    try:
+        class_name = json.loads(index.read_bytes().decode("utf-8")).get("_class_name")
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, AttributeError):
+        raise ValueError(f"{str(index)!r} is not a JSON object of pipeline components; {again}.") from None
+    import diffusers
+
+    from .pipelines.embedded.pipeline import ShapesVideoPipeline
+
+    if class_name == ShapesVideoPipeline.__name__:  # sparsediff's own pipeline, not a diffusers class
+        pipeline_class = ShapesVideoPipeline
+    elif isinstance(class_name, str) and isinstance(getattr(diffusers, class_name, None), type):
+        pipeline_class = diffusers.DiffusionPipeline
+    else:
+        raise ValueError(
+            f"{str(index)!r} names the pipeline class {class_name!r}, which diffusers {diffusers.__version__} does not "
+            f"have; upgrade diffusers, or {again}."
+        )
+    try:
+        pipe = pipeline_class.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--model {model!r} could not be loaded as a {class_name} ({reason}); {again}.") from e
     return pipe.to(device)
 
 

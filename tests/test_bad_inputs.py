@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ import sparsediff.api
 from sparsediff.cli import main
 
 SENTINEL = b"the user's own bytes\n"
+LOAD_PIPELINE = sparsediff.api.load_pipeline  # the real one, for the tests of --model folders
 
 
 @pytest.fixture(autouse=True)
@@ -346,3 +348,48 @@ def test_show_skips_the_density_of_a_huge_block_mask_and_says_so(tmp_path, capsy
         assert main(argv) == 0
     assert "density" not in json.loads(capsys.readouterr().out) and out.is_file()
     assert "density not computed: 18900 blocks per side is over 4096" in caplog.text
+
+
+# ---- item 7: --model folders: a broken model_index.json is named; the embedded pipeline's own folder loads -------
+@pytest.mark.parametrize(
+    "index, words",
+    [
+        (b"\xff\xfe garbage", "model_index.json' is not a JSON object of pipeline components; save the pipeline again"),
+        (b"{not json", "is not a JSON object of pipeline components"),
+        (b"[1, 2]", "is not a JSON object of pipeline components"),
+        (b"[" * 100_000, "is not a JSON object of pipeline components"),
+        (b'{"_class_name": "NoSuchPipeline"}', "names the pipeline class 'NoSuchPipeline', which diffusers"),
+        (b'{"_class_name": 5}', "names the pipeline class 5"),
+        (b'{"scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}', "names the pipeline class None"),
+        (b'{"_class_name": "ShapesVideoPipeline", "transformer": ["diffusers", "WanTransformer3DModel"]}',
+         "could not be loaded as a ShapesVideoPipeline"),
+        (b'{"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"]}',
+         "could not be loaded as a WanPipeline"),
+    ],
+)
+def test_a_broken_model_folder_is_one_sentence(tmp_path, capsys, monkeypatch, index, words):
+    monkeypatch.setattr(sparsediff.api, "load_pipeline", LOAD_PIPELINE)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_bytes(index)
+    code, err = _run([*GENERATE, "--model", str(model), "--out", str(tmp_path / "clip.mp4"), "--device", "cpu"], capsys)
+    last = err.rstrip("\n").split("\n")[-1]  # diffusers may draw its loading bar first
+    assert code == 2 and last.startswith("error: ") and words in last, err
+    assert (model / "model_index.json").read_bytes() == index and not (tmp_path / "clip.mp4").exists()
+
+
+def test_the_embedded_pipeline_saved_by_path_loads_back(tmp_path):
+    from sparsediff.pipelines.embedded.pipeline import EmbeddedModelConfig, ShapesVideoPipeline, build_pipeline
+
+    pipe = build_pipeline(EmbeddedModelConfig(num_layers=2, num_heads=2, head_dim=12, text_dim=16, ffn_dim=32))
+    pipe.save_pretrained(tmp_path / "saved")
+    loaded = LOAD_PIPELINE(str(tmp_path / "saved"), "cpu")
+    assert isinstance(loaded, ShapesVideoPipeline)
+    for name in ("transformer", "text_encoder"):
+        saved, back = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
+        assert saved.keys() == back.keys() and all(torch.equal(saved[k], back[k]) for k in saved)
+    call = dict(prompt="a red circle moving right", num_frames=3, height=8, width=12, num_inference_steps=2,
+                output_type="np")
+    expected = pipe(**call, generator=torch.Generator().manual_seed(0)).frames
+    got = loaded(**call, generator=torch.Generator().manual_seed(0)).frames
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
