@@ -62,3 +62,21 @@ def attention(
 @attention.register_fake
 def _(query, key, value, token, site, attn_mask, dropout_p, is_causal, scale, enable_gqa, heads_first):
     return query.new_empty((*query.shape[:-1], value.shape[-1]))
+
+
+@torch.library.custom_op("sparsediff::text_attention", mutates_args=())
+def text_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, token: torch.Tensor, site: int,
+    attention_mask: torch.Tensor | None, dropout: float, scaling: float | None, is_causal: int, sliding_window: int,
+) -> torch.Tensor:
+    """One call of transformers' attention interface (q (B, Hq, S, D), k and v (B, Hkv, S, D)), decided and run
+    eagerly; returns (B, S, Hq, D) as the interface does. `is_causal` is -1 for "the module's own", `sliding_window`
+    0 for none."""
+    out = _SITES[site].text_attention(query, key, value, attention_mask, dropout, scaling, is_causal, sliding_window)
+    return out.clone() if any(out.data_ptr() == x.data_ptr() for x in (query, key, value)) else out
+
+
+@text_attention.register_fake
+def _(query, key, value, token, site, attention_mask, dropout, scaling, is_causal, sliding_window):
+    B, H, S, _ = query.shape
+    return query.new_empty((B, S, H, value.shape[-1]))

@@ -33,6 +33,7 @@ from ..layout import TokenLayout, generation
 from ..plan import ModelFingerprint
 from ..runtime import AttentionStats, Clock
 from .adapter import Adapter, register_adapter
+from .compiled_ops import register_site, unregister_site
 from .controllers import DenseFallback, valid_lengths
 from .state import CallState, RunLog
 
@@ -81,11 +82,26 @@ class Installation:
     count: int = 0
     length: int = -1  # sequence length of the previous call
     block: int = -1  # block index within the request (block-wise pipelines)
+    site: int = -1  # for the compiled path's ops
+    sites: list[int] = field(default_factory=list)
 
-    def begin(self, module, args, kwargs) -> None:
-        """Forward pre-hook: where this call belongs (step, block)."""
+    def __post_init__(self):
+        self.site = register_site(self)
+
+
+    def pre_forward(self, module, args, kwargs) -> None:
+        """Forward pre-hook: where this call belongs (step, block). Under `torch.compile` this is found at run time,
+        inside the `sparsediff::begin_call` op (see compiled_ops.py), so steps never become guards."""
+        ids = args[0] if args else kwargs.get("input_ids")
+        if torch.compiler.is_compiling():
+            ids = ids if torch.is_tensor(ids) else torch.zeros(1)
+            self.state.token = torch.ops.sparsediff.begin_call(ids, self.site, [])
+            return
+        self.begin(ids)
+
+    def begin(self, ids, grid=None) -> None:
+        """Where an eager call belongs (also the `begin_call` op's body)."""
         if self.pipeline is not None and getattr(self.pipeline, "scheduler", None) is not None:
-            ids = args[0] if args else kwargs.get("input_ids")
             self._begin_block_step(ids)
         else:
             step = self.count % self.num_steps if self.num_steps else self.count
@@ -112,6 +128,9 @@ class Installation:
         self.length = length
 
     def remove(self) -> None:
+        unregister_site(self.site)
+        for site in self.sites:
+            unregister_site(site)
         for module in self.modules:
             vars(module).pop(_ATTR, None)
         if self.hook is not None:
@@ -142,35 +161,67 @@ def _own_function(module: torch.nn.Module, original: str) -> Callable:
 
 def sparse_attention(module, query, key, value, attention_mask, *, dropout: float = 0.0, scaling: float | None = None,
                      is_causal: bool | None = None, sliding_window: int | None = None, **kwargs):
-    """The function registered with transformers' `AttentionInterface`: returns ((B, S, Hq, D), None)."""
-    installation, layer = vars(module)[_ATTR]
-    own = lambda: _own_function(module, installation.original)(  # noqa: E731
-        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
-        sliding_window=sliding_window, **kwargs)
-    controller, state = installation.controller, installation.state
-    start = Clock.start(query.device)
-    result = None
-    if controller.active(layer, state):
-        try:
-            causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-            if (causal and attention_mask is None and query.shape[2] > 1) or sliding_window or (dropout and module.training):
-                raise DenseFallback("the call is causal, uses a sliding window or dropout")
-            groups = _token_groups(state, query, key, attention_mask)
-        except DenseFallback as why:
-            warn_once(logger, f"sparsediff: attention stays dense because {why}.")
+    """The function registered with transformers' `AttentionInterface`: returns ((B, S, Hq, D), None). Under
+    `torch.compile` the call goes through the `sparsediff::text_attention` op, which decides at run time."""
+    installation, layer, site = vars(module)[_ATTR]
+    if torch.compiler.is_compiling():
+        if not installation.controller.may_replace:  # nothing to decide: the model's own call, traced as it is
+            return _own_function(module, installation.original)(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
+                sliding_window=sliding_window, **kwargs)
+        token = getattr(installation.state, "token", None)
+        token = token if token is not None else query.new_zeros(())
+        out = torch.ops.sparsediff.text_attention(
+            query, key, value, token, site, attention_mask, float(dropout), scaling,
+            -1 if is_causal is None else int(bool(is_causal)), int(sliding_window or 0),
+        )
+        return out, None
+    return _ModuleSite(installation, module, layer).attend(query, key, value, attention_mask, dropout, scaling,
+                                                          is_causal, sliding_window, kwargs), None
+
+
+@dataclass
+class _ModuleSite:
+    """One attention module's run-time side: decides, runs and records one call."""
+
+    installation: Installation
+    module: torch.nn.Module
+    layer: int
+
+    def attend(self, query, key, value, attention_mask, dropout, scaling, is_causal, sliding_window, kwargs) -> torch.Tensor:
+        """((B, S, Hq, D) output of one call."""
+        module, installation, layer = self.module, self.installation, self.layer
+        own = lambda: _own_function(module, installation.original)(  # noqa: E731
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
+            sliding_window=sliding_window, **kwargs)
+        controller, state = installation.controller, installation.state
+        start = Clock.start(query.device)
+        result = None
+        if controller.active(layer, state):
+            try:
+                causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+                if (causal and attention_mask is None and query.shape[2] > 1) or sliding_window or (dropout and module.training):
+                    raise DenseFallback("the call is causal, uses a sliding window or dropout")
+                groups = _token_groups(state, query, key, attention_mask)
+            except DenseFallback as why:
+                warn_once(logger, f"sparsediff: attention stays dense because {why}.")
+            else:
+                groups_of = module.num_key_value_groups
+                k, v = (x.repeat_interleave(groups_of, dim=1) if groups_of > 1 else x for x in (key, value))
+                result = controller.attend(layer, state, query, k, v, groups, scaling)
+        if result is None:
+            out, stats = own()[0], AttentionStats()
         else:
-            groups_of = module.num_key_value_groups
-            k, v = (x.repeat_interleave(groups_of, dim=1) if groups_of > 1 else x for x in (key, value))
-            result = controller.attend(layer, state, query, k, v, groups, scaling)
-    if result is None:
-        out, stats = own(), AttentionStats()
-        out = out[0]
-    else:
-        out, stats = result
-        out = out.transpose(1, 2).contiguous()
-    stats.timings = [Clock.stop(start)]
-    controller.record(state, stats)
-    return out, None
+            out, stats = result
+            out = out.transpose(1, 2).contiguous()
+        stats.timings = [Clock.stop(start)]
+        controller.record(state, stats)
+        return out
+
+    def text_attention(self, query, key, value, attention_mask, dropout, scaling, is_causal, sliding_window):
+        """The `sparsediff::text_attention` op's body."""
+        causal = None if is_causal < 0 else bool(is_causal)
+        return self.attend(query, key, value, attention_mask, dropout, scaling, causal, sliding_window or None, {})
 
 
 def _token_groups(state: TextCallState, query, key, attention_mask):
@@ -239,9 +290,11 @@ class TransformersAdapter(Adapter):
         state = TextCallState(model=name)
         installation = Installation(name, model, state, controller, log, original, num_steps, pipeline)
         for module in modules:
-            vars(module)[_ATTR] = (installation, module.layer_idx)
+            site = register_site(_ModuleSite(installation, module, module.layer_idx))
+            vars(module)[_ATTR] = (installation, module.layer_idx, site)
             installation.modules.append(module)
-        installation.hook = model.register_forward_pre_hook(installation.begin, with_kwargs=True)
+            installation.sites.append(site)
+        installation.hook = model.register_forward_pre_hook(installation.pre_forward, with_kwargs=True)
         try:
             _set_implementation(model, ours)
         except BaseException:

@@ -141,3 +141,44 @@ def test_llada2_pipeline_runs_dense_early_steps_then_the_plan_in_every_block():
         pipe(**call)  # a second request starts a fresh log
         second = [(s.context, s.step, s.dense) for s in handle.stats]
     assert first == second == [(f"block {b}", i, i < 2) for b in range(2) for i in range(4)]
+
+
+@pytest.mark.parametrize("plan", ["dense", "mixed"])
+def test_compiles_with_fullgraph_and_matches_eager(plan):
+    """Dynamo traces the registered attention function (aot_eager: the same trace as Inductor, no C++ build); the
+    mixed plan runs inside the op, decided at run time."""
+    model = bidirectional_llama()
+    plan = mixed_plan(model) if plan == "mixed" else plan
+    torch._dynamo.reset()
+    with torch.no_grad(), sparsediff.accelerate(model, plan, backend="torch", num_steps=1) as handle:
+        eager = model(**inputs()).logits
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(**inputs()).logits
+        stats = handle.stats
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert all(s.dense == (plan == "dense") for s in stats)
+
+
+def test_a_compiled_llada2_run_compiles_once_per_block_length():
+    """Steps and blocks are found at run time inside the ops: graphs per sequence length (a block adds one), never per
+    step, and the same steps run dense and sparse as in eager mode."""
+    from torch._dynamo.utils import counters
+
+    model = bidirectional_llama()
+    pipe, call = llada2(model)
+    plan = mixed_plan(model)
+    plan.dense_steps = 0.5
+    with torch.no_grad(), sparsediff.accelerate(pipe, plan, backend="torch") as handle:
+        eager = pipe(**call).sequences
+        eager_stats = [(s.context, s.step, s.dense) for s in handle.stats]
+        torch._dynamo.reset()
+        counters.clear()
+        pipe.model = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=False)
+        try:
+            compiled = pipe(**call).sequences
+        finally:
+            pipe.model = model
+        compiled_stats = [(s.context, s.step, s.dense) for s in handle.stats]
+    # two frames (the pre-hook and the forward) per sequence length (16 and 24); 8 calls
+    assert counters["stats"]["unique_graphs"] == 4
+    assert compiled_stats == eager_stats
+    assert torch.equal(compiled, eager)
