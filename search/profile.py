@@ -194,43 +194,72 @@ class AttentionProfile:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {"mass": self.mass.float().contiguous(), "errors": self.errors.float().contiguous(), "calls": self.calls.long().contiguous()}
-        save_file(tensors, str(directory / TENSOR_FILE))
-        (directory / META_FILE).write_text(json.dumps(self.metadata(), indent=1) + "\n")
+        # each file is written under a temporary name, then renamed: an interrupted save leaves the old one whole
+        tmp_tensors, tmp_meta = directory / f".{TENSOR_FILE}.tmp", directory / f".{META_FILE}.tmp"
+        try:
+            save_file(tensors, str(tmp_tensors))
+            tmp_meta.write_text(json.dumps(self.metadata(), indent=1) + "\n")
+            os.replace(tmp_tensors, directory / TENSOR_FILE)
+            os.replace(tmp_meta, directory / META_FILE)
+        finally:
+            tmp_tensors.unlink(missing_ok=True)
+            tmp_meta.unlink(missing_ok=True)
         return directory
 
     @classmethod
     def load(cls, directory: "str | os.PathLike") -> "AttentionProfile":
+        """Read a profile folder written by `save`; a missing, damaged or incomplete one is a ValueError naming it."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        if not isinstance(directory, (str, os.PathLike)):
+            raise ValueError(f"A profile is the path of a folder from `sparsediff profile`, not {directory!r}; pass a str or Path.")
         directory = Path(directory)
-        if not (directory / META_FILE).is_file() or not (directory / TENSOR_FILE).is_file():
-            raise ValueError(
-                f"{str(directory)!r} is not a profile directory (it needs {META_FILE} and {TENSOR_FILE}); record one "
-                "with `sparsediff profile --out DIR`."
-            )
-        meta = json.loads((directory / META_FILE).read_text())
+        again = "record it again with `sparsediff profile --out DIR`"
+        missing = [name for name in (META_FILE, TENSOR_FILE) if not (directory / name).is_file()]
+        if missing:
+            where = "it does not exist" if not directory.exists() else "it is a file" if not directory.is_dir() else \
+                f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"
+            raise ValueError(f"{str(directory)!r} is not a profile directory ({where}; it needs {META_FILE} and "
+                             f"{TENSOR_FILE}); {again}.")
+        try:
+            meta = json.loads((directory / META_FILE).read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            meta = None
+        if not isinstance(meta, dict):
+            raise ValueError(f"Profile folder {str(directory)!r} holds a {META_FILE} that is not a JSON object; {again}.")
         if meta.get("schema_version") != SCHEMA_VERSION:
             raise ValueError(
                 f"Profile field 'schema_version' is {meta.get('schema_version')!r} but this sparsediff reads schema "
                 f"{SCHEMA_VERSION}; re-record the profile with `sparsediff profile`."
             )
-        tensors = load_file(str(directory / TENSOR_FILE))
-        return cls(
-            model=ModelFingerprint(**meta["model"]),
-            layout=TokenLayout.parse(meta["layout"]),
-            block_size=meta["block_size"],
-            mass_block_size=meta["mass_block_size"],
-            rows_per_block=meta["rows_per_block"],
-            steps=list(meta["steps"]),
-            num_steps=meta["num_steps"],
-            layers=list(meta["layers"]),
-            candidates=list(meta["candidates"]),
-            mass=tensors["mass"],
-            errors=tensors["errors"],
-            calls=tensors["calls"],
-            meta=meta.get("meta", {}),
-            sparsediff_version=meta.get("sparsediff_version", "unknown"),
-        )
+        try:
+            tensors = load_file(str(directory / TENSOR_FILE))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise ValueError(f"Profile folder {str(directory)!r} holds a damaged {TENSOR_FILE} ({e}); {again}.") from None
+        try:
+            return cls(
+                model=ModelFingerprint(**meta["model"]),
+                layout=TokenLayout.parse(meta["layout"]),
+                block_size=meta["block_size"],
+                mass_block_size=meta["mass_block_size"],
+                rows_per_block=meta["rows_per_block"],
+                steps=list(meta["steps"]),
+                num_steps=meta["num_steps"],
+                layers=list(meta["layers"]),
+                candidates=list(meta["candidates"]),
+                mass=tensors["mass"],
+                errors=tensors["errors"],
+                calls=tensors["calls"],
+                meta=meta.get("meta", {}),
+                sparsediff_version=meta.get("sparsediff_version", "unknown"),
+            )
+        except KeyError as e:
+            what = f"{TENSOR_FILE} lacks the tensor {e.args[0]!r}" if e.args and e.args[0] in ("mass", "errors", "calls") \
+                else f"{META_FILE} lacks the field {e.args[0]!r}" if e.args else f"{META_FILE} is incomplete"
+            raise ValueError(f"Profile folder {str(directory)!r}: {what}; {again}.") from None
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"Profile folder {str(directory)!r} holds an unreadable profile ({e}); {again}.") from None
 
 
 class ProfileRecorder:

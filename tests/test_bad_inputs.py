@@ -393,3 +393,62 @@ def test_the_embedded_pipeline_saved_by_path_loads_back(tmp_path):
     expected = pipe(**call, generator=torch.Generator().manual_seed(0)).frames
     got = loaded(**call, generator=torch.Generator().manual_seed(0)).frames
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
+
+
+# ---- item 8: a corrupt or incomplete profile folder: one sentence naming it, before the model loads -------------
+def _damage_meta(edit):
+    def damage(folder):
+        meta = json.loads((folder / "profile.json").read_text())
+        edit(meta)
+        (folder / "profile.json").write_text(json.dumps(meta))
+    return damage
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (lambda f: (f / "profile.json").unlink(), "is not a profile directory (profile.json is missing;"),
+        (lambda f: (f / "tensors.safetensors").unlink(), "is not a profile directory (tensors.safetensors is missing;"),
+        (lambda f: [p.unlink() for p in f.iterdir()], "(profile.json and tensors.safetensors are missing;"),
+        (lambda f: (f / "profile.json").write_bytes(b"{garbage"), "holds a profile.json that is not a JSON object"),
+        (lambda f: (f / "profile.json").write_bytes(b"\xff\xfe\x00"), "holds a profile.json that is not a JSON object"),
+        (lambda f: (f / "profile.json").write_bytes(b"[" * 100_000), "holds a profile.json that is not a JSON object"),
+        (lambda f: (f / "profile.json").write_bytes(b"[]"), "holds a profile.json that is not a JSON object"),
+        (lambda f: (f / "tensors.safetensors").write_bytes(b"not tensors"), "holds a damaged tensors.safetensors"),
+        (lambda f: (f / "tensors.safetensors").write_bytes(b""), "holds a damaged tensors.safetensors"),
+        (_damage_meta(lambda m: m.pop("layout")), "profile.json lacks the field 'layout'"),
+        (_damage_meta(lambda m: m.__setitem__("steps", None)), "holds an unreadable profile"),
+        (_damage_meta(lambda m: m.__setitem__("model", 3)), "holds an unreadable profile"),
+        (_damage_meta(lambda m: m.__setitem__("candidates", ["full"])), "holds an unreadable profile (Profile tensor 'errors' has shape"),
+    ],
+)
+def test_search_with_a_broken_profile_names_the_folder(tmp_path, capsys, damage, words):
+    from search_fixtures import synthetic_profile
+
+    folder = synthetic_profile().save(tmp_path / "prof")
+    damage(folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for argv in (["search", "--model", str(tmp_path / "model"), "--profile", str(folder), "--out", str(tmp_path / "plan.json")],
+                 ["show", str(folder), "--out", str(tmp_path / "maps.png")]):
+        code, err = _run(argv, capsys)
+        assert code == 2 and words in err and str(folder) in err and err.count("\n") == 1, err
+        assert "record it again with `sparsediff profile --out DIR`" in err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prof"]
+
+
+def test_an_interrupted_profile_save_leaves_the_old_files(tmp_path, monkeypatch):
+    import safetensors.torch
+    from search_fixtures import synthetic_profile
+
+    folder = synthetic_profile().save(tmp_path / "prof")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def interrupted(tensors, filename, *args, **kwargs):
+        open(filename, "wb").write(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic_profile(seed=1).save(folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
