@@ -452,3 +452,49 @@ def test_an_interrupted_profile_save_leaves_the_old_files(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         synthetic_profile(seed=1).save(folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+# ---- item 9: prompt files that are not text, and an SQLite --storage in a missing folder ------------------------
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["profile", "--model", "{tmp}/model", "--out", "{tmp}/prof", "--prompts", "{tmp}/prompts.bin"],
+        ["search", "--model", "{tmp}/model", "--profile", "{tmp}/prof", "--out", "{tmp}/plan.json", "--prompts", "{tmp}/prompts.bin"],
+        ["search", "--model", "{tmp}/model", "--profile", "{tmp}/prof", "--out", "{tmp}/plan.json",
+         "--validate-prompts", "{tmp}/prompts.bin"],
+    ],
+)
+def test_binary_prompts_are_named(tmp_path, capsys, argv):
+    prompts = tmp_path / "prompts.bin"
+    prompts.write_bytes(b"a red circle\n\x89PNG\r\n\x1a\n\x00\xff")
+    code, err = _run([a.format(tmp=tmp_path) for a in argv], capsys)
+    flag = argv[-2]
+    assert code == 2 and err.count("\n") == 1
+    assert f"{flag} {str(prompts)!r} is not UTF-8 text (byte 0x89 at offset 13); pass a text file with one prompt per line." in err
+    assert prompts.read_bytes() == b"a red circle\n\x89PNG\r\n\x1a\n\x00\xff" and sorted(p.name for p in tmp_path.iterdir()) == ["prompts.bin"]
+
+
+@pytest.mark.parametrize(
+    "storage, folder",
+    [
+        ("sqlite:///{tmp}/missing/folder/x.db", "{tmp}/missing/folder"),
+        ("sqlite:///{tmp}/afile/x.db", "{tmp}/afile"),
+        ("sqlite:///{tmp}/missing/x.db?timeout=10", "{tmp}/missing"),
+    ],
+)
+def test_sqlite_storage_in_a_missing_folder_is_refused_before_the_search(tmp_path, capsys, storage, folder):
+    (tmp_path / "afile").write_bytes(SENTINEL)
+    storage, folder = storage.format(tmp=tmp_path), folder.format(tmp=tmp_path)
+    argv = ["search", "--model", str(tmp_path / "model"), "--profile", str(tmp_path / "prof"),
+            "--out", str(tmp_path / "plan.json"), "--storage", storage]
+    code, err = _run(argv, capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"--storage {storage!r} puts the study in {folder!r}, which is not a folder; create that folder first" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"] and (tmp_path / "afile").read_bytes() == SENTINEL
+
+
+def test_storage_check_lets_real_folders_and_other_urls_through():
+    from sparsediff.cli import _check_storage
+
+    for storage in (None, "sqlite:///x.db", "sqlite:///:memory:", "postgresql://user@host/db", "sqlite://"):
+        _check_storage(storage)
