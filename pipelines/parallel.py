@@ -11,10 +11,15 @@ position-dependent pattern cannot run there; it is refused with the fix.
 diffusers (0.36 to 0.42) has no public entry point for a custom kernel inside context parallelism. This module uses
 its private `_templated_context_parallel_attention` (the all-to-all, the backend call through `forward_op`, the
 all-to-all back) and the native backend's backward op; both are imported here and nowhere else.
+
+`sparsediff generate video --ulysses N` starts itself once per GPU through torchrun (`torchrun_command`); each rank
+then calls `enable_ulysses` on its pipeline, and rank 0 writes the video.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 import torch
@@ -73,3 +78,45 @@ def ulysses_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, False,
         forward_op=forward_op, backward_op=_native_attention_backward_op, _parallel_config=parallel_config,
     )  # fmt: skip
+
+
+def torchrun_command(argv: list[str], degree: int) -> list[str]:
+    """The command that runs `sparsediff <argv>` once per rank of a Ulysses group of `degree` processes on this
+    machine (torchrun sets each rank's RANK, LOCAL_RANK and WORLD_SIZE)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={degree}",
+            "-m", "sparsediff.cli", *argv]
+
+
+def check_gpus(degree: int) -> None:
+    """Refuses a Ulysses degree this machine cannot run: one GPU per rank."""
+    available = torch.cuda.device_count()
+    if available < degree:
+        raise ValueError(
+            f"Ulysses degree {degree} needs {degree} CUDA GPUs, one per rank, but this machine has {available}; "
+            + (f"pass --ulysses {available} or less" if available > 1 else "run without --ulysses")
+            + ", or run on a machine with more GPUs."
+        )
+
+
+def enable_ulysses(pipe: Any, degree: int) -> int:
+    """In a process started by torchrun: join the process group, and enable diffusers' Ulysses context parallelism of
+    `degree` on each denoiser of `pipe` (already on this rank's GPU, `cuda:LOCAL_RANK`). Returns the rank.
+
+    >>> # torchrun --nproc-per-node 2 script.py, where script.py does:
+    >>> # rank = enable_ulysses(pipe.to(f"cuda:{os.environ['LOCAL_RANK']}"), 2)
+    """
+    import torch.distributed as dist
+    from diffusers import ContextParallelConfig
+
+    from .adapter import adapter_for
+
+    check_gpus(degree)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl")
+    if dist.get_world_size() != degree:
+        raise ValueError(f"Ulysses degree {degree} needs {degree} processes, but torchrun started {dist.get_world_size()}; "
+                         f"launch with --nproc-per-node {degree}.")
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+    for model in adapter_for(pipe).denoisers(pipe).values():
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
+    return dist.get_rank()

@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
+import socket
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -326,6 +328,7 @@ class PlanSearch:
         cost = self.costs[plan.block_size]
         t = predicted_time(plan, cost, self.num_steps)
         speedup = dense_time(plan, cost, self.num_steps) / max(t, 1e-9)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which machine and process ran it
         trial.set_user_attr("predicted_speedup", speedup)
         trial.set_user_attr("density", plan.predicted_flops_share(self.profile.layout, self.num_steps))
 

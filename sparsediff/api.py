@@ -379,6 +379,7 @@ def search_plan(
     return_summary: bool = False,
     output_type: str = "np",
     validation_calls: "list[dict] | None" = None,
+    choose: bool = True,
 ):
     """Search the fastest plan for `pipe` on this machine that meets a quality floor (or a speed target).
 
@@ -394,9 +395,12 @@ def search_plan(
             refused unless `force`.
         min_psnr (float, defaults to 30.0): the quality floor in dB; trials falling below it are pruned.
         target_speedup (float, defaults to None): choose the best-quality plan reaching this predicted speedup instead.
-        trials (int, defaults to 20): trials in the study, shared by every worker on the same storage.
+        trials (int, defaults to 20): trials in the study, shared by every worker on the same storage (processes on
+            one machine share the default SQLite file; machines share a PostgreSQL URL). A worker that dies mid-trial
+            leaves the study usable: its trial is failed and retried once by another worker.
         timeout (float, defaults to None): stop starting trials after this many seconds.
-        storage (str, defaults to None): SQLAlchemy URL of the study; default an SQLite file beside `out`.
+        storage (str, defaults to None): SQLAlchemy URL of the study, e.g. `postgresql://user@host/db` for workers on
+            several machines; default an SQLite file beside `out`.
         backend (str, defaults to None): kernel backend to cost and run ("torch", "triton", "flex"); automatic when None.
         block_sizes (tuple[int, ...], defaults to None): block sizes to try; default the profile's.
         force (bool, defaults to False): overwrite an existing plan file and report.
@@ -407,6 +411,8 @@ def search_plan(
         validation_calls (list[dict], defaults to None): held-out pipeline arguments (other prompts or seeds, the same
             `num_inference_steps`): the floor must also hold on them. The Pareto plans meeting it on the calibration
             calls are run on these, fastest first, and the first that holds it is chosen (`plan.search["validation"]`).
+        choose (bool, defaults to True): False makes this call a worker that only runs its share of the trials
+            (until the study holds `trials`) and returns None; another call on the storage chooses and saves.
 
     Returns:
         SparsePlan: the chosen plan (its `search` field records the study, trial, PSNR and speedups), or
@@ -423,7 +429,7 @@ def search_plan(
 
     out = Path(out) if out is not None else None
     report_path = out.with_name("search_report.png") if out is not None else None
-    if out is not None and not force:
+    if out is not None and not force and choose:  # a worker that does not choose writes nothing
         for existing in (out, report_path):
             if existing.exists():
                 raise ValueError(f"{str(existing)!r} already exists; pass force=True (--force) to overwrite it, or choose another --out.")
@@ -465,6 +471,8 @@ def search_plan(
         storage = f"sqlite:///{(out.with_suffix('.optuna.db') if out is not None else Path('sparsediff_search.db')).resolve()}"
     run = PlanSearch(profile, costs, evaluator, SearchSpace(block_sizes=block_sizes), min_psnr=min_psnr, storage=storage)
     run.run(trials, timeout, log=log or logger.info, progress=progress)
+    if not choose:
+        return None
     validator = None
     if validation_calls:
         validator = PipelineEvaluator(pipe, validation_calls, apply=evaluator.apply, adapter=adapter, output_type=output_type,

@@ -83,19 +83,6 @@ def _check_out(out: Path, force: bool, targets: "list[Path] | None" = None, fold
                 raise ValueError(f"{str(target)!r} already exists; pass --force to overwrite, or choose another --out.")
 
 
-def _check_storage(storage: str | None) -> None:
-    """Refuse a `sqlite:///PATH` --storage whose folder does not exist (SQLite would fail once the search starts)."""
-    if not storage or not storage.startswith("sqlite:///"):
-        return
-    database = storage[len("sqlite:///"):].split("?", 1)[0]
-    if database in ("", ":memory:"):
-        return
-    folder = Path(database).parent
-    if not folder.is_dir():
-        raise ValueError(f"--storage {storage!r} puts the study in {str(folder)!r}, which is not a folder; create that "
-                         "folder first, or choose another --storage.")
-
-
 def _cmd_show(args: argparse.Namespace) -> int:
     from .layout import TokenLayout
     from .patterns import get_pattern
@@ -145,21 +132,11 @@ def _ints(text: str | None) -> list[int] | None:
         raise ValueError(f"{text!r} is not a comma-separated list of integers, e.g. 0,5,9.") from None
 
 
-def _read_prompts(path: str, flag: str) -> list[str]:
-    """The non-empty lines of a UTF-8 prompt file given as `flag`."""
-    try:
-        text = Path(path).read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{flag} {path!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
-                         "pass a text file with one prompt per line.") from None
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
 def _calibration_calls(args: argparse.Namespace) -> list[dict]:
     """Pipeline arguments of the calibration runs: one per prompt, seeded by its position."""
     prompts = ["A red panda climbs a mossy tree in the rain, cinematic lighting."]
     if args.prompts:
-        prompts = _read_prompts(args.prompts, "--prompts")
+        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
         if not prompts:
             raise ValueError(f"--prompts {args.prompts!r} holds no prompt; write one prompt per line.")
     sizes = {"height": args.height, "width": args.width, "num_frames": args.frames}
@@ -170,7 +147,7 @@ def _calibration_calls(args: argparse.Namespace) -> list[dict]:
 def _validation_calls(path: str, calibration: list[dict]) -> list[dict]:
     """Held-out calls: the first calibration call's settings with each prompt of `path`, seeds 1000, 1001, ...
     (not the calibration's)."""
-    prompts = _read_prompts(path, "--validate-prompts") if Path(path).is_file() else None
+    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()] if Path(path).is_file() else None
     if not prompts:
         raise ValueError(f"--validate-prompts {path!r} is not a file of prompts; write one held-out prompt per line.")
     if not calibration:
@@ -180,31 +157,44 @@ def _validation_calls(path: str, calibration: list[dict]) -> list[dict]:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
+    import subprocess
+
     from .api import load_pipeline, search_plan
     from .search.profile import AttentionProfile
 
     out = Path(args.out)
     _check_device(args.device)
     _check_out(out, force=True)  # where it can be written; what it would replace is checked below
-    _check_storage(args.storage)
-    for flag, path in (("--prompts", args.prompts), ("--validate-prompts", args.validate_prompts)):
-        if path and Path(path).is_file():
-            _read_prompts(path, flag)  # an unreadable prompt file is refused before the model loads
-    if not args.force and (out.exists() or out.with_name("search_report.png").exists()):
+    if not args.force and not args.worker and (out.exists() or out.with_name("search_report.png").exists()):
         raise ValueError(f"{str(out)!r} or its search_report.png already exists; pass --force to overwrite, or choose another --out.")
-    profile = AttentionProfile.load(args.profile)
-    pipe = load_pipeline(args.model, args.device)
-    pipe.set_progress_bar_config(disable=True)
-    calls = None
-    if args.prompts or args.steps:
-        args.steps = args.steps or profile.num_steps or 10
-        calls = _calibration_calls(args)
-    block_sizes = tuple(_ints(args.block_sizes)) if args.block_sizes else None
-    validation_calls = _validation_calls(args.validate_prompts, calls or profile.meta.get("calls") or []) if args.validate_prompts else None
-    plan, summary = search_plan(pipe, profile, calls, out=out, min_psnr=args.min_psnr, target_speedup=args.target_speedup,
-                           trials=args.trials, timeout=args.timeout, storage=args.storage, backend=args.backend,
-                           block_sizes=block_sizes, force=args.force, progress=not args.json,
-                           log=lambda line: logger.info(line), return_summary=True, validation_calls=validation_calls)
+    # the other workers run the same command with the same --out (so the same default storage) and only run trials
+    workers = [subprocess.Popen([sys.executable, "-m", "sparsediff.cli", *args.argv, "--workers", "1", "--worker"])
+               for _ in range(args.workers - 1)]
+    try:
+        profile = AttentionProfile.load(args.profile)
+        pipe = load_pipeline(args.model, args.device)
+        pipe.set_progress_bar_config(disable=True)
+        calls = None
+        if args.prompts or args.steps:
+            args.steps = args.steps or profile.num_steps or 10
+            calls = _calibration_calls(args)
+        block_sizes = tuple(_ints(args.block_sizes)) if args.block_sizes else None
+        validation_calls = _validation_calls(args.validate_prompts, calls or profile.meta.get("calls") or []) if args.validate_prompts else None
+        result = search_plan(pipe, profile, calls, out=out, min_psnr=args.min_psnr, target_speedup=args.target_speedup,
+                             trials=args.trials, timeout=args.timeout, storage=args.storage, backend=args.backend,
+                             block_sizes=block_sizes, force=args.force, progress=not args.json and not args.worker,
+                             log=lambda line: logger.info(line), return_summary=True, validation_calls=validation_calls,
+                             choose=not args.worker)
+    except BaseException:
+        for worker in workers:
+            worker.terminate()
+        raise
+    for worker in workers:
+        if worker.wait() != 0:  # its running trial, if any, was retried by the others
+            logger.warning(f"search worker {worker.pid} exited with status {worker.returncode}")
+    if args.worker:
+        return 0
+    plan, summary = result
     if args.json:
         print(json.dumps(summary, indent=1, default=str))
         return 0
@@ -229,11 +219,26 @@ def _cmd_generate_video(args: argparse.Namespace) -> int:
 
     _check_device(args.device)
     _check_out(Path(args.out), args.force, targets=[video_target(args.out)])
+    rank = 0
+    if args.ulysses > 1:
+        import os
+        import subprocess
+
+        from .pipelines.parallel import check_gpus, enable_ulysses, torchrun_command
+
+        check_gpus(args.ulysses)
+        if "LOCAL_RANK" not in os.environ:  # not started by torchrun yet: start one process per GPU, each this command
+            return subprocess.call(torchrun_command(args.argv, args.ulysses))
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
     pipe = load_pipeline(args.model, args.device)
-    pipe.set_progress_bar_config(disable=args.json)
+    if args.ulysses > 1:
+        rank = enable_ulysses(pipe, args.ulysses)
+    pipe.set_progress_bar_config(disable=args.json or rank != 0)
     plan = resolve_plan(pipe, args.plan)
     sizes = {k: v for k, v in {"height": args.height, "width": args.width, "num_frames": args.frames}.items() if v}
     result = generate(pipe, [args.prompt], plan, backend=args.backend, seed=args.seed, num_inference_steps=args.steps, **sizes)
+    if rank != 0:  # every rank holds the whole video; rank 0 writes it
+        return 0
     out = write_video(result.frames[0], args.out, fps=args.fps, force=args.force)
     frames = result.frames[0]
     info = {"out": str(out), "prompt": args.prompt, "frames": int(frames.shape[0]), "height": int(frames.shape[1]),
@@ -401,7 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
     srch.add_argument("--target-speedup", type=positive_float, help="instead: best quality reaching this predicted speedup")
     srch.add_argument("--trials", type=positive_int, default=20, help="trials in the study (shared by all workers)")
     srch.add_argument("--timeout", type=positive_float, help="stop starting trials after this many seconds")
-    srch.add_argument("--storage", help="SQLAlchemy URL of the study (default: an SQLite file beside --out)")
+    srch.add_argument("--storage", help="SQLAlchemy URL of the study (default: an SQLite file beside --out); "
+                      "postgresql://user@host/db for workers on several machines")
+    srch.add_argument("--workers", type=positive_int, default=1, help="worker processes on this machine sharing the "
+                      "study and its --trials budget (more machines: start `sparsediff search` on each, same --storage)")
+    srch.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # runs trials only; started by --workers
     srch.add_argument("--backend", help="kernel backend to cost and run (default: automatic)")
     srch.add_argument("--block-sizes", help="block sizes to try, comma-separated (default: the profile's)")
     srch.add_argument("--prompts", help="calibration prompts, one per line (default: the profile's)")
@@ -429,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     vid.add_argument("--fps", type=positive_int, default=8)
     vid.add_argument("--backend", help="kernel backend (default: automatic)")
     vid.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    vid.add_argument("--ulysses", type=positive_int, default=1, help="GPUs to split attention heads over with diffusers' "
+                     "Ulysses context parallelism (starts itself through torchrun, one process per GPU)")
     vid.add_argument("--out", required=True, help="video file to write (.mp4; .gif where ffmpeg is missing)")
     vid.add_argument("--force", action="store_true", help="overwrite an existing video")
     vid.add_argument("--json", action="store_true")
@@ -484,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for `search --workers` to start its workers
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )

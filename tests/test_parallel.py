@@ -116,3 +116,23 @@ def test_ring_attention_refuses_a_sparse_plan_and_names_the_fix(ranks):
     for result in ranks:
         assert "ring attention (ring_degree=2)" in result["ring"]
         assert "ContextParallelConfig(ulysses_degree=2)" in result["ring"]
+
+
+def test_generate_video_ulysses_starts_one_process_per_gpu_through_torchrun(tmp_path, capsys, monkeypatch):
+    import subprocess
+    import sys
+
+    from sparsediff.cli import main
+    from sparsediff.pipelines import parallel
+
+    argv = ["generate", "video", "--prompt", "a red square", "--out", str(tmp_path / "clip.mp4"), "--ulysses", "2"]
+    if torch.cuda.device_count() < 2:  # here: the error names the GPUs it needs
+        assert main(argv) == 2
+        assert f"Ulysses degree 2 needs 2 CUDA GPUs, one per rank, but this machine has {torch.cuda.device_count()}" in capsys.readouterr().err
+    launched = []
+    monkeypatch.setattr(parallel, "check_gpus", lambda degree: None)
+    monkeypatch.setattr(subprocess, "call", lambda command: launched.append(command) or 0)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert main(argv) == 0
+    assert launched == [[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                         "-m", "sparsediff.cli", *argv]]

@@ -124,7 +124,7 @@ def test_two_workers_share_the_budget_run_each_trial_once_and_choose_as_one_work
     done = search.study.get_trials(states=DONE)
     assert len(done) == 12 and len({t.number for t in done}) == 12  # the budget, exactly
     assert len(list(runs.iterdir())) == 12  # every evaluation belongs to one done trial: none ran twice
-    assert len({p.name.split("-")[0] for p in runs.iterdir()}) == 2  # both workers took part
+    assert len({t.user_attrs["worker"] for t in done}) == 2  # both workers took part
     chosen, plan = search.choose()
 
     # one worker over the same trials, in the same order, on SQLite: the same choice
@@ -161,3 +161,30 @@ def test_a_worker_killed_mid_trial_leaves_the_study_usable_and_its_trial_is_retr
     assert len(retried) == 1 and retried[0].params == killed[0].params  # retried once, with its parameters
     assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING))
     search_on(storage).choose()  # usable: the choice works on it
+
+
+def test_cli_search_with_two_workers_on_postgresql(postgres, tmp_path, capsys, monkeypatch):
+    """`sparsediff search --workers 2 --storage postgresql://...` on a saved tiny Wan: one study, the budget shared
+    by two processes, one plan."""
+    import json
+
+    from sparsediff.cli import main
+    from sparsediff.plan import SparsePlan
+    from tests import pipeline_factories
+
+    monkeypatch.setenv("SPARSEDIFF_CACHE_DIR", str(tmp_path / "cache"))
+    pipe, _ = pipeline_factories.wan_with_text_encoder()
+    pipe.save_pretrained(tmp_path / "wan-tiny")
+    model, storage = str(tmp_path / "wan-tiny"), postgres()
+    assert main(["profile", "--model", model, "--steps", "3", "--height", "64", "--width", "64", "--frames", "9",
+                 "--out", str(tmp_path / "prof"), "--candidates", "full,skip,diagonal_w1", "--block-size", "8", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["search", "--model", model, "--profile", str(tmp_path / "prof"), "--out", str(tmp_path / "plan.json"),
+                 "--trials", "40", "--min-psnr", "15", "--backend", "torch", "--storage", storage, "--workers", "2",
+                 "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    study = optuna.load_study(study_name=summary["study"], storage=storage.replace("postgresql://", "postgresql+psycopg2://"))
+    done = study.get_trials(states=DONE)
+    assert summary["trials"] == len(done) == 40
+    assert len({t.user_attrs["worker"] for t in done}) == 2
+    assert SparsePlan.load(tmp_path / "plan.json").search["trial"] == summary["chosen"]["number"]
