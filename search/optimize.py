@@ -359,7 +359,7 @@ class PlanSearch:
 
         from tqdm import tqdm
 
-        start = time.monotonic()
+        start, waited_for = time.monotonic(), None
         bar = tqdm(total=trials, initial=min(self.finished(), trials), desc="search", disable=not progress, leave=False)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         # Optuna warns that heartbeats are meant for Study.optimize; this loop keeps them itself (`_Heartbeat`)
@@ -369,6 +369,12 @@ class PlanSearch:
             while self.finished(running=False) < trials and (timeout is None or time.monotonic() - start < timeout):
                 optuna.storages.fail_stale_trials(self.study)  # a dead worker's trial: failed, and queued again
                 if self.finished() >= trials:  # the rest of the budget is running elsewhere: wait for it
+                    running = [t.number for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
+                    if running != waited_for:
+                        waited_for = running
+                        log(f"waiting for trial(s) {running} running in other workers; a trial whose worker died is "
+                            f"retried here once it has been silent for the grace period (trials left RUNNING by a "
+                            f"search without heartbeats never are: stop with Ctrl-C or --timeout)")
                     time.sleep(min(1.0, self.heartbeat_interval))
                     continue
                 trial = self.study.ask()
