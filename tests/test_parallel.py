@@ -2,6 +2,10 @@
 
 Each rank of a Ulysses group holds the whole sequence for a block of heads, so the plan's per-head patterns (skip heads
 included) run there exactly, with the rank's heads mapped to their global indices. Ring attention is refused.
+
+Wan is the family tested: of the others, only LTX has a context-parallel plan in diffusers 0.42.1, and its tiny
+transformer fails there under Ulysses without sparsediff too (a shape error in its masked cross-attention); CogVideoX
+and Mochi call SDPA themselves and take no parallel config, and HunyuanVideo has no `_cp_plan`.
 """
 
 import os
