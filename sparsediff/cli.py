@@ -83,6 +83,19 @@ def _check_out(out: Path, force: bool, targets: "list[Path] | None" = None, fold
                 raise ValueError(f"{str(target)!r} already exists; pass --force to overwrite, or choose another --out.")
 
 
+def _check_storage(storage: str | None) -> None:
+    """Refuse a `sqlite:///PATH` --storage whose folder does not exist (SQLite would fail once the search starts)."""
+    if not storage or not storage.startswith("sqlite:///"):
+        return
+    database = storage[len("sqlite:///"):].split("?", 1)[0]
+    if database in ("", ":memory:"):
+        return
+    folder = Path(database).parent
+    if not folder.is_dir():
+        raise ValueError(f"--storage {storage!r} puts the study in {str(folder)!r}, which is not a folder; create that "
+                         "folder first, or choose another --storage.")
+
+
 def _cmd_show(args: argparse.Namespace) -> int:
     from .layout import TokenLayout
     from .patterns import get_pattern
@@ -132,11 +145,21 @@ def _ints(text: str | None) -> list[int] | None:
         raise ValueError(f"{text!r} is not a comma-separated list of integers, e.g. 0,5,9.") from None
 
 
+def _read_prompts(path: str, flag: str) -> list[str]:
+    """The non-empty lines of a UTF-8 prompt file given as `flag`."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{flag} {path!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                         "pass a text file with one prompt per line.") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def _calibration_calls(args: argparse.Namespace) -> list[dict]:
     """Pipeline arguments of the calibration runs: one per prompt, seeded by its position."""
     prompts = ["A red panda climbs a mossy tree in the rain, cinematic lighting."]
     if args.prompts:
-        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        prompts = _read_prompts(args.prompts, "--prompts")
         if not prompts:
             raise ValueError(f"--prompts {args.prompts!r} holds no prompt; write one prompt per line.")
     sizes = {"height": args.height, "width": args.width, "num_frames": args.frames}
@@ -147,7 +170,7 @@ def _calibration_calls(args: argparse.Namespace) -> list[dict]:
 def _validation_calls(path: str, calibration: list[dict]) -> list[dict]:
     """Held-out calls: the first calibration call's settings with each prompt of `path`, seeds 1000, 1001, ...
     (not the calibration's)."""
-    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()] if Path(path).is_file() else None
+    prompts = _read_prompts(path, "--validate-prompts") if Path(path).is_file() else None
     if not prompts:
         raise ValueError(f"--validate-prompts {path!r} is not a file of prompts; write one held-out prompt per line.")
     if not calibration:
@@ -165,6 +188,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _check_device(args.device)
     _check_out(out, force=True)  # where it can be written; what it would replace is checked below
+    _check_storage(args.storage)
+    for flag, path in (("--prompts", args.prompts), ("--validate-prompts", args.validate_prompts)):
+        if path and Path(path).is_file():
+            _read_prompts(path, flag)  # an unreadable prompt file is refused before the model loads
     if not args.force and not args.worker and (out.exists() or out.with_name("search_report.png").exists()):
         raise ValueError(f"{str(out)!r} or its search_report.png already exists; pass --force to overwrite, or choose another --out.")
     # the other workers run the same command with the same --out (so the same default storage) and only run trials
