@@ -246,6 +246,11 @@ def _cmd_generate_video(args: argparse.Namespace) -> int:
 
     _check_device(args.device)
     _check_out(Path(args.out), args.force, targets=[video_target(args.out)])
+    plan = args.plan
+    if plan not in ("auto", "dense"):  # a bad plan file is refused before the model loads
+        from .plan import SparsePlan
+
+        plan = SparsePlan.load(plan)
     rank = 0
     if args.ulysses > 1:
         import os
@@ -261,7 +266,7 @@ def _cmd_generate_video(args: argparse.Namespace) -> int:
     if args.ulysses > 1:
         rank = enable_ulysses(pipe, args.ulysses)
     pipe.set_progress_bar_config(disable=args.json or rank != 0)
-    plan = resolve_plan(pipe, args.plan)
+    plan = resolve_plan(pipe, plan)
     sizes = {k: v for k, v in {"height": args.height, "width": args.width, "num_frames": args.frames}.items() if v}
     result = generate(pipe, [args.prompt], plan, backend=args.backend, seed=args.seed, num_inference_steps=args.steps, **sizes)
     if rank != 0:  # every rank holds the whole video; rank 0 writes it

@@ -498,3 +498,17 @@ def test_storage_check_lets_real_folders_and_other_urls_through():
 
     for storage in (None, "sqlite:///x.db", "sqlite:///:memory:", "postgresql://user@host/db", "sqlite://"):
         _check_storage(storage)
+
+
+def test_generate_refuses_a_bad_plan_file_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    import sparsediff.api
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the plan was checked")
+
+    monkeypatch.setattr(sparsediff.api, "load_pipeline", no_model)
+    bad = tmp_path / "plan.json"
+    bad.write_text('{"ranges": 7}')
+    assert main(["generate", "video", "--prompt", "x", "--plan", str(bad), "--out", str(tmp_path / "c.mp4")]) != 0
+    err = capsys.readouterr().err
+    assert str(bad) in err and "Traceback" not in err
