@@ -71,7 +71,8 @@ class Pattern:
 
     @property
     def name(self) -> str:
-        tags = [f"{tag}{_fmt(getattr(self, field))}" for field, tag in self.params.items()]
+        # an optional parameter left at None is not part of the name
+        tags = [f"{tag}{_fmt(getattr(self, field))}" for field, tag in self.params.items() if getattr(self, field) is not None]
         return "_".join([self.kind, *tags])
 
     def __str__(self) -> str:
@@ -292,22 +293,26 @@ class VerticalStripe(Pattern):
 @dataclass(frozen=True)
 class TopkBlocks(Pattern):
     """Per query block, the `k` share of key blocks with the highest attention score (SparseD). Prompt and
-    generation key blocks are selected separately, each keeping its own share (a block holding any
-    generation token counts as generation); key blocks holding text are always kept. Scores are a
+    generation key blocks are selected separately, each keeping its own share: `keep` for generation keys and
+    `prompt_keep` (`p` in the name; `keep` when not given) for prompt keys (a block holding any generation token
+    counts as generation; on a video axis every key block is a "prompt" block); key blocks holding text are always kept. Scores are a
     `(num_q_blocks, num_kv_blocks)` tensor (or `(H, nq, nk)` for a group of heads), taken from full
     attention at the first sparse step and reused afterwards."""
 
     kind: ClassVar[str] = "topk_blocks"
-    params: ClassVar[dict[str, str]] = {"keep": "k"}
+    params: ClassVar[dict[str, str]] = {"keep": "k", "prompt_keep": "p"}
     needs_scores: ClassVar[bool] = True
     kernel_mode: ClassVar[str] = "blocks"
     keep: float = 0.25
+    prompt_keep: float | None = None
 
     def __post_init__(self):
         _check_param(self, "keep", self.keep, 0.0, 1.0, lo_open=True)
+        if self.prompt_keep is not None:
+            _check_param(self, "prompt_keep", self.prompt_keep, 0.0, 1.0, lo_open=True)
 
     def block_mask(self, layout, block_size, scores=None):
-        return topk_block_mask(scores, layout, block_size, self.keep)
+        return topk_block_mask(scores, layout, block_size, self.keep, self.prompt_keep)
 
     def token_rows(self, layout, rows, block_size=None, scores=None):
         if block_size is None:
@@ -324,10 +329,12 @@ class TopkBlocks(Pattern):
         return self.density(layout, block_size, torch.zeros((n, n)))
 
 
-def topk_block_mask(scores: torch.Tensor | None, layout: TokenLayout, block_size: int, keep: float) -> torch.Tensor:
-    """Boolean (…, nq, nk) block mask keeping, per query block, the top `keep` share of prompt key blocks and,
-    separately, of generation key blocks (video key blocks for a video layout), plus every key block that
-    holds text. Query blocks holding text keep every key block (text queries attend everything)."""
+def topk_block_mask(
+    scores: torch.Tensor | None, layout: TokenLayout, block_size: int, keep: float, prompt_keep: float | None = None
+) -> torch.Tensor:
+    """Boolean (…, nq, nk) block mask keeping, per query block, the top `keep` share of generation key blocks and,
+    separately, the top `prompt_keep` (default `keep`) share of the other axis key blocks (prompt, or video), plus
+    every key block that holds text. Query blocks holding text keep every key block (text queries attend everything)."""
     check_block_size(block_size)
     n = layout.num_blocks(block_size)
     if scores is None:
@@ -341,14 +348,14 @@ def topk_block_mask(scores: torch.Tensor | None, layout: TokenLayout, block_size
     per_block = lambda t: torch.nn.functional.pad(t, (0, pad)).view(n, block_size).any(dim=1)  # noqa: E731
     text_blocks = per_block(layout.is_text)
     gen_blocks = per_block(layout.is_generation)
-    groups = [gen_blocks & ~text_blocks, ~gen_blocks & ~text_blocks]
+    groups = [(gen_blocks & ~text_blocks, keep), (~gen_blocks & ~text_blocks, keep if prompt_keep is None else prompt_keep)]
     mask = torch.zeros(scores.shape, dtype=torch.bool)
     scores = scores.float()
-    for group in groups:
+    for group, share in groups:
         count = int(group.sum())
         if count == 0:
             continue
-        k = min(count, max(1, math.ceil(keep * count)))
+        k = min(count, max(1, math.ceil(share * count)))
         masked = scores.masked_fill(~group, -math.inf)
         top = masked.topk(k, dim=-1).indices
         mask.scatter_(-1, top, True)

@@ -238,11 +238,13 @@ class SparseAttention:
 
     Args:
         backend (str, optional): "torch", "triton", "flex" or "reference"; default: automatic.
-        rows_per_block (int, defaults to 4): query rows per block sampled to score blocks for topk_blocks.
+        rows_per_block (int, defaults to None): query rows per block that score key blocks for topk_blocks; None
+            uses every row (the exact block mass of that call's attention, as SparseD selects; computed in row chunks,
+            once per layout and run, costing about one dense attention of those heads).
     """
 
     backend: str | None = None
-    rows_per_block: int = 4
+    rows_per_block: int | None = None
     _groups: dict[tuple, list[HeadGroup]] = field(default_factory=dict, repr=False)
 
     def reset(self) -> None:
@@ -272,7 +274,8 @@ class SparseAttention:
                 qg, kg = q[:, local.to(q.device)], k[:, local.to(q.device)]
                 if order is not None:
                     qg, kg = qg[:, :, order.to(q.device)], kg[:, :, order.to(q.device)]
-                scores = block_attention_mass(qg, kg, block_size, self.rows_per_block, scale).cpu()
+                rows = block_size if self.rows_per_block is None else self.rows_per_block
+                scores = block_attention_mass(qg, kg, block_size, rows, scale).cpu()
             spec = build_spec(pattern, layout, block_size, scores)
             density = block_density(spec.block_mask, layout, block_size)
             built.append(HeadGroup(pattern, heads, local, spec, order, density))

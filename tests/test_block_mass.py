@@ -36,3 +36,16 @@ def test_top_k_selection_from_the_exact_mass_equals_the_reference_selection():
     got = pattern.block_mask(layout, 16, block_attention_mass(q, k, 16, rows_per_block=16, max_elements=4096))
     expect = pattern.block_mask(layout, 16, full_block_mass(q, k, 16))
     assert torch.equal(got, expect)
+
+
+def test_the_runtime_selects_top_k_blocks_from_the_calls_exact_attention():
+    """By default the runtime scores key blocks with every query row: its selection is the full-matrix one."""
+    from sparsediff.runtime import SparseAttention
+
+    g = torch.Generator().manual_seed(2)
+    layout = TokenLayout.parse("prompt:61+generation:36")
+    q, k, v = (torch.randn(1, 2, layout.num_tokens, 16, generator=g) for _ in range(3))
+    names = ["topk_blocks_k0.4_p0.25", "topk_blocks_k0.4_p0.25"]
+    _, stats = SparseAttention(backend="torch")(q, k, v, layout, names, block_size=16)
+    expect = get_pattern(names[0]).block_mask(layout, 16, full_block_mass(q, k, 16))
+    assert torch.equal(stats.groups[0].spec.block_mask, expect)

@@ -250,3 +250,19 @@ def test_malformed_names_are_refused_naming_the_part(name, words):
     with pytest.raises(ValueError, match=re.escape(words)) as info:
         get_pattern(name)
     assert repr(name) in str(info.value) or "w=inf" in words
+
+
+def test_topk_blocks_keeps_its_own_share_of_prompt_and_generation_keys():
+    """SparseD selects prompt and generation key blocks separately; `p` gives the prompt keys their own share."""
+    layout = TokenLayout.parse("prompt:64+generation:32")  # 8 prompt blocks, 4 generation blocks of 8
+    scores = torch.rand(12, 12, generator=torch.Generator().manual_seed(0))
+    same = get_pattern("topk_blocks_k0.5")
+    split = get_pattern("topk_blocks_k0.5_p0.25")
+    assert split.name == "topk_blocks_k0.5_p0.25" and get_pattern(split.name) == split and same.prompt_keep is None
+    for pattern, prompt_kept in ((same, 4), (split, 2)):
+        mask = pattern.block_mask(layout, 8, scores)
+        assert (mask[:, :8].sum(dim=1) == prompt_kept).all() and (mask[:, 8:].sum(dim=1) == 2).all()
+        top = scores[:, :8].topk(prompt_kept, dim=1).indices  # the highest-scoring prompt blocks, per query block
+        assert mask[:, :8].gather(1, top).all()
+    with pytest.raises(ValueError, match="prompt_keep"):
+        get_pattern("topk_blocks_k0.5_p0")
