@@ -148,7 +148,7 @@ class DiffusersVideoAdapter(Adapter):
         steps: list[torch.Tensor] = []
 
         def callback(pipe, i, t, tensors):
-            latents = tensors["latents"].detach().float().cpu()
+            latents = tensors["latents"].detach().float().cpu().clone()  # a copy: a pipeline may update latents in place
             steps.append(latents)
             if on_step is not None:
                 on_step(i, latents)

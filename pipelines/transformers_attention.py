@@ -303,11 +303,34 @@ class TransformersAdapter(Adapter):
         return installation
 
     def run(self, pipe, call, on_step=None):
-        raise NotImplementedError("searching plans on text models is not built yet (issue 13)")
+        """One seeded call of a text pipeline (`LLaDA2Pipeline`): the active block's tokens after every step (steps
+        counted over the whole request, block after block) and the final token sequences."""
+        if _pretrained(pipe):
+            raise ValueError("A search runs a text pipeline end to end (e.g. diffusers' LLaDA2Pipeline around the model), not a bare model.")
+        kwargs = {k: v for k, v in call.items() if k != "output_type"}
+        seed = kwargs.pop("seed", 0)
+        block_length = kwargs.get("block_length") or pipe.scheduler.config.block_length
+        steps: list[torch.Tensor] = []
+
+        def callback(pipe, i, t, tensors):
+            tokens = tensors["block_x"][:, -block_length:].detach().cpu().clone()  # the pipeline writes block_x in place
+            steps.append(tokens)
+            if on_step is not None:
+                on_step(len(steps) - 1, tokens)
+            return tensors
+
+        out = pipe(**kwargs, generator=torch.Generator().manual_seed(seed), output_type="seq",
+                   callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["block_x"])
+        return steps, out.sequences.detach().cpu()
 
     def quality(self, output: torch.Tensor, reference: torch.Tensor) -> float:
-        """Share of positions where the argmax token agrees with the dense run's."""
-        return float((output.argmax(-1) == reference.argmax(-1)).float().mean())
+        """Token agreement with the dense run: the share of positions holding the same token (of the argmax token,
+        for logits)."""
+        if output.is_floating_point():
+            output, reference = output.argmax(-1), reference.argmax(-1)
+        if output.shape != reference.shape:
+            return 0.0
+        return float((output == reference).float().mean())
 
 
 register_adapter(TransformersAdapter())

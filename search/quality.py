@@ -72,10 +72,14 @@ class PipelineEvaluator:
         handle = self.apply(self.pipe, plan)
         try:
             start = time.perf_counter()
-            finals, per_step = [], [math.inf] * self.num_steps
+            # a block-wise text pipeline runs its steps once per block, and may end a block early: steps are those
+            # the dense run took, and a step the dense run did not take is not compared
+            finals, per_step = [], [math.inf] * max(self.num_steps, *(len(steps) for steps, _ in self.reference))
             for call, (ref_steps, ref_final) in zip(self.calls, self.reference):
 
                 def on_step(i, latents, ref_steps=ref_steps):
+                    if i >= len(ref_steps):
+                        return
                     per_step[i] = min(per_step[i], self.adapter.quality(latents, ref_steps[i]))
                     report(i, per_step[i])
 

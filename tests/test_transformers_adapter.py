@@ -182,3 +182,20 @@ def test_a_compiled_llada2_run_compiles_once_per_block_length():
     assert counters["stats"]["unique_graphs"] == 4
     assert compiled_stats == eager_stats
     assert torch.equal(compiled, eager)
+
+
+def test_profile_and_search_a_plan_on_a_llada2_pipeline(tmp_path, monkeypatch):
+    """The text path end to end: profile through the adapter, measured costs, a search scored by token agreement."""
+    monkeypatch.setenv("SPARSEDIFF_CACHE_DIR", str(tmp_path / "cache"))
+    model = bidirectional_llama()
+    pipe, call = llada2(model)
+    candidates = ["full", "skip", "diagonal_w4", "topk_blocks_k0.5"]
+    prof = sparsediff.profile(pipe, [call], candidates=candidates, block_size=8, progress=False)
+    assert prof.errors.shape[-1] == len(candidates) and float(prof.errors[..., 0].max()) == 0.0  # full: no error
+    assert str(prof.layout).startswith("generation:")
+    plan, summary = sparsediff.search_plan(pipe, prof, [dict(call, seed=0)], out=tmp_path / "plan.json", min_psnr=0.5,
+                                           trials=3, backend="torch", progress=False, return_summary=True)
+    assert summary["trials"] == 3 and 0.5 <= summary["chosen"]["psnr"] <= 1.0  # token agreement with dense
+    with torch.no_grad(), sparsediff.accelerate(pipe, plan, backend="torch"):
+        sparsediff_out = pipe(**call).sequences
+    assert sparsediff_out.shape == (1, 16)  # the generated tokens
