@@ -353,11 +353,36 @@ def load_pipeline(model: str, device: "str | None" = None):
             f"have; upgrade diffusers, or {again}."
         )
     try:
-        pipe = pipeline_class.from_pretrained(str(path), local_files_only=True)
+        components = _components_diffusers_skips(path, json.loads(index.read_text()), pipeline_class, class_name)
+        pipe = pipeline_class.from_pretrained(str(path), local_files_only=True, **components)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"--model {model!r} could not be loaded as a {class_name} ({reason}); {again}.") from e
     return pipe.to(device)
+
+
+def _components_diffusers_skips(path: Path, index: dict, pipeline_class, class_name: str) -> dict:
+    """Components to load ourselves: diffusers 0.42.1 passes a pipeline's saved components through unloaded (as
+    their `[library, class]` entries) when its `__init__` types them `Any`, as `LLaDA2Pipeline` does; loading each with
+    its own library's `from_pretrained` and handing it in is the documented way to give a pipeline its components."""
+    import importlib
+    import inspect
+    from typing import Any as AnyType
+
+    cls = getattr(importlib.import_module("diffusers"), class_name, None) if pipeline_class.__name__ == "DiffusionPipeline" else pipeline_class
+    if cls is None:
+        return {}
+    parameters = inspect.signature(cls.__init__).parameters
+    out = {}
+    for name, entry in index.items():
+        annotation = parameters[name].annotation if name in parameters else None
+        untyped = annotation in (AnyType, "Any", "Any | None") or str(annotation).startswith("typing.Any")
+        if not untyped or not isinstance(entry, list) or len(entry) != 2 or None in entry:
+            continue
+        library, component = entry
+        loader = getattr(importlib.import_module(library), component)
+        out[name] = loader.from_pretrained(str(path / name), local_files_only=True)
+    return out
 
 
 def search_plan(

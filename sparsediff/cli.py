@@ -280,6 +280,36 @@ def _cmd_generate_video(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate_text(args: argparse.Namespace) -> int:
+    from .api import load_pipeline
+    from .generate import generate_text
+
+    _check_device(args.device)
+    prompts = [args.prompt] if args.prompt is not None else _read_prompts(args.prompts, "--prompts")
+    if not prompts:
+        raise ValueError(f"--prompts {args.prompts!r} holds no prompt; write one prompt per line.")
+    plan = args.plan
+    if plan not in ("auto", "dense"):  # a bad plan file is refused before the model loads
+        from .plan import SparsePlan
+
+        plan = SparsePlan.load(plan)
+    pipe = load_pipeline(args.model, args.device)
+    pipe.set_progress_bar_config(disable=True)
+    call = {"num_inference_steps": args.steps, "gen_length": args.gen_length}
+    if args.block_length:
+        call["block_length"] = args.block_length
+    result = generate_text(pipe, prompts, plan, backend=args.backend, seed=args.seed, **call)
+    info = {"prompts": prompts, "texts": result.texts, "seconds": round(result.seconds, 3),
+            "plan": args.plan if args.plan in ("auto", "dense") else str(args.plan), **result.stats}
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+    else:
+        for prompt, text in zip(prompts, result.texts):
+            print(f"{prompt}\t{text}")
+        print(f"{result.seconds:.2f} s; {json.dumps(result.stats, default=str)}", file=sys.stderr)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .generate import run_demo
 
@@ -476,6 +506,21 @@ def build_parser() -> argparse.ArgumentParser:
     vid.add_argument("--force", action="store_true", help="overwrite an existing video")
     vid.add_argument("--json", action="store_true")
     vid.set_defaults(func=_cmd_generate_video)
+
+    txt = gen_sub.add_parser("text", help="text from a diffusion language model pipeline (diffusers' LLaDA2Pipeline)")
+    txt.add_argument("--model", required=True, help="a saved text diffusion pipeline directory (no embedded text model ships yet)")
+    src = txt.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt")
+    src.add_argument("--prompts", help="a text file, one prompt per line")
+    txt.add_argument("--plan", default="auto", help="`auto` (default: the model's shipped plan if it has one, else dense), `dense`, or a plan JSON")
+    txt.add_argument("--steps", type=positive_int, default=32, help="denoising steps per block")
+    txt.add_argument("--gen-length", type=positive_int, default=128, help="tokens to generate")
+    txt.add_argument("--block-length", type=positive_int, help="tokens per block (default: the scheduler's)")
+    txt.add_argument("--seed", type=int, default=0)
+    txt.add_argument("--backend", help="kernel backend (default: automatic)")
+    txt.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    txt.add_argument("--json", action="store_true")
+    txt.set_defaults(func=_cmd_generate_text)
 
     demo = sub.add_parser("demo", help="the embedded model dense vs its shipped plan, side by side, with one table")
     demo.add_argument("--out", default="demo", help="folder for the side-by-side MP4 and the frame strip")

@@ -115,6 +115,40 @@ def generate(pipe, prompts: list[str], plan="auto", backend: str | None = None, 
 
 
 @dataclass
+class TextGeneration:
+    texts: list[str]  # one per prompt (decoded with the pipeline's tokenizer)
+    sequences: torch.Tensor  # (B, gen_length) generated token ids
+    seconds: float
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def generate_text(pipe, prompts: list[str], plan="auto", backend: str | None = None, seed: int = 0, **call) -> TextGeneration:
+    """Run a text diffusion pipeline (diffusers' `LLaDA2Pipeline`) on `prompts` under `plan` (as `generate`). The
+    prompts are tokenized as plain text (no chat template) and right-padded, which the adapter keeps apart per row."""
+    from .api import accelerate, resolve_plan
+
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError(f"{type(pipe).__name__} has no tokenizer, so it cannot take text prompts; save the pipeline with one.")
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        raise ValueError("The pipeline's tokenizer has no pad token, which batched prompts need; give it one and save it again.")
+    tokenizer.padding_side = "right"  # the adapter runs right-padded rows on their valid tokens
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    plan = resolve_plan(pipe, plan)
+    handle = None if plan is None else accelerate(pipe, plan, backend=backend)
+    try:
+        start = time.perf_counter()
+        out = pipe(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_chat_template=False,
+                   generator=torch.Generator().manual_seed(seed), output_type="text", **call)
+        seconds = time.perf_counter() - start
+        stats = handle.summary() if handle is not None else {"dense": True}
+    finally:
+        if handle is not None:
+            handle.remove()
+    return TextGeneration(list(out.texts or []), out.sequences.cpu(), seconds, stats)
+
+
+@dataclass
 class DemoResult:
     prompts: list[str]
     steps: int

@@ -199,3 +199,47 @@ def test_profile_and_search_a_plan_on_a_llada2_pipeline(tmp_path, monkeypatch):
     with torch.no_grad(), sparsediff.accelerate(pipe, plan, backend="torch"):
         sparsediff_out = pipe(**call).sequences
     assert sparsediff_out.shape == (1, 16)  # the generated tokens
+
+
+def saved_llada2(path):
+    """A LLaDA2Pipeline with a word-level tokenizer (mask, pad and end tokens), saved like a user's pipeline."""
+    from diffusers import BlockRefinementScheduler, LLaDA2Pipeline
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(60)]
+    vocab = {"<pad>": 60, "</s>": 61, "<unk>": 62, "<mask>": 63, **{w: i for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
+                                        unk_token="<unk>", mask_token="<mask>")
+    pipe = LLaDA2Pipeline(model=bidirectional_llama(), tokenizer=tokenizer,
+                          scheduler=BlockRefinementScheduler(block_length=8, num_inference_steps=4))
+    pipe.save_pretrained(path)
+    tokenizer.save_pretrained(path / "tokenizer")  # diffusers 0.42.1's save_pretrained leaves LLaDA2's tokenizer out
+    return pipe
+
+
+def test_cli_generate_text_dense_and_with_a_plan(tmp_path, capsys):
+    import json
+
+    from sparsediff.cli import main
+    from sparsediff.pipelines.adapter import fingerprint
+
+    pipe = saved_llada2(tmp_path / "pipe")
+    plan = mixed_plan(pipe.model)
+    plan.save(tmp_path / "plan.json")
+    args = ["generate", "text", "--model", str(tmp_path / "pipe"), "--prompt", "w1 w2 w3 w4 w5 w6 w7 w8", "--steps", "4",
+            "--gen-length", "16", "--block-length", "8", "--device", "cpu", "--json"]
+    outputs = {}
+    for name, extra in (("dense", ["--plan", "dense"]), ("plan", ["--plan", str(tmp_path / "plan.json")])):
+        assert main(args + extra) == 0
+        outputs[name] = json.loads(capsys.readouterr().out)
+    assert outputs["dense"]["dense"] is True and outputs["plan"]["sparse_density"] < 1.0
+    assert all(isinstance(t, str) and t for o in outputs.values() for t in o["texts"])
+    with torch.no_grad():  # the dense CLI run is the pipeline's own output
+        from sparsediff.generate import generate_text
+
+        direct = generate_text(pipe, ["w1 w2 w3 w4 w5 w6 w7 w8"], "dense", num_inference_steps=4, gen_length=16, block_length=8)
+    assert direct.texts == outputs["dense"]["texts"]
+    assert fingerprint(pipe.model).num_layers == 2
