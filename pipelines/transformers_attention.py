@@ -265,7 +265,8 @@ class TransformersAdapter(Adapter):
         modules = attention_modules(model)
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        # the first attention module's own head dim: some models (DiffusionGemma) vary it per layer
+        head_dim = getattr(modules[0], "head_dim", None) or config.hidden_size // heads
         return ModelFingerprint(type(model).__name__, len(modules), heads, head_dim,
                                 ModelFingerprint.hash_config(config.to_dict()))
 
@@ -289,9 +290,9 @@ class TransformersAdapter(Adapter):
         controller = make_controller(len(modules))
         state = TextCallState(model=name)
         installation = Installation(name, model, state, controller, log, original, num_steps, pipeline)
-        for module in modules:
-            site = register_site(_ModuleSite(installation, module, module.layer_idx))
-            vars(module)[_ATTR] = (installation, module.layer_idx, site)
+        for index, module in enumerate(modules):  # a plan's layer i is the i-th attention module (encoder, then decoder)
+            site = register_site(_ModuleSite(installation, module, index))
+            vars(module)[_ATTR] = (installation, index, site)
             installation.modules.append(module)
             installation.sites.append(site)
         installation.hook = model.register_forward_pre_hook(installation.pre_forward, with_kwargs=True)

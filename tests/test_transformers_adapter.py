@@ -243,3 +243,36 @@ def test_cli_generate_text_dense_and_with_a_plan(tmp_path, capsys):
         direct = generate_text(pipe, ["w1 w2 w3 w4 w5 w6 w7 w8"], "dense", num_inference_steps=4, gen_length=16, block_length=8)
     assert direct.texts == outputs["dense"]["texts"]
     assert fingerprint(pipe.model).num_layers == 2
+
+
+def tiny_diffusion_gemma():
+    from transformers import DiffusionGemmaForBlockDiffusion
+    from transformers.models.diffusion_gemma.configuration_diffusion_gemma import DiffusionGemmaConfig
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                layer_types=["sliding_attention", "full_attention"], num_key_value_heads=2, head_dim=8,
+                global_head_dim=16, num_global_key_value_heads=1, sliding_window=8, num_experts=4, top_k_experts=2,
+                moe_intermediate_size=16)
+    vision = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=2, head_dim=8)
+    return DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=8)).eval()
+
+
+def test_diffusion_gemma_encoder_and_decoder_dense_exact_and_unsupported_calls_stay_dense(caplog):
+    """Per-layer head dims and KV heads read per module; a dense plan is exact; the decoder's calls over cache + canvas
+    (keys != queries), sliding layers and the causal encoder stay dense with one warning each (not built yet)."""
+    model = tiny_diffusion_gemma()
+    g = torch.Generator().manual_seed(0)
+    args = dict(input_ids=torch.randint(0, 120, (1, 12), generator=g), decoder_input_ids=torch.randint(0, 120, (1, 8), generator=g))
+    fp = fingerprint(model)
+    assert (fp.num_layers, fp.num_heads, fp.head_dim) == (5, 4, 8)  # 2 encoder, 1 vision, 2 decoder attention modules
+    with torch.no_grad():
+        reference = model(**args).logits
+        with sparsediff.accelerate(model, "dense"):
+            assert torch.equal(model(**args).logits, reference)
+        plan = SparsePlan.uniform(fp, "diagonal_w2", block_size=4)
+        with sparsediff.accelerate(model, plan, backend="torch", num_steps=1) as handle:
+            assert torch.equal(model(**args).logits, reference)
+            assert all(s.dense for s in handle.stats)
+        assert model.config._attn_implementation == "sdpa" and torch.equal(model(**args).logits, reference)
