@@ -217,3 +217,25 @@ def test_plan_resolution_is_one_rule(wan_model, tmp_path):
         resolve_plan(wan_model, 3)
     with sparsediff.accelerate(shipping) as handle:  # accelerate's default is "auto": the shipped plan
         assert handle.config.plan is plan
+
+
+def test_a_plan_applies_at_another_size(wan_model):
+    """Pattern parameters are in layout units (frames, spatial tokens), so one plan runs at any resolution or frame
+    count: at each size every head runs its pattern on that size's layout, as the reference backend computes it."""
+    from sparsediff.layout import TokenLayout
+
+    names = ["diagonal_w1", "multi_diagonal_w1"]
+    layers = tuple(tuple(get_pattern(n) for n in names) for _ in range(2))
+    plan = SparsePlan(model=fingerprint(wan_model), ranges=[StepRange(0.0, 1.0, layers)], block_size=8,
+                      layout="video:3x4x4")  # searched at the small size
+    for frames, size in ((3, 8), (5, 16)):
+        layout = TokenLayout.parse(f"video:{frames}x{size // 2}x{size // 2}")
+        outs = {}
+        for backend in ("torch", "reference"):
+            with sparsediff.accelerate(wan_model, plan, backend=backend, num_steps=1) as handle:
+                with wan_model.cache_context("cond"):
+                    outs[backend] = wan_model(**wan_inputs(frames=frames, size=size), return_dict=False)[0]
+                stats = handle.stats[0]
+        expect = sum(get_pattern(n).density(layout, 8) for n in names) / len(names)
+        assert not stats.dense and stats.density == pytest.approx(expect, abs=1e-9)
+        torch.testing.assert_close(outs["torch"], outs["reference"], rtol=1e-4, atol=1e-5)
