@@ -157,37 +157,35 @@ class SparseAttnProcessor:
                 bool(call.get("enable_gqa", False)), heads_first,
             )
             return out if heads_first else out.transpose(1, 2)
-        start = Clock.start(call["query"].device)
-        result = self._decide(call, head_start)
-        if result is None:  # the model's own call, timed too so that dense and sparse steps compare
-            out, stats = original(), AttentionStats()
-        else:
-            out, stats = result
-            out = out if heads_first else out.transpose(1, 2)
-        stats.timings = [Clock.stop(start)]
-        self.controller.record(self.state, stats)
-        return out
+        out, replaced = self._timed(call, original, head_start)
+        return out if heads_first or not replaced else out.transpose(1, 2)
 
     def attend_eager(self, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, heads_first) -> torch.Tensor:
         """The `sparsediff::attention` op's body: (B, H, S, D) in and out, decided and recorded at run time."""
         call = dict(query=query, key=key, value=value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                     scale=scale, enable_gqa=enable_gqa)
-        start = Clock.start(query.device)
-        result = self._decide(call)
-        if result is not None:
-            out, stats = result
-        elif heads_first:
-            out, stats = F.scaled_dot_product_attention(**call), AttentionStats()
-        else:  # the user's diffusers backend, as the model's own call would run it
+
+        def own():  # the model's own call: SDPA, or the user's diffusers backend where the model dispatches
+            if heads_first:
+                return F.scaled_dot_product_attention(**call)
             from diffusers.models.attention_dispatch import dispatch_attention_fn
 
             q, k, v = (x.transpose(1, 2) for x in (query, key, value))
-            out = dispatch_attention_fn(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                                        scale=scale, enable_gqa=enable_gqa, backend=self.original._attention_backend)
-            out, stats = out.transpose(1, 2), AttentionStats()
+            return dispatch_attention_fn(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                         scale=scale, enable_gqa=enable_gqa, backend=self.original._attention_backend
+                                         ).transpose(1, 2)
+
+        return self._timed(call, own)[0]
+
+    def _timed(self, call: dict, own, head_start: int | None = None) -> tuple[torch.Tensor, bool]:
+        """The controller's (B, H, S, D) output for one call, or `own()` when it replaces nothing (timed too, so that
+        dense and sparse steps compare); recorded. Returns the output and whether the controller replaced the call."""
+        start = Clock.start(call["query"].device)
+        result = self._decide(call, head_start)
+        out, stats = (own(), AttentionStats()) if result is None else result
         stats.timings = [Clock.stop(start)]
         self.controller.record(self.state, stats)
-        return out
+        return out, result is not None
 
     def _decide(self, call: dict, head_start: int | None = None):
         """`(output, AttentionStats)` from the controller for one (B, H, S, D) call, or None for the model's own;

@@ -41,7 +41,7 @@ logger = logging.getLogger("sparsediff.pipelines")
 
 # the name our attention function is registered under, per the model's own implementation
 NAMES = {"sdpa": "sparsediff", "eager": "sparsediff_eager"}
-_ATTR = "_sparsediff_attention"  # on each accelerated attention module: (installation, layer)
+_ATTR = "_sparsediff_attention"  # on each accelerated attention module: (its _ModuleSite, the site's op id)
 
 
 def _pretrained(obj: Any) -> bool:
@@ -163,7 +163,8 @@ def sparse_attention(module, query, key, value, attention_mask, *, dropout: floa
                      is_causal: bool | None = None, sliding_window: int | None = None, **kwargs):
     """The function registered with transformers' `AttentionInterface`: returns ((B, S, Hq, D), None). Under
     `torch.compile` the call goes through the `sparsediff::text_attention` op, which decides at run time."""
-    installation, layer, site = vars(module)[_ATTR]
+    module_site, site = vars(module)[_ATTR]
+    installation = module_site.installation
     if torch.compiler.is_compiling():
         if not installation.controller.may_replace:  # nothing to decide: the model's own call, traced as it is
             return _own_function(module, installation.original)(
@@ -176,8 +177,7 @@ def sparse_attention(module, query, key, value, attention_mask, *, dropout: floa
             -1 if is_causal is None else int(bool(is_causal)), int(sliding_window or 0),
         )
         return out, None
-    return _ModuleSite(installation, module, layer).attend(query, key, value, attention_mask, dropout, scaling,
-                                                          is_causal, sliding_window, kwargs), None
+    return module_site.attend(query, key, value, attention_mask, dropout, scaling, is_causal, sliding_window, kwargs), None
 
 
 @dataclass
@@ -291,8 +291,9 @@ class TransformersAdapter(Adapter):
         state = TextCallState(model=name)
         installation = Installation(name, model, state, controller, log, original, num_steps, pipeline)
         for index, module in enumerate(modules):  # a plan's layer i is the i-th attention module (encoder, then decoder)
-            site = register_site(_ModuleSite(installation, module, index))
-            vars(module)[_ATTR] = (installation, index, site)
+            module_site = _ModuleSite(installation, module, index)
+            site = register_site(module_site)
+            vars(module)[_ATTR] = (module_site, site)
             installation.modules.append(module)
             installation.sites.append(site)
         installation.hook = model.register_forward_pre_hook(installation.pre_forward, with_kwargs=True)

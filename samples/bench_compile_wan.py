@@ -20,10 +20,9 @@ import time
 import torch
 
 import sparsediff
-from bench_e2e_wan import build_model, forward_inputs, parse_args
-from sparsediff.bench import DTYPES, pattern_for_density
+from bench_e2e_wan import build_model, chosen_pattern, forward_inputs, parse_args
+from sparsediff.bench import DTYPES
 from sparsediff.layout import TokenLayout
-from sparsediff.patterns import get_pattern
 from sparsediff.pipelines.adapter import fingerprint
 from sparsediff.plan import SparsePlan
 from sparsediff.runtime import resolve_backend
@@ -35,7 +34,7 @@ def main(argv=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype or ("bfloat16" if device == "cuda" else "float32")]
     layout = TokenLayout.video_only(args.frames, args.height // 2, args.width // 2)
-    pattern = pattern_for_density(args.kind, args.density, layout, args.block_size) if args.density is not None else get_pattern(args.pattern)
+    pattern = chosen_pattern(args, layout)
     density = pattern.estimated_density(layout, args.block_size)
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
 

@@ -76,6 +76,13 @@ def build_model(args, device, dtype) -> WanTransformer3DModel:
     return model.eval()
 
 
+def chosen_pattern(args, layout):
+    """The pattern of every head: `--pattern`, or a `--kind` pattern of block density `--density`."""
+    if args.density is not None:
+        return pattern_for_density(args.kind, args.density, layout, args.block_size)
+    return get_pattern(args.pattern)
+
+
 def forward_inputs(args, device, dtype) -> dict:
     """The forward's inputs: seeded latents of the configured size, timestep 500, text embeddings."""
     g = torch.Generator(device=device).manual_seed(0)
@@ -110,10 +117,7 @@ def main(argv=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype or ("bfloat16" if device == "cuda" else "float32")]
     layout = TokenLayout.video_only(args.frames, args.height // 2, args.width // 2)
-    if args.density is not None:
-        pattern = pattern_for_density(args.kind, args.density, layout, args.block_size)
-    else:
-        pattern = get_pattern(args.pattern)
+    pattern = chosen_pattern(args, layout)
     density = pattern.estimated_density(layout, args.block_size)
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
 
