@@ -20,9 +20,7 @@ import time
 import torch
 
 import sparsediff
-from bench_e2e_wan import build_model, chosen_pattern, forward_inputs, parse_args
-from sparsediff.bench import DTYPES
-from sparsediff.layout import TokenLayout
+from bench_e2e_wan import bench_setup, build_model, forward_inputs, parse_args
 from sparsediff.pipelines.adapter import fingerprint
 from sparsediff.plan import SparsePlan
 from sparsediff.runtime import resolve_backend
@@ -31,12 +29,7 @@ from sparsediff.timing import device_name, median_ms
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype or ("bfloat16" if device == "cuda" else "float32")]
-    layout = TokenLayout.video_only(args.frames, args.height // 2, args.width // 2)
-    pattern = chosen_pattern(args, layout)
-    density = pattern.estimated_density(layout, args.block_size)
-    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    device, dtype, layout, pattern, density, log = bench_setup(args)
 
     plain = build_model(args, device, dtype)
     sparse = copy.deepcopy(plain)

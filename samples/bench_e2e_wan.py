@@ -76,6 +76,16 @@ def build_model(args, device, dtype) -> WanTransformer3DModel:
     return model.eval()
 
 
+def bench_setup(args):
+    """Device, dtype, layout, pattern, its density and the log function the flags give."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype or ("bfloat16" if device == "cuda" else "float32")]
+    layout = TokenLayout.video_only(args.frames, args.height // 2, args.width // 2)
+    pattern = chosen_pattern(args, layout)
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print  # --json keeps stdout for the result
+    return device, dtype, layout, pattern, pattern.estimated_density(layout, args.block_size), log
+
+
 def chosen_pattern(args, layout):
     """The pattern of every head: `--pattern`, or a `--kind` pattern of block density `--density`."""
     if args.density is not None:
@@ -114,12 +124,7 @@ def sampled_kernel_error(layout, heads, head_dim, pattern, block_size, backend, 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype or ("bfloat16" if device == "cuda" else "float32")]
-    layout = TokenLayout.video_only(args.frames, args.height // 2, args.width // 2)
-    pattern = chosen_pattern(args, layout)
-    density = pattern.estimated_density(layout, args.block_size)
-    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    device, dtype, layout, pattern, density, log = bench_setup(args)
 
     plain = build_model(args, device, dtype)
     dense_model, sparse_model = copy.deepcopy(plain), copy.deepcopy(plain)
