@@ -75,11 +75,12 @@ def test_a_compiled_pipeline_run_with_two_plan_ranges_compiles_once():
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.slow  # one compile per family, about 20 s each on 2 cores
+@pytest.mark.slow  # one compile per family and plan, about 20 s each on 2 cores
+@pytest.mark.parametrize("plan_kind", ["auto", "mixed"])
 @pytest.mark.parametrize("family", [f for f in pipeline_factories.FAMILIES if f != "wan22"])
-def test_every_family_compiles_with_fullgraph_under_a_mixed_plan(family):
+def test_every_family_compiles_with_fullgraph_with_no_plan_and_a_mixed_plan(family, plan_kind):
     pipe, call_kwargs = pipeline_factories.make(family)
-    plan = mixed_plan(pipe.transformer)
+    plan = mixed_plan(pipe.transformer) if plan_kind == "mixed" else "auto"
     with torch.no_grad(), sparsediff.accelerate(pipe, plan, backend="torch"):
         eager = pipe(**call_kwargs()).frames
         torch._dynamo.reset()
