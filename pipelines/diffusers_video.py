@@ -10,6 +10,8 @@ A search runs the pipeline with a seeded generator, keeps the latents after ever
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,8 +42,11 @@ class Installation:
     processors: list[tuple[torch.nn.Module, SparseAttnProcessor]]
     created_registry: bool
     had_forward: bool  # whether `model.forward` was an instance attribute before (another hook's)
+    scheduler: Any = None  # the pipeline's scheduler whose set_timesteps this installation guards
 
     def remove(self) -> None:
+        if self.scheduler is not None:
+            vars(self.scheduler).pop("set_timesteps", None)
         for module, processor in self.processors:
             module.processor = processor.restore()
         if self.hook is not None:
@@ -56,6 +61,28 @@ class Installation:
 
     def reset(self) -> None:
         self.hook.reset_state(self.model)
+
+
+def _guard_steps(pipeline: Any) -> Any:
+    """Refuse a run of no denoising steps: the denoiser is then never called, so nothing else would notice, and the
+    pipeline would return its starting noise. Guards `pipeline.scheduler.set_timesteps` (an instance attribute,
+    removed by `remove()`); returns the scheduler guarded, or None (a bare model, or one already guarded)."""
+    scheduler = getattr(pipeline, "scheduler", None)
+    if scheduler is None or "set_timesteps" in vars(scheduler) or not hasattr(scheduler, "set_timesteps"):
+        return None
+    own = scheduler.set_timesteps
+    signature = inspect.signature(own)
+
+    @functools.wraps(own)  # pipelines read its parameters (retrieve_timesteps checks for `sigmas`)
+    def set_timesteps(*args, **kwargs):
+        steps = signature.bind_partial(*args, **kwargs).arguments.get("num_inference_steps")
+        if isinstance(steps, int) and steps <= 0:
+            raise ValueError(f"num_inference_steps={steps}: an accelerated pipeline needs at least one denoising step; "
+                             "pass num_inference_steps=1 or more.")
+        return own(*args, **kwargs)
+
+    scheduler.set_timesteps = set_timesteps
+    return scheduler
 
 
 def _uncompiled(model: torch.nn.Module) -> torch.nn.Module:
@@ -136,6 +163,7 @@ class DiffusersVideoAdapter(Adapter):
         try:
             installation.hook = StepTrackingHook(family, state, log, pipeline=pipeline, num_steps=num_steps)
             HookRegistry.check_if_exists_or_initialize(model).register_hook(installation.hook, HOOK_NAME)
+            installation.scheduler = _guard_steps(pipeline)
         except BaseException:
             installation.remove()
             raise

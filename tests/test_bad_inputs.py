@@ -512,3 +512,15 @@ def test_generate_refuses_a_bad_plan_file_before_loading_the_model(tmp_path, cap
     assert main(["generate", "video", "--prompt", "x", "--plan", str(bad), "--out", str(tmp_path / "c.mp4")]) != 0
     err = capsys.readouterr().err
     assert str(bad) in err and "Traceback" not in err
+
+
+def test_an_accelerated_pipeline_refuses_zero_steps_and_remove_lifts_the_guard():
+    import pipeline_factories
+    import sparsediff
+
+    pipe, call_kwargs = pipeline_factories.make("wan")
+    with sparsediff.accelerate(pipe):
+        with pytest.raises(ValueError, match=r"num_inference_steps=0: an accelerated pipeline needs at least one"):
+            pipe(**call_kwargs(num_inference_steps=0))
+        assert pipe(**call_kwargs()).frames.isfinite().all()  # a normal run is untouched
+    assert "set_timesteps" not in vars(pipe.scheduler)
