@@ -1,0 +1,66 @@
+"""The embedded diffusion LM: a small bidirectional Llama (transformers) in diffusers' `LLaDA2Pipeline`, with a
+word-level tokenizer over the task vocabulary. Built here, trained by `train.py`, shipped in `assets/embedded_text`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .tasks import ALIGN, VOCAB
+
+ASSET = Path(__file__).resolve().parent.parent / "assets" / "embedded_text"
+
+MODEL_CONFIG = dict(
+    hidden_size=192,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=6,  # head_dim 32: enough heads per layer to specialise (local binding vs retrieval)
+    num_key_value_heads=3,  # GQA, as LLaDA-style models use
+    max_position_embeddings=32768,
+    # A small RoPE base: every frequency turns through full periods within the training lengths (<= 2k tokens), so
+    # relative offsets at 8k-16k look like ones seen in training (content-based retrieval does not need to tell
+    # them apart; the local heads use the high frequencies).
+    rope_theta=200.0,
+    tie_word_embeddings=True,
+)
+
+
+def embedded_text_path() -> Path:
+    return ASSET
+
+
+def build_tokenizer():
+    """A word-level fast tokenizer over `VOCAB`, with pad, mask, end and unknown tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+                                   mask_token="<mask>")
+
+
+def build_model(seed: int = 0):
+    """A freshly initialised bidirectional Llama over the task vocabulary."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(VOCAB), pad_token_id=VOCAB.index("<pad>"), eos_token_id=VOCAB.index("<eos>"),
+                         bos_token_id=None, attn_implementation="sdpa", **MODEL_CONFIG)
+    config.is_causal = False  # a masked diffusion LM attends both ways
+    return LlamaForCausalLM(config)
+
+
+def build_pipeline(model, tokenizer=None, steps: int = ALIGN):
+    """`LLaDA2Pipeline` around `model`: one block of `ALIGN` answer slots, one token committed per step."""
+    from diffusers import BlockRefinementScheduler, LLaDA2Pipeline
+
+    scheduler = BlockRefinementScheduler(block_length=ALIGN, num_inference_steps=steps, threshold=1.0, minimal_topk=1)
+    return LLaDA2Pipeline(model=model.eval(), tokenizer=tokenizer or build_tokenizer(), scheduler=scheduler)
+
+
+def save_pipeline(pipe, path: Path) -> None:
+    """Save the pipeline with its tokenizer (diffusers 0.42.1's `save_pretrained` leaves LLaDA2's tokenizer out)."""
+    pipe.save_pretrained(str(path), safe_serialization=True)
+    pipe.tokenizer.save_pretrained(str(Path(path) / "tokenizer"))

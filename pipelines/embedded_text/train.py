@@ -1,0 +1,175 @@
+"""Train the embedded diffusion LM as a masked diffusion LM (the LLaDA objective, supervised form): the prompt stays
+visible, each answer slot is masked with probability t ~ U(0, 1), and the loss is the cross-entropy on the masked
+slots weighted by 1/t. Seeded and resumable: a checkpoint every few minutes holds the model, optimiser, LR schedule,
+step, RNG states and the loss history, so a later run with the same arguments continues where it stopped.
+
+Lengths are drawn log-uniformly in [min_len, max_len] with a fixed token budget per batch, so short and long contexts
+cost the same per step; evaluation at 4k-16k tokens is beyond what training saw (see `MODEL_CONFIG`'s RoPE note).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .model import build_model, build_pipeline, build_tokenizer, save_pipeline
+from .tasks import ANSWER_SLOTS, KINDS, TRAIN_SEED, VOCAB, make_task, task_set
+
+MASK = VOCAB.index("<mask>")
+INDEX = {w: i for i, w in enumerate(VOCAB)}
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 7000
+    lr: float = 1e-3
+    warmup: int = 200
+    weight_decay: float = 0.01
+    tokens_per_batch: int = 4096
+    min_len: int = 64
+    max_len: int = 2048
+    seed: int = TRAIN_SEED
+    checkpoint_minutes: float = 3.0
+    eval_every: int = 250
+
+
+def encode(words: list[str]) -> list[int]:
+    return [INDEX[w] for w in words]
+
+
+def batch(cfg: TrainConfig, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L + ANSWER_SLOTS) token ids and the answer targets (B, ANSWER_SLOTS) of one batch of a single length."""
+    lo, hi = math.log(cfg.min_len), math.log(cfg.max_len)
+    length = int(math.exp(rng.uniform(lo, hi)))
+    length = max(cfg.min_len, -(-length // 8) * 8)
+    n = max(1, cfg.tokens_per_batch // (length + ANSWER_SLOTS))
+    tasks = [make_task(KINDS[int(rng.integers(len(KINDS)))], length, rng) for _ in range(n)]
+    ids = torch.tensor([encode(t.prompt + t.target()) for t in tasks])
+    return ids, ids[:, -ANSWER_SLOTS:].clone()
+
+
+def loss_of(model, ids: torch.Tensor, target: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """The LLaDA loss on the answer slots: mask each with probability t, cross-entropy on the masked ones / t."""
+    B = ids.shape[0]
+    t = torch.from_numpy(rng.uniform(0.0, 1.0, size=(B, 1))).float().clamp_min(1e-3)
+    masked = torch.from_numpy(rng.uniform(size=(B, ANSWER_SLOTS))).float() < t
+    masked[masked.sum(1) == 0, 0] = True  # at least one slot to learn from
+    x = ids.clone()
+    x[:, -ANSWER_SLOTS:][masked] = MASK
+    logits = model(input_ids=x, logits_to_keep=ANSWER_SLOTS).logits  # (B, ANSWER_SLOTS, V)
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="none").view(B, ANSWER_SLOTS)
+    return ((ce * masked) / t).sum() / (B * ANSWER_SLOTS)
+
+
+@torch.no_grad()
+def quick_accuracy(model, length: int, n: int = 24, seed: int = 123_457) -> float:
+    """Exact match with every answer slot masked and each slot's argmax taken in one pass (a fast proxy of the
+    pipeline's step-by-step decoding, for the training log)."""
+    model.eval()
+    tasks = task_set(n, length, seed)
+    ids = torch.tensor([encode(t.prompt + t.target()) for t in tasks])
+    x = ids.clone()
+    x[:, -ANSWER_SLOTS:] = MASK
+    pred = model(input_ids=x, logits_to_keep=ANSWER_SLOTS).logits.argmax(-1)
+    model.train()
+    return float((pred == ids[:, -ANSWER_SLOTS:]).all(dim=1).float().mean())
+
+
+def train(out: Path, cfg: TrainConfig, minutes: float, threads: int | None = None, log=print) -> dict:
+    """Train for at most `minutes` (resuming from `out/checkpoint.pt`), then save the pipeline in `out/pipeline`."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    if threads:
+        torch.set_num_threads(threads)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+    model = build_model(cfg.seed)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    sched = get_cosine_schedule_with_warmup(opt, cfg.warmup, cfg.steps)
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    history: dict = {"step": [], "loss": [], "eval": [], "seconds": 0.0}
+    step = 0
+    if ckpt_path.is_file():
+        state = torch.load(ckpt_path, weights_only=False)
+        if state["config"] != asdict(cfg):
+            raise ValueError(f"{ckpt_path} was written with another configuration; pass the same arguments or another --out.")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        history, step = state["history"], state["step"]
+        log(f"resumed at step {step}")
+
+    def save():
+        state = dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                     numpy_rng=rng.bit_generator.state, torch_rng=torch.get_rng_state(), history=history, step=step,
+                     config=asdict(cfg))
+        torch.save(state, out / "checkpoint.tmp")
+        (out / "checkpoint.tmp").replace(ckpt_path)  # atomic: a kill mid-save keeps the previous checkpoint
+
+    start = last_save = time.monotonic()
+    seconds0 = history["seconds"]
+    running = []
+    while step < cfg.steps and time.monotonic() - start < minutes * 60:
+        ids, target = batch(cfg, rng)
+        loss = loss_of(model, ids, target, rng)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        running.append(float(loss))
+        if step % 25 == 0:
+            history["step"].append(step)
+            history["loss"].append(float(np.mean(running)))
+            running = []
+        if step % cfg.eval_every == 0:
+            acc = {n: quick_accuracy(model, n) for n in (256, 1024)}
+            history["eval"].append({"step": step, **{str(k): v for k, v in acc.items()}})
+            log(f"step {step} loss {history['loss'][-1]:.4f} quick accuracy {acc} "
+                f"({seconds0 + time.monotonic() - start:.0f} s)")
+        if time.monotonic() - last_save > cfg.checkpoint_minutes * 60:
+            history["seconds"] = seconds0 + time.monotonic() - start
+            save()
+            last_save = time.monotonic()
+    history["seconds"] = seconds0 + time.monotonic() - start
+    save()
+    pipe = build_pipeline(model.eval(), build_tokenizer())
+    save_pipeline(pipe, out / "pipeline")
+    (out / "history.json").write_text(json.dumps(history))
+    return history
+
+
+def plot_loss(history: dict, path: Path) -> None:
+    """The loss curve (and the quick accuracy) as a small PNG."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(history["step"], history["loss"], lw=1, label="LLaDA loss (answer slots)")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if history["eval"]:
+        acc = fig.axes[0].twinx()
+        for key in ("256", "1024"):
+            acc.plot([e["step"] for e in history["eval"]], [e[key] for e in history["eval"]], "--", lw=1,
+                     label=f"one-pass accuracy @{key}")
+        acc.set_ylim(0, 1)
+        acc.set_ylabel("accuracy")
+        acc.legend(loc="center right", fontsize=7)
+    ax.legend(loc="upper right", fontsize=7)
+    ax.set_title(f"embedded DLM, {history['seconds'] / 60:.0f} CPU minutes", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)

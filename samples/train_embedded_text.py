@@ -1,0 +1,40 @@
+"""Train the embedded diffusion LM (resumable: run the same command again to continue) and ship it.
+
+    python samples/train_embedded_text.py --out runs/embedded_text --minutes 60
+    python samples/train_embedded_text.py --out runs/embedded_text --minutes 0 --ship   # copy the result into the package
+
+Writes `OUT/checkpoint.pt`, `OUT/pipeline/` (a saved LLaDA2Pipeline) and the loss curve
+`samples/embedded_text_loss.png`; `--ship` copies the pipeline into `pipelines/assets/embedded_text/`.
+"""
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from sparsediff.pipelines.embedded_text.model import embedded_text_path
+from sparsediff.pipelines.embedded_text.train import TrainConfig, plot_loss, train
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/embedded_text", help="checkpoint and output folder (resumes from it)")
+    parser.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of this run")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--ship", action="store_true", help="copy the trained pipeline into the package assets")
+    args = parser.parse_args()
+    out = Path(args.out)
+    history = train(out, TrainConfig(), args.minutes, threads=args.threads,
+                    log=lambda line: print(line, file=sys.stderr, flush=True))
+    plot_loss(history, Path(__file__).parent / "embedded_text_loss.png")
+    if args.ship:
+        target = embedded_text_path()
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(out / "pipeline", target)
+        print(f"shipped {out / 'pipeline'} -> {target}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
