@@ -266,9 +266,7 @@ class DeformingSequence:
         points = np.random.default_rng([seed, t]).uniform(-0.5, 0.5, (n, 3)).astype(np.float32)
         return points, self.occupancy(points, t)
 
-    def near_surface_points(
-        self, n: int, seed: int, t: int, sigma: float = 0.01
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def near_surface_points(self, n: int, seed: int, t: int, sigma: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
         """n frame-t surface samples plus Gaussian noise of std `sigma` (drawn from (seed, t)), clipped to the box,
         and their occupancy: float32 (n, 3), bool (n,)."""
         self._check_frame(t)
@@ -296,7 +294,9 @@ def sequence(split: str, index: int) -> DeformingSequence:
     """Sequence `index` of `split`, a pure function of the two (only parameters are drawn: this is cheap)."""
     size = split_size(split)
     if not isinstance(index, (int, np.integer)) or not 0 <= index < size:
-        raise ValueError(f"Index {index!r} is out of range for split {split!r}; expected an integer in [0, {size - 1}].")
+        raise ValueError(
+            f"Index {index!r} is out of range for split {split!r}; expected an integer in [0, {size - 1}]."
+        )
     rng = np.random.default_rng([_SEED, SPLITS.index(split), int(index)])
     shape = _draw_shape(rng, "unseen" if split == "unseen_shape" else "seen")
     motion = _draw_motion(rng, "unseen" if split == "unseen_motion" else "seen")
