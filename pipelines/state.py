@@ -7,7 +7,7 @@ forward; the processors of that denoiser read it. Every attention call adds its 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 
 from ..layout import TokenLayout, text, video
 from ..runtime import AttentionStats
@@ -85,7 +85,7 @@ class RunLog:
     def record(self, state: CallState, call: AttentionStats) -> None:
         key = (state.model, state.context, state.step)
         if key not in self._steps:
-            self._steps[key] = (CallState(**asdict(state)), [])
+            self._steps[key] = (replace(state), [])  # a snapshot: the state object changes with every call
         self._steps[key][1].append(call)
 
     def stats(self) -> list[AttentionStats]:

@@ -8,7 +8,8 @@ switches the model to it with `set_attn_implementation` (setting `config._attn_i
 model ignores that call). `remove()` puts the model's implementation back.
 
 Each call: layer from `module.layer_idx`, q as (B, Hq, S, D) and k, v as (B, Hkv, S, D) (GQA: query head h reads KV
-head h // groups), the denoising step from a forward pre-hook, and the token layout `generation(S)` (1-D: patterns act
+head h // groups), the denoising step from a forward pre-hook, and the token layout `generation(S)` (under a
+block-wise pipeline `prompt(P) + generation(S - P)`, P the tokens before the active block; 1-D: patterns act
 on token distance). A bare model counts its calls (it needs `num_steps`). Under diffusers' `LLaDA2Pipeline`, which
 re-runs the whole prefix plus the active block at every step, the step is counted per block: a block starts when the
 sequence grows or its active block is all mask tokens; steps are that block's (the scheduler's `num_inference_steps`;
@@ -24,12 +25,13 @@ import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..kernels.log import warn_once
-from ..layout import TokenLayout, generation
+from ..layout import TokenLayout, generation, prompt
 from ..plan import ModelFingerprint
 from ..runtime import AttentionStats, Clock
 from .adapter import Adapter, register_adapter
@@ -60,8 +62,13 @@ class TextCallState(CallState):
     """The state of one denoiser call of a text model: the layout is 1-D over the call's valid tokens."""
 
     text: str | None = None
+    prompt_len: int = 0  # block-wise pipelines: the tokens before the active block (prompt and committed blocks)
 
     def layout(self, seq_len: int) -> TokenLayout | None:
+        """`prompt(p) + generation(n - p)` under a block-wise pipeline (so top-k picks prompt and generation keys
+        with their own shares), else `generation(n)`."""
+        if 0 < self.prompt_len < seq_len:
+            return TokenLayout((prompt(self.prompt_len), generation(seq_len - self.prompt_len)))
         return TokenLayout((generation(seq_len),))
 
 
@@ -125,6 +132,7 @@ class Installation:
         num_steps = scheduler.num_inference_steps
         self.state.step, self.state.num_steps = min(self.count, num_steps - 1), num_steps
         self.state.context, self.state.source = f"block {self.block}", "block"
+        self.state.prompt_len = length - block_length
         self.length = length
 
     def remove(self) -> None:
@@ -303,6 +311,18 @@ class TransformersAdapter(Adapter):
             installation.remove()
             raise
         return installation
+
+    def shipped_plan(self, pipe_or_model: Any):
+        """A saved pipeline's own plan: `plan.json` in the directory it was loaded from (sparsediff's embedded DLM
+        keeps its plan there; so can a user's saved pipeline)."""
+        from ..plan import SparsePlan
+
+        config = getattr(pipe_or_model, "config", None)
+        name = config.get("_name_or_path") if hasattr(config, "get") else getattr(config, "_name_or_path", None)
+        if not name:
+            return None
+        path = Path(name) / "plan.json"
+        return SparsePlan.load(path) if path.is_file() else None
 
     def run(self, pipe, call, on_step=None):
         """One seeded call of a text pipeline (`LLaDA2Pipeline`): the active block's tokens after every step (steps

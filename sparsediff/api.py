@@ -311,11 +311,21 @@ def profile(
     return result
 
 
-def load_pipeline(model: str, device: "str | None" = None):
-    """A pipeline by name: `embedded` (sparsediff's own trained model, shipped in the package) or the path of a
-    locally saved diffusers pipeline (`save_pretrained` directory); on `device` (CUDA when available)."""
+def load_pipeline(model: str, device: "str | None" = None, kind: str = "video"):
+    """A pipeline by name: `embedded` (sparsediff's own trained model of that `kind`, "video" or "text", shipped in
+    the package) or the path of a locally saved diffusers pipeline (`save_pretrained` directory); on `device` (CUDA
+    when available)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if model == "embedded":
+    if model == "embedded" and kind == "text":
+        from .pipelines.embedded_text.model import embedded_text_path
+
+        if not (embedded_text_path() / "model_index.json").is_file():
+            raise ValueError(
+                f"The embedded text model is missing from {str(embedded_text_path())!r}; reinstall sparsediff, or train "
+                "it with `python samples/train_embedded_text.py --ship`."
+            )
+        model = str(embedded_text_path())
+    elif model == "embedded":
         from .pipelines.embedded.pipeline import ShapesVideoPipeline, embedded_path
 
         path = embedded_path()

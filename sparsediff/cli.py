@@ -293,11 +293,19 @@ def _cmd_generate_text(args: argparse.Namespace) -> int:
         from .plan import SparsePlan
 
         plan = SparsePlan.load(plan)
-    pipe = load_pipeline(args.model, args.device)
+    pipe = load_pipeline(args.model, args.device, kind="text")
     pipe.set_progress_bar_config(disable=True)
-    call = {"num_inference_steps": args.steps, "gen_length": args.gen_length}
-    if args.block_length:
-        call["block_length"] = args.block_length
+    if args.model == "embedded":  # its tasks' answer slots: one block of 8, one token per step
+        from .pipelines.embedded_text.evaluate import call_arguments
+
+        defaults = call_arguments()
+        defaults.pop("use_chat_template")
+    else:
+        defaults = {"num_inference_steps": 32, "gen_length": 128}
+    call = {"num_inference_steps": args.steps or defaults["num_inference_steps"],
+            "gen_length": args.gen_length or defaults["gen_length"]}
+    if args.block_length or "block_length" in defaults:
+        call["block_length"] = args.block_length or defaults["block_length"]
     result = generate_text(pipe, prompts, plan, backend=args.backend, seed=args.seed, **call)
     info = {"prompts": prompts, "texts": result.texts, "seconds": round(result.seconds, 3),
             "plan": args.plan if args.plan in ("auto", "dense") else str(args.plan), **result.stats}
@@ -508,13 +516,13 @@ def build_parser() -> argparse.ArgumentParser:
     vid.set_defaults(func=_cmd_generate_video)
 
     txt = gen_sub.add_parser("text", help="text from a diffusion language model pipeline (diffusers' LLaDA2Pipeline)")
-    txt.add_argument("--model", required=True, help="a saved text diffusion pipeline directory (no embedded text model ships yet)")
+    txt.add_argument("--model", required=True, help="`embedded` (sparsediff's own diffusion LM) or a saved text diffusion pipeline directory")
     src = txt.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt")
     src.add_argument("--prompts", help="a text file, one prompt per line")
     txt.add_argument("--plan", default="auto", help="`auto` (default: the model's shipped plan if it has one, else dense), `dense`, or a plan JSON")
-    txt.add_argument("--steps", type=positive_int, default=32, help="denoising steps per block")
-    txt.add_argument("--gen-length", type=positive_int, default=128, help="tokens to generate")
+    txt.add_argument("--steps", type=positive_int, help="denoising steps per block (default: 8 for the embedded model, else 32)")
+    txt.add_argument("--gen-length", type=positive_int, help="tokens to generate (default: 8 for the embedded model, else 128)")
     txt.add_argument("--block-length", type=positive_int, help="tokens per block (default: the scheduler's)")
     txt.add_argument("--seed", type=int, default=0)
     txt.add_argument("--backend", help="kernel backend (default: automatic)")

@@ -192,7 +192,8 @@ def test_profile_and_search_a_plan_on_a_llada2_pipeline(tmp_path, monkeypatch):
     candidates = ["full", "skip", "diagonal_w4", "topk_blocks_k0.5"]
     prof = sparsediff.profile(pipe, [call], candidates=candidates, block_size=8, progress=False)
     assert prof.errors.shape[-1] == len(candidates) and float(prof.errors[..., 0].max()) == 0.0  # full: no error
-    assert str(prof.layout).startswith("generation:")
+    # the prefix before the active block is the prompt, the block the generation (top-k keeps each its own share)
+    assert str(prof.layout).startswith("prompt:") and str(prof.layout).endswith("+generation:8")
     plan, summary = sparsediff.search_plan(pipe, prof, [dict(call, seed=0)], out=tmp_path / "plan.json", min_psnr=0.5,
                                            trials=3, backend="torch", progress=False, return_summary=True)
     assert summary["trials"] == 3 and 0.5 <= summary["chosen"]["psnr"] <= 1.0  # token agreement with dense
