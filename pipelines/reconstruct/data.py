@@ -116,7 +116,7 @@ class ShapeParams:
         """n points uniform by area on the exact surface, canonical coordinates, float64 (n, 3)."""
         out, have = [], 0
         while have < n:  # rejection sampling for the ellipsoid and torus: keep drawing until n are accepted
-            batch = self._sample_surface_batch(max(2 * (n - have), 64), rng)
+            batch = self._sample_surface_batch(int(1.3 * (n - have)) + 64, rng)  # acceptance is 0.6-1
             out.append(batch)
             have += len(batch)
         return np.concatenate(out)[:n] @ self._rotation().T
