@@ -11,6 +11,9 @@ Each mode avoids materialising S x S masks and gathers K/V only where the patter
   batches of query blocks; query blocks whose row is dense (text queries) run one dense call.
 
 Text queries (outside [axis_start, axis_end)) attend every key, in one dense call.
+
+q may hold only the last Sq of the spec's S tokens (a decoder's canvas over a cache plus itself): only those rows
+run; in `blocks` mode the first query block they touch is padded at its front (at most `block_size - 1` rows).
 """
 
 from __future__ import annotations
@@ -36,21 +39,23 @@ GATHER_BYTES = 16 << 20
 def torch_sparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: SparseSpec, scale: float | None = None
 ) -> torch.Tensor:
-    """Attention of one head group under `spec`; q, k, v and the result are (B, G, S, D) in kernel order."""
-    if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"q, k, v must be (B, G, S, D) of one shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}.")
-    if q.shape[2] != spec.seq_len:
-        raise ValueError(f"q has S={q.shape[2]} tokens but the spec was built for {spec.seq_len}; rebuild it for this layout.")
+    """Attention of one head group under `spec`; k, v are (B, G, S, D) in kernel order, q and the result (B, G, Sq, D):
+    the last Sq <= S tokens' queries."""
+    if q.dim() != 4 or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3] or v.shape[:3] != k.shape[:3] or q.shape[2] > k.shape[2]:
+        raise ValueError(f"q, k, v must be (B, G, S, D) of one shape (q may hold only the last tokens); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}.")
+    if k.shape[2] != spec.seq_len:
+        raise ValueError(f"k has S={k.shape[2]} tokens but the spec was built for {spec.seq_len}; rebuild it for this layout.")
+    q0 = spec.seq_len - q.shape[2]  # the first query's token
     out = torch.empty_like(q)
     if spec.mode == "blocks":  # text query blocks are dense rows of the block mask
-        _blocks(q, k, v, spec, scale, out)
+        _blocks(q, k, v, spec, scale, out, q0)
         return out
     a0, a1 = spec.axis_start, spec.axis_end
-    for lo, hi in ((0, a0), (a1, spec.seq_len)):  # text queries see everything
+    for lo, hi in ((max(0, q0), a0), (max(a1, q0), spec.seq_len)):  # text queries see everything
         if hi > lo:
-            out[:, :, lo:hi] = F.scaled_dot_product_attention(q[:, :, lo:hi], k, v, scale=scale)
-    if a1 > a0:
-        (_stripe if spec.mode == "stripe" else _band)(q, k, v, spec, scale, out)
+            out[:, :, lo - q0 : hi - q0] = F.scaled_dot_product_attention(q[:, :, lo - q0 : hi - q0], k, v, scale=scale)
+    if a1 > max(a0, q0):
+        (_stripe if spec.mode == "stripe" else _band)(q, k, v, spec, scale, out, q0)
     return out
 
 
@@ -62,11 +67,11 @@ def _with_text(x: torch.Tensor, spec: SparseSpec, lo: int, hi: int) -> torch.Ten
     return torch.cat([x[:, :, :a0], x[:, :, lo:hi], x[:, :, a1:]], dim=2)
 
 
-def _stripe(q, k, v, spec, scale, out):
+def _stripe(q, k, v, spec, scale, out, q0):
     a0, a1 = spec.axis_start, spec.axis_end
-    hi = a0 + min(spec.radius, a1 - a0)
-    out[:, :, a0:a1] = F.scaled_dot_product_attention(
-        q[:, :, a0:a1], _with_text(k, spec, a0, hi), _with_text(v, spec, a0, hi), scale=scale
+    hi, r0 = a0 + min(spec.radius, a1 - a0), max(a0, q0)
+    out[:, :, r0 - q0 : a1 - q0] = F.scaled_dot_product_attention(
+        q[:, :, r0 - q0 : a1 - q0], _with_text(k, spec, a0, hi), _with_text(v, spec, a0, hi), scale=scale
     )
 
 
@@ -80,17 +85,17 @@ def _band_mask(spec: SparseSpec, c0: int, c1: int, k0: int, k1: int, dtype, devi
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf")).to(device)
 
 
-def _band(q, k, v, spec, scale, out):
+def _band(q, k, v, spec, scale, out, q0):
     a0, n, R = spec.axis_start, spec.axis_end - spec.axis_start, spec.radius
     C = min(band_chunk(R), n)
-    for c0 in range(0, n, C):
+    for c0 in range(max(0, q0 - a0), n, C):  # chunks from the first query on; the interior mask is shift-invariant
         c1 = min(c0 + C, n)
         k0, k1 = max(0, c0 - R), min(n, c1 + R)
         interior = c0 - R >= 0 and c1 + R <= n and c1 - c0 == C
         key = ("band_mask", "interior" if interior else (c0, c1, k0, k1), q.dtype)
         mask = spec.cached(str(key), q.device, lambda: _band_mask(spec, c0, c1, k0, k1, q.dtype, q.device))
-        out[:, :, a0 + c0 : a0 + c1] = F.scaled_dot_product_attention(
-            q[:, :, a0 + c0 : a0 + c1],
+        out[:, :, a0 + c0 - q0 : a0 + c1 - q0] = F.scaled_dot_product_attention(
+            q[:, :, a0 + c0 - q0 : a0 + c1 - q0],
             _with_text(k, spec, a0 + k0, a0 + k1),
             _with_text(v, spec, a0 + k0, a0 + k1),
             attn_mask=mask,
@@ -98,16 +103,17 @@ def _band(q, k, v, spec, scale, out):
         )
 
 
-def _blocks(q, k, v, spec, scale, out):
-    B, G, S, D = q.shape
-    bs, n = spec.block_size, spec.num_blocks
+def _blocks(q, k, v, spec, scale, out, q0):
+    B, G, Sq, D = q.shape
+    S, bs, n = spec.seq_len, spec.block_size, spec.num_blocks
+    b0, lead = divmod(q0, bs)  # the first query block that runs, and the rows before q0 in it
     # query blocks whose row is dense for every head (text queries) run one dense call; the rest gather
     dense_rows = spec.cached("dense_rows", q.device, lambda: spec.block_mask.all(dim=-1).all(dim=0))  # (nq,)
     table = spec.cached("sparse_rows_table", q.device, lambda: _sparse_rows_table(spec))  # (G', nq, max_k)
     pad = n * bs - S
     kb = F.pad(k, (0, 0, 0, pad)).view(B, G, n, bs, D)
     vb = F.pad(v, (0, 0, 0, pad)).view(B, G, n, bs, D)
-    qb = F.pad(q, (0, 0, 0, pad)).view(B, G, n, bs, D)
+    qb = F.pad(q, (0, 0, lead, pad)).view(B, G, n - b0, bs, D)  # query blocks b0..n-1
     ob = torch.empty_like(qb)
     token_valid = torch.ones(n, bs, dtype=torch.bool, device=q.device)  # the ragged tail's padding is not a key
     if pad:
@@ -117,7 +123,7 @@ def _blocks(q, k, v, spec, scale, out):
     max_k = idx.shape[-1]
     base = (torch.arange(B, device=q.device)[:, None, None, None] * G + torch.arange(G, device=q.device)[None, :, None, None]) * n
     kf, vf = kb.reshape(B * G * n, bs, D), vb.reshape(B * G * n, bs, D)
-    sparse_q = torch.nonzero(~dense_rows).flatten()
+    sparse_q = torch.nonzero(~dense_rows[b0:]).flatten() + b0
     step = max(2, GATHER_BYTES // (B * G * max_k * bs * D * q.element_size()))
     kbuf = q.new_empty(B * G * min(step, len(sparse_q)) * max_k, bs, D)
     vbuf = torch.empty_like(kbuf)
@@ -134,13 +140,13 @@ def _blocks(q, k, v, spec, scale, out):
         if not bool(valid.all()):
             mask = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill_(~valid, float("-inf"))
             mask = mask.view(1, G * m, 1, max_k * bs).expand(B, -1, -1, -1).reshape(B * G * m, 1, 1, max_k * bs)
-        qg = qb[:, :, qblocks].reshape(B * G * m, 1, bs, D)
-        ob[:, :, qblocks] = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale).view(B, G, m, bs, D)
-    if bool(dense_rows.any()):
-        rows = torch.nonzero(dense_rows).flatten()
+        qg = qb[:, :, qblocks - b0].reshape(B * G * m, 1, bs, D)
+        ob[:, :, qblocks - b0] = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale).view(B, G, m, bs, D)
+    if bool(dense_rows[b0:].any()):
+        rows = torch.nonzero(dense_rows[b0:]).flatten()
         qd = qb[:, :, rows].reshape(B, G, len(rows) * bs, D)
         ob[:, :, rows] = F.scaled_dot_product_attention(qd, k, v, scale=scale).view(B, G, len(rows), bs, D)
-    out.copy_(ob.view(B, G, n * bs, D)[:, :, :S])
+    out.copy_(ob.view(B, G, (n - b0) * bs, D)[:, :, lead : lead + Sq])
 
 
 def _sparse_rows_table(spec: SparseSpec) -> torch.Tensor:

@@ -15,8 +15,16 @@ re-runs the whole prefix plus the active block at every step, the step is counte
 sequence grows or its active block is all mask tokens; steps are that block's (the scheduler's `num_inference_steps`;
 the pipeline's extra editing steps count as the last one); each block is its own cache context in the stats
 ("block 0", "block 1", ...), and a shorter sequence, or the first block starting again, is a new request. When the controller replaces nothing, the
-model's own implementation runs with the mask it would have had, so a dense plan is bit-exact. Causal calls, sliding
-windows and masks other than right-side key padding stay dense (one warning each).
+model's own implementation runs with the mask it would have had, so a dense plan is bit-exact.
+
+A call whose queries are fewer than its keys is a canvas attending a cache plus itself (DiffusionGemma's decoder, see
+`diffusion_gemma.py`): the queries are the last valid keys, the layout `prompt(keys - Sq) + generation(Sq)` over the
+valid keys only (so top-k keeps its own share of each and never picks a masked key: padding, empty static-cache
+slots), and only the canvas rows run. Sliding-window layers run sparse as well: the sdpa and eager functions this wraps ignore
+`sliding_window` (the window lives in the mask, or, in DiffusionGemma's decoder, in what the sliding cache kept), so
+the plan's pattern intersected with the call's mask is exactly what runs; a mask that is not key padding, such as a
+sliding causal one, stays dense. Causal calls (DiffusionGemma's encoder, causal LMs) stay dense, as do dropout and,
+in calls without a cache, padding other than on the right (one warning each).
 """
 
 from __future__ import annotations
@@ -36,7 +44,8 @@ from ..plan import ModelFingerprint
 from ..runtime import AttentionStats, Clock
 from .adapter import Adapter, register_adapter
 from .compiled_ops import register_site, unregister_site
-from .controllers import DenseFallback, valid_lengths
+from .controllers import DenseFallback, PlanController, valid_lengths
+from .diffusion_gemma import CanvasSteps, is_diffusion_gemma
 from .state import CallState, RunLog
 
 logger = logging.getLogger("sparsediff.pipelines")
@@ -147,6 +156,8 @@ class Installation:
 
     def reset(self) -> None:
         self.count, self.length, self.block = 0, -1, -1
+        if hasattr(self.hook, "reset"):  # DiffusionGemma's CanvasSteps
+            self.hook.reset()
 
 
 def _set_implementation(model: torch.nn.Module, name: str) -> None:
@@ -208,15 +219,24 @@ class _ModuleSite:
         if controller.active(layer, state):
             try:
                 causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-                if (causal and attention_mask is None and query.shape[2] > 1) or sliding_window or (dropout and module.training):
-                    raise DenseFallback("the call is causal, uses a sliding window or dropout")
-                groups = _token_groups(state, query, key, attention_mask)
+                if causal and attention_mask is None and query.shape[2] > 1:
+                    raise DenseFallback("the call is causal (a causal encoder, such as DiffusionGemma's, or a causal LM) "
+                                        "and sparsediff's patterns are bidirectional")
+                if dropout and module.training:
+                    raise DenseFallback("the call uses dropout")
+                over_cache = key.shape[2] != query.shape[2]
+                if over_cache and not isinstance(controller, PlanController):
+                    raise DenseFallback("profiling does not observe calls over a cache (keys != queries) yet")
+                groups = (_cache_groups if over_cache else _token_groups)(state, query, key, attention_mask)
             except DenseFallback as why:
                 warn_once(logger, f"sparsediff: attention stays dense because {why}.")
             else:
-                groups_of = module.num_key_value_groups
+                groups_of = module.num_key_value_groups  # per module: DiffusionGemma's full layers have fewer KV heads
                 k, v = (x.repeat_interleave(groups_of, dim=1) if groups_of > 1 else x for x in (key, value))
-                result = controller.attend(layer, state, query, k, v, groups, scaling)
+                if over_cache:
+                    result = _attend_over_cache(controller, layer, state, query, k, v, groups, scaling)
+                else:
+                    result = controller.attend(layer, state, query, k, v, groups, scaling)
         if result is None:
             out, stats = own()[0], AttentionStats()
         else:
@@ -232,22 +252,76 @@ class _ModuleSite:
         return self.attend(query, key, value, attention_mask, dropout, scaling, causal, sliding_window or None, {})
 
 
-def _token_groups(state: TextCallState, query, key, attention_mask):
-    """Batch rows by valid key length (right padding only), each with its 1-D layout."""
-    B, _, S, _ = query.shape
-    if key.shape[2] != S:
-        raise DenseFallback(f"the keys ({key.shape[2]}) are not the queries ({S}), as with a cache")
+def _key_mask(attention_mask):
+    """The call's mask as a bool key mask ((B, S) from a (B, 1, Sq, S) one), if it is the same for every query."""
     mask = attention_mask
     if mask is not None:
         if mask.dtype != torch.bool:  # an additive float mask (eager models)
             mask = mask > torch.finfo(mask.dtype).min / 2
         if mask.dim() == 4 and mask.shape[1] == 1:
             if not torch.equal(mask, mask[:, :, :1].expand_as(mask)):
-                raise DenseFallback("the attention mask differs between queries (not key padding)")
+                raise DenseFallback("the attention mask differs between queries (not key padding: e.g. causal or a sliding window)")
             mask = mask[:, 0, 0]
+    return mask
+
+
+def _token_groups(state: TextCallState, query, key, attention_mask):
+    """Batch rows by valid key length (right padding only), each with its 1-D layout."""
+    B, _, S, _ = query.shape
+    mask = _key_mask(attention_mask)
     lengths = valid_lengths(mask, B, S)
     sizes = sorted(set(lengths.tolist())) if lengths is not None else [S]
     return [(None if lengths is None else torch.nonzero(lengths == n).flatten(), state.layout(n)) for n in sizes]
+
+
+def canvas_layout(num_keys: int, num_queries: int) -> TokenLayout:
+    """The layout of a call whose queries are the last of its keys: the cached prefix as prompt, the canvas as
+    generation."""
+    if num_keys == num_queries:
+        return TokenLayout((generation(num_keys),))
+    return TokenLayout((prompt(num_keys - num_queries), generation(num_queries)))
+
+
+def _cache_groups(state: TextCallState, query, key, attention_mask):
+    """Batch rows of a call over a cache plus its canvas, grouped by which keys are valid (padding anywhere, empty
+    static-cache slots): each group runs on its valid keys only, the canvas being their last Sq. Returns
+    [(rows or None for all, valid key indices or None for all, layout over the valid keys)]."""
+    B, _, Sq, _ = query.shape
+    S = key.shape[2]
+    if S < Sq:
+        raise DenseFallback(f"the call has fewer keys ({S}) than queries ({Sq})")
+    mask = _key_mask(attention_mask)
+    if mask is None or bool(mask.all()):
+        return [(None, None, canvas_layout(S, Sq))]
+    if mask.dim() != 2 or mask.shape[-1] != S:
+        raise DenseFallback(f"an attention mask of shape {tuple(attention_mask.shape)} is not a key mask")
+    patterns, inverse = torch.unique(mask.expand(B, S), dim=0, return_inverse=True)
+    groups = []
+    for i, valid in enumerate(patterns):
+        keys = torch.nonzero(valid).flatten()
+        if len(keys) < Sq:
+            raise DenseFallback(f"a row has fewer valid keys ({len(keys)}) than the {Sq} queries")
+        rows = None if len(patterns) == 1 else torch.nonzero(inverse == i).flatten()
+        groups.append((rows, keys, canvas_layout(len(keys), Sq)))
+    return groups
+
+
+def _attend_over_cache(controller, layer, state, query, key, value, groups, scale):
+    """The plan on each group's valid keys, the queries being their last ones; None keeps the model's own call."""
+    out, stats = None, None
+    for rows, keys, layout in groups:
+        q, k, v = (x if rows is None else x[rows] for x in (query, key, value))
+        if keys is not None:
+            k, v = k.index_select(2, keys), v.index_select(2, keys)
+        result = controller.attend(layer, state, q, k, v, [(None, layout)], scale)
+        if result is None:
+            return None
+        part, stats = result
+        if rows is None:
+            return part, stats
+        out = query.new_empty((*query.shape[:3], value.shape[-1])) if out is None else out
+        out[rows] = part
+    return out, stats
 
 
 class TransformersAdapter(Adapter):
@@ -304,7 +378,10 @@ class TransformersAdapter(Adapter):
             vars(module)[_ATTR] = (module_site, site)
             installation.modules.append(module)
             installation.sites.append(site)
-        installation.hook = model.register_forward_pre_hook(installation.pre_forward, with_kwargs=True)
+        if is_diffusion_gemma(model):  # an encoder call per canvas, then a decoder call per step
+            installation.hook = CanvasSteps(installation)
+        else:
+            installation.hook = model.register_forward_pre_hook(installation.pre_forward, with_kwargs=True)
         try:
             _set_implementation(model, ours)
         except BaseException:

@@ -137,12 +137,15 @@ class Pattern:
         return self.density(layout, block_size)
 
 
-def block_density(mask: torch.Tensor, layout: TokenLayout, block_size: int) -> float:
-    """Area share of a (…, nq, nk) block mask, ragged tail blocks weighted by their size; mean over heads."""
+def block_density(mask: torch.Tensor, layout: TokenLayout, block_size: int, query_start: int = 0) -> float:
+    """Area share of a (…, nq, nk) block mask, ragged tail blocks weighted by their size; mean over heads. With
+    `query_start`, of the area of the query rows from that token on (the rows a call over a cache computes)."""
     lengths = layout.block_lengths(block_size).to(torch.float64)
-    area = lengths[:, None] * lengths[None, :]
+    starts = torch.arange(len(lengths), dtype=torch.float64) * block_size
+    rows = (starts + lengths - starts.clamp(min=query_start)).clamp(min=0)  # each query block's rows that run
+    area = rows[:, None] * lengths[None, :]
     covered = (mask.to(torch.float64) * area).sum(dim=(-2, -1))
-    return float(covered.mean()) / layout.num_tokens**2
+    return float(covered.mean()) / ((layout.num_tokens - query_start) * layout.num_tokens)
 
 
 @register_pattern

@@ -36,6 +36,7 @@ from .patterns import Pattern, block_density, get_pattern
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "triton", "flex", "reference")
+SUFFIX_BACKENDS = ("torch", "reference")  # those that run queries that are only the last keys
 BACKEND_ENV = "SPARSEDIFF_BACKEND"
 
 KernelFn = Callable[..., torch.Tensor]  # (q, k, v, spec, scale) -> out, all (B, G, S, D)
@@ -257,8 +258,9 @@ class SparseAttention:
     ) -> list[HeadGroup]:
         """The head groups of a call whose q holds global heads [head_start, head_start + H) of the layer."""
         H = q.shape[1]
+        query_start = k.shape[2] - q.shape[2]  # q holds the layout's last tokens (0: all of them)
         local_patterns = patterns[head_start : head_start + H]
-        key = (str(layout), block_size, head_start, tuple(p.name for p in local_patterns), q.device)
+        key = (str(layout), query_start, block_size, head_start, tuple(p.name for p in local_patterns), q.device)
         cached = self._groups.get(key)
         if cached is not None:
             return cached
@@ -269,6 +271,8 @@ class SparseAttention:
                 built.append(HeadGroup(pattern, heads, local, density=float(pattern.kind == "full")))
                 continue
             order = pattern.order(layout)
+            if order is not None and query_start:
+                raise ValueError(f"Pattern {pattern.name!r} reorders the tokens of {layout}, so its queries cannot be only the last {layout.num_tokens - query_start}; run the call with every query.")
             scores = None
             if pattern.needs_scores:  # from full attention at this first call, reused afterwards
                 qg, kg = q[:, local.to(q.device)], k[:, local.to(q.device)]
@@ -277,7 +281,7 @@ class SparseAttention:
                 rows = block_size if self.rows_per_block is None else self.rows_per_block
                 scores = block_attention_mass(qg, kg, block_size, rows, scale).cpu()
             spec = build_spec(pattern, layout, block_size, scores)
-            density = block_density(spec.block_mask, layout, block_size)
+            density = block_density(spec.block_mask, layout, block_size, query_start)
             built.append(HeadGroup(pattern, heads, local, spec, order, density))
         self._groups[key] = built
         return built
@@ -297,8 +301,13 @@ class SparseAttention:
 
         `patterns` are the layer's patterns by global head. By default q, k, v hold every head (one pattern per head);
         with `head_start` they hold global heads [head_start, head_start + H) (a slice of the layer, as a
-        context-parallel rank holds)."""
-        B, H, S, D = q.shape
+        context-parallel rank holds).
+
+        q may hold only the layout's last Sq < S tokens (a decoder's canvas attending a cache plus itself): those
+        query rows run with the patterns' rows for them, and the others are never computed. The torch and reference
+        backends run such calls; others fall back to torch with one warning."""
+        B, H, Sq, D = q.shape
+        S = k.shape[2]
         if head_start is None:
             if len(patterns) != H:
                 raise ValueError(f"Got {len(patterns)} head patterns for {H} heads; give one pattern per head (or head_start= for a slice).")
@@ -309,9 +318,14 @@ class SparseAttention:
                 "give one pattern per head of the layer and the global index of the call's first head."
             )
         if layout.num_tokens != S:
-            raise ValueError(f"Layout {layout} has {layout.num_tokens} tokens but q has S={S}; build the layout from the inputs.")
+            raise ValueError(f"Layout {layout} has {layout.num_tokens} tokens but {'q' if Sq == S else 'k'} has S={S}; build the layout from the inputs.")
+        if Sq > S:
+            raise ValueError(f"q has {Sq} tokens but k only {S}; queries are all the keys' tokens or their last ones (a cache before them).")
         patterns = [get_pattern(p) for p in patterns]
         backend = resolve_backend(self.backend, q.device)
+        if Sq < S and backend not in SUFFIX_BACKENDS:
+            warn_once(logger, f"sparsediff: calls whose queries are only the last keys (a cache before them) run on the torch backend; the {backend} kernels take whole sequences.")
+            backend = "torch"
         groups = self.groups(q, k, layout, patterns, block_size, scale, head_start)
         if len(groups) == 1 and groups[0].pattern.kind == "full":
             out = F.scaled_dot_product_attention(q, k, v, scale=scale)

@@ -260,9 +260,13 @@ def tiny_diffusion_gemma():
     return DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=8)).eval()
 
 
-def test_diffusion_gemma_encoder_and_decoder_dense_exact_and_unsupported_calls_stay_dense(caplog):
-    """Per-layer head dims and KV heads read per module; a dense plan is exact; the decoder's calls over cache + canvas
-    (keys != queries), sliding layers and the causal encoder stay dense with one warning each (not built yet)."""
+def test_diffusion_gemma_dense_plan_is_exact_and_the_decoder_runs_sparse_over_its_cache(caplog, monkeypatch):
+    """Per-layer head dims and KV heads read per module; a dense plan is exact through the encoder and the decoder; a
+    sparse plan runs the decoder's calls over cache + canvas sparse (sliding and full layers, scaling 1.0), while the
+    causal encoder stays dense with one warning. More in test_diffusion_gemma.py."""
+    from sparsediff.kernels import log
+
+    monkeypatch.setattr(log, "_warned", set())
     model = tiny_diffusion_gemma()
     g = torch.Generator().manual_seed(0)
     args = dict(input_ids=torch.randint(0, 120, (1, 12), generator=g), decoder_input_ids=torch.randint(0, 120, (1, 8), generator=g))
@@ -270,10 +274,14 @@ def test_diffusion_gemma_encoder_and_decoder_dense_exact_and_unsupported_calls_s
     assert (fp.num_layers, fp.num_heads, fp.head_dim) == (5, 4, 8)  # 2 encoder, 1 vision, 2 decoder attention modules
     with torch.no_grad():
         reference = model(**args).logits
-        with sparsediff.accelerate(model, "dense"):
-            assert torch.equal(model(**args).logits, reference)
+        for plan in ("dense", SparsePlan.dense(fp, block_size=4)):
+            with sparsediff.accelerate(model, plan, num_steps=1) as handle:
+                assert torch.equal(model(**args).logits, reference)
+                assert [(s.model, s.dense) for s in handle.stats] == [("model encoder", True), ("model", True)]
         plan = SparsePlan.uniform(fp, "diagonal_w2", block_size=4)
-        with sparsediff.accelerate(model, plan, backend="torch", num_steps=1) as handle:
-            assert torch.equal(model(**args).logits, reference)
-            assert all(s.dense for s in handle.stats)
+        with caplog.at_level("WARNING"), sparsediff.accelerate(model, plan, backend="torch", num_steps=1) as handle:
+            sparse = model(**args).logits
+            assert [(s.model, s.dense) for s in handle.stats] == [("model encoder", True), ("model", False)]
+        assert (sparse - reference).abs().max() > 1e-2
+        assert any("is causal" in r.message for r in caplog.records)
         assert model.config._attn_implementation == "sdpa" and torch.equal(model(**args).logits, reference)
