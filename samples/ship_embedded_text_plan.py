@@ -29,7 +29,7 @@ CALIBRATION_SEED, VALIDATION_SEED = 5_000, 6_000
 
 
 def calls_for(seed: int, length: int, n: int = 3) -> list[dict]:
-    return [dict(prompt=t.prompt_text, seed=0, **call_arguments()) for t in task_set(n, length, seed + length)]
+    return [dict(prompt=t.prompt_text, seed=0, use_chat_template=False, **call_arguments()) for t in task_set(n, length, seed + length)]
 
 
 def main() -> int:

@@ -299,7 +299,6 @@ def _cmd_generate_text(args: argparse.Namespace) -> int:
         from .pipelines.embedded_text.evaluate import call_arguments
 
         defaults = call_arguments()
-        defaults.pop("use_chat_template")
     else:
         defaults = {"num_inference_steps": 32, "gen_length": 128}
     call = {"num_inference_steps": args.steps or defaults["num_inference_steps"],
@@ -323,13 +322,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     result = run_demo(args.out, num_prompts=args.prompts, steps=args.steps, seed=args.seed, backend=args.backend,
                       height=args.height, width=args.width, num_frames=args.frames)
+    text = None
+    if args.text_tasks:
+        from .pipelines.embedded_text.evaluate import run_text_demo
+
+        text = run_text_demo(args.text_tasks, args.text_length, backend=args.backend, seed=args.seed)
     if args.json:
-        print(json.dumps(result.to_dict(), indent=1))
+        print(json.dumps({**result.to_dict(), **({"text": text.to_dict()} if text else {})}, indent=1))
     else:
-        print(f"embedded model, {len(result.prompts)} prompts, {result.steps} steps, dense vs its shipped plan")
+        print(f"embedded video model, {len(result.prompts)} prompts, {result.steps} steps, dense vs its shipped plan")
         print(result.table())
         for name, path in result.files.items():
             print(f"{name}: {path}")
+        if text is not None:
+            print(f"\nembedded diffusion LM, {text.tasks} held-out tasks of {text.length} tokens, dense vs its shipped plan")
+            print(text.table())
     return 0
 
 
@@ -538,6 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--height", type=int, default=64, help="pixels (64 x 64 x 8 frames = 8192 tokens)")
     demo.add_argument("--width", type=int, default=64)
     demo.add_argument("--frames", type=int, default=8)
+    demo.add_argument("--text-tasks", type=int, default=3, help="held-out tasks for the text section (0 leaves it out)")
+    demo.add_argument("--text-length", type=int, default=4096, help="context tokens of each text task")
     demo.add_argument("--backend", help="kernel backend (default: automatic)")
     demo.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
     demo.set_defaults(func=_cmd_demo)

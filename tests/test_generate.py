@@ -65,7 +65,7 @@ def test_demo_on_the_shipped_model_at_a_small_size(tmp_path, capsys):
     """`sparsediff demo` end to end on the embedded model and its shipped plan (2048 tokens, 7 steps: the plan keeps the first 5 dense; 2 prompts):
     the table's figures, a playable side-by-side video of both prompts, the strip; the sparse half really sparse."""
     assert main(["demo", "--out", str(tmp_path / "demo"), "--prompts", "2", "--steps", "7", "--height", "32", "--width", "32",
-                 "--json"]) == 0
+                 "--text-tasks", "2", "--text-length", "512", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert len(result["prompts"]) == 2 and result["prompts"][0] != result["prompts"][1]
     assert result["dense_seconds"] > 0 and result["sparse_seconds"] > 0
@@ -77,8 +77,13 @@ def test_demo_on_the_shipped_model_at_a_small_size(tmp_path, capsys):
     video = iio.imread(result["files"]["side_by_side"])
     assert video.shape[0] == 8 and video.shape[1] >= 2 * 32  # 8 frames; both prompts stacked
     assert Image.open(result["files"]["strip"]).size[0] == 8 * 32 * 3  # 8 frames of 32 px, upscaled 3x
+    text = result["text"]  # the embedded DLM's section: two held-out tasks, dense vs its shipped plan
+    assert (text["tasks"], text["length"]) == (2, 512)
+    assert 0.0 <= text["accuracy_sparse"] <= 1.0 and 0.0 <= text["agreement"] <= 1.0
+    assert 0.0 < text["density"] < 1.0 and text["speedup"] == pytest.approx(text["dense_seconds"] / text["sparse_seconds"])
     # the table `make demo` prints (text mode): the correctness check first, every detector field
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--prompts", "1", "--steps", "6", "--height", "32", "--width", "32"]) == 0
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--prompts", "1", "--steps", "6", "--height", "32", "--width", "32",
+                 "--text-tasks", "0"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].startswith("PSNR sparse vs dense") and lines[2].startswith("SSIM sparse vs dense")
     assert [line.split()[1] for line in lines if line.startswith("detector")] == ["colour", "shape", "direction", "modifier"]

@@ -13,7 +13,7 @@ from .tasks import ANSWER_SLOTS, EVAL_SEED, KINDS, Task, answer_correct, task_se
 
 def call_arguments(steps: int = ANSWER_SLOTS) -> dict:
     """The pipeline arguments every evaluation uses: one block of `ANSWER_SLOTS` answer slots, one token per step."""
-    return dict(gen_length=ANSWER_SLOTS, block_length=ANSWER_SLOTS, num_inference_steps=steps, use_chat_template=False)
+    return dict(gen_length=ANSWER_SLOTS, block_length=ANSWER_SLOTS, num_inference_steps=steps)
 
 
 def held_out_tasks(n: int, length: int, kinds: tuple[str, ...] = KINDS) -> list[Task]:
@@ -61,3 +61,61 @@ def run_tasks(pipe, tasks: list[Task], plan=None, backend: str | None = None, se
         if progress is not None:
             progress()
     return TextRun(texts, torch.cat(sequences), seconds, stats)
+
+
+@dataclass
+class TextDemoResult:
+    """The text half of `sparsediff demo`: the embedded DLM dense vs its shipped plan on held-out tasks."""
+
+    length: int
+    tasks: int
+    accuracy_dense: float
+    accuracy_sparse: float
+    agreement: float
+    dense_seconds: float
+    sparse_seconds: float
+    density: float  # mean attention density of the calls that ran sparse
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_seconds / self.sparse_seconds
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return {**asdict(self), "speedup": self.speedup}
+
+    def table(self) -> str:
+        rows = [  # the correctness check first, then the speed it bought
+            ("exact-match accuracy dense / sparse", f"{self.accuracy_dense:.0%} / {self.accuracy_sparse:.0%}"),
+            ("token agreement sparse vs dense", f"{self.agreement:.3f}"),
+            ("generation time dense", f"{self.dense_seconds:.1f} s"),
+            ("generation time sparse", f"{self.sparse_seconds:.1f} s"),
+            ("speedup", f"{self.speedup:.2f}x"),
+            ("attention density of the sparse calls", f"{self.density:.3f}"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def run_text_demo(num_tasks: int = 3, length: int = 4096, backend: str | None = None, seed: int = 0) -> TextDemoResult:
+    """The embedded DLM dense and under its shipped plan on `num_tasks` held-out tasks (one of each kind in turn) of
+    `length` tokens; dense and sparse interleaved per task (the first of the pair alternating), after a warm-up."""
+    from sparsediff.api import load_pipeline, resolve_plan
+
+    pipe = load_pipeline("embedded", "cpu", kind="text")
+    pipe.set_progress_bar_config(disable=True)
+    plan = resolve_plan(pipe, "auto")
+    if plan is None:
+        raise ValueError("The embedded text model has no shipped plan; make one with `python samples/ship_embedded_text_plan.py --ship`.")
+    tasks = held_out_tasks(num_tasks, length)
+    run_tasks(pipe, tasks[:1], "dense", seed=seed)  # warm-up: one-off costs stay out of the timings
+    runs: dict[bool, list[TextRun]] = {False: [], True: []}
+    for i, task in enumerate(tasks):
+        for sparse_run in ((False, True) if i % 2 == 0 else (True, False)):
+            runs[sparse_run].append(run_tasks(pipe, [task], plan if sparse_run else "dense", backend=backend, seed=seed))
+    dense, sparse = (TextRun([t for r in runs[k] for t in r.texts], torch.cat([r.sequences for r in runs[k]]),
+                             sum(r.seconds for r in runs[k])) for k in (False, True))
+    densities = [r.stats.get("sparse_density") for r in runs[True] if r.stats.get("sparse_density") is not None]
+    return TextDemoResult(length, len(tasks), dense.accuracy(tasks), sparse.accuracy(tasks), sparse.agreement(dense),
+                          dense.seconds, sparse.seconds, float(sum(densities) / max(1, len(densities))))

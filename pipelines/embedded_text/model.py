@@ -35,7 +35,7 @@ def build_tokenizer():
 
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces, "?" included
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
                                    mask_token="<mask>")
 

@@ -28,7 +28,7 @@ INDEX = {w: i for i, w in enumerate(VOCAB)}
 
 @dataclass
 class TrainConfig:
-    steps: int = 5000
+    steps: int = 3000
     lr: float = 1e-3
     warmup: int = 200
     weight_decay: float = 0.01
@@ -37,7 +37,7 @@ class TrainConfig:
     max_len: int = 1024
     seed: int = TRAIN_SEED
     checkpoint_minutes: float = 3.0
-    eval_every: int = 250
+    eval_every: int = 200
 
 
 def encode(words: list[str]) -> list[int]:
@@ -84,8 +84,10 @@ def quick_accuracy(model, length: int, n: int = 24, seed: int = 123_457) -> floa
     return float((pred == ids[:, -ANSWER_SLOTS:]).all(dim=1).float().mean())
 
 
-def train(out: Path, cfg: TrainConfig, minutes: float, threads: int | None = None, log=print) -> dict:
-    """Train for at most `minutes` (resuming from `out/checkpoint.pt`), then save the pipeline in `out/pipeline`."""
+def train(out: Path, cfg: TrainConfig, minutes: float, threads: int | None = None, log=print,
+          until_step: int | None = None) -> dict:
+    """Train for at most `minutes` (resuming from `out/checkpoint.pt`; stopping at `until_step` when given), then
+    save the pipeline in `out/pipeline`."""
     from transformers import get_cosine_schedule_with_warmup
 
     if threads:
@@ -122,7 +124,8 @@ def train(out: Path, cfg: TrainConfig, minutes: float, threads: int | None = Non
     start = last_save = time.monotonic()
     seconds0 = history["seconds"]
     running = []
-    while step < cfg.steps and time.monotonic() - start < minutes * 60:
+    last = cfg.steps if until_step is None else min(until_step, cfg.steps)
+    while step < last and time.monotonic() - start < minutes * 60:
         ids, target = batch(cfg, rng)
         loss = loss_of(model, ids, target, rng)
         opt.zero_grad(set_to_none=True)

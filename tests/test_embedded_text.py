@@ -1,0 +1,99 @@
+"""The embedded diffusion LM: its tasks, tokenizer, resumable training, and the shipped model and plan."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sparsediff.pipelines.embedded_text import tasks as T
+from sparsediff.pipelines.embedded_text.model import build_tokenizer, embedded_text_path
+
+
+@pytest.mark.parametrize("kind", T.KINDS)
+def test_tasks_are_deterministic_aligned_and_answerable_from_the_prompt(kind):
+    a = T.make_task(kind, 300, np.random.default_rng(7))
+    b = T.make_task(kind, 300, np.random.default_rng(7))
+    c = T.make_task(kind, 300, np.random.default_rng(8))
+    assert a == b and a != c
+    assert len(a.prompt) == 304 and len(a.prompt) % T.ALIGN == 0  # rounded up to the generation block
+    assert a.prompt[-3] == "?" and a.prompt[-1] == "->"
+    asked, text = a.prompt[-2], " ".join(a.prompt)
+    if kind == "hops":  # asked -> middle key -> value, both pairs in the prompt
+        middle, value = a.answer
+        assert f"{asked} = {middle} ;" in text and f"{middle} = {value} ;" in text
+    else:
+        assert len(a.answer) == 1 and f"{asked} = {a.answer[0]} ;" in text
+        assert text.count(f"{asked} =") == 1  # keys are unique: one right answer
+    assert a.target()[: len(a.answer)] == a.answer and len(a.target()) == T.ANSWER_SLOTS
+    assert set(a.target()[len(a.answer):]) == {"<eos>"}
+
+
+def test_held_out_tasks_never_repeat_training_draws_and_bad_requests_are_refused():
+    from sparsediff.pipelines.embedded_text.evaluate import held_out_tasks
+
+    held = held_out_tasks(6, 128)
+    train = T.task_set(6, 128, T.TRAIN_SEED)
+    assert not {t.prompt_text for t in held} & {t.prompt_text for t in train}
+    with pytest.raises(ValueError, match="'sorting' is not one of lookup, needle, hops"):
+        T.make_task("sorting", 256, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="32 tokens is too short"):
+        T.make_task("lookup", 32, np.random.default_rng(0))
+
+
+def test_answer_matching_is_exact():
+    task = T.Task("hops", ["?", "k1", "->"], ["k2", "v3"])
+    assert T.answer_correct("k2 v3", task) and T.answer_correct("k2 v3 <eos>", task)
+    assert not T.answer_correct("k2", task) and not T.answer_correct("k2 v3 v3", task) and not T.answer_correct("v3 k2", task)
+
+
+def test_tokenizer_maps_words_to_the_vocabulary_and_back():
+    tok = build_tokenizer()
+    task = T.make_task("lookup", 128, np.random.default_rng(0))
+    ids = tok(task.prompt_text).input_ids
+    assert ids == [T.VOCAB.index(w) for w in task.prompt]  # no special tokens added, no word split
+    assert tok.decode(ids) == task.prompt_text
+    assert tok.decode([T.VOCAB.index("v5"), T.VOCAB.index("<eos>")], skip_special_tokens=True) == "v5"
+    assert (tok.mask_token_id, tok.pad_token_id, tok.eos_token_id) == (1, 0, 2)
+
+
+def test_training_resumes_exactly_where_it_stopped(tmp_path):
+    from sparsediff.pipelines.embedded_text.train import TrainConfig, train
+
+    cfg = TrainConfig(steps=4, tokens_per_batch=256, min_len=64, max_len=64, eval_every=1000)
+    whole = train(tmp_path / "whole", cfg, minutes=10, log=lambda _: None)
+    half = train(tmp_path / "split", cfg, minutes=10, log=lambda _: None, until_step=2)
+    assert torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)["step"] == 2 and half["loss"] == []
+    train(tmp_path / "split", cfg, minutes=10, log=lambda _: None)  # the same command again continues
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same batches, masks and updates: exactly the same weights
+    assert (tmp_path / "whole" / "pipeline" / "tokenizer" / "tokenizer.json").is_file()
+    with pytest.raises(ValueError, match="another configuration"):
+        train(tmp_path / "split", TrainConfig(steps=5, tokens_per_batch=256, min_len=64, max_len=64), minutes=1)
+
+
+shipped = pytest.mark.skipif(not (embedded_text_path() / "model_index.json").is_file(), reason="the embedded DLM is not trained yet")
+
+
+@shipped
+def test_the_shipped_model_answers_held_out_tasks_and_its_plan_fits(capsys):
+    """The shipped weights answer held-out tasks dense (a floor well under the measured accuracy: BENCHMARKS §7), and
+    `generate text --model embedded` uses the shipped plan, which was searched for this model."""
+    from sparsediff.api import load_pipeline, resolve_plan
+    from sparsediff.cli import main
+    from sparsediff.pipelines.adapter import fingerprint
+    from sparsediff.pipelines.embedded_text.evaluate import held_out_tasks, run_tasks
+
+    pipe = load_pipeline("embedded", "cpu", kind="text")
+    pipe.set_progress_bar_config(disable=True)
+    plan = resolve_plan(pipe, "auto")
+    assert plan is not None and plan.model.mismatch(fingerprint(pipe.model)) is None
+    tasks = held_out_tasks(6, 256)
+    dense = run_tasks(pipe, tasks, "dense")
+    assert dense.accuracy(tasks) >= 0.8
+    task = tasks[0]
+    assert main(["generate", "text", "--model", "embedded", "--prompt", task.prompt_text, "--device", "cpu", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["plan"] == "auto" and out["calls"] > out["dense_calls"]  # the shipped plan ran sparse after its dense steps
+    assert len(out["texts"]) == 1
