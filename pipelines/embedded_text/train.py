@@ -38,36 +38,62 @@ class TrainConfig:
     seed: int = TRAIN_SEED
     checkpoint_minutes: float = 3.0
     eval_every: int = 200
+    recap_share: float = 0.5  # batches whose prompts recap some of their pairs (more lookups to learn from)
 
 
 def encode(words: list[str]) -> list[int]:
     return [INDEX[w] for w in words]
 
 
+def with_recap(task_words: list[str], count: int, rng: np.random.Generator) -> tuple[list[str], list[int]]:
+    """The prompt with a recap of `count` of its pairs (`kX = vY ;`, drawn with replacement) before the question,
+    and the positions of the recapped values. Masking those values gives many lookups per sequence to learn from
+    (the first occurrence stays visible), which the single answer of a task does not."""
+    pairs = [i for i in range(len(task_words) - 3) if task_words[i + 1] == "=" and task_words[i + 3] == ";"]
+    picks = [pairs[int(j)] for j in rng.integers(len(pairs), size=count)]
+    recap = [w for i in picks for w in task_words[i : i + 4]]
+    words = task_words[:-3] + recap + task_words[-3:]
+    start = len(task_words) - 3
+    return words, [start + 4 * r + 2 for r in range(count)]
+
+
 def batch(cfg: TrainConfig, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L + ANSWER_SLOTS) token ids and the answer targets (B, ANSWER_SLOTS) of one batch of a single length."""
+    """(B, S) token ids of one batch of a single length (prompt, then the answer slots) and the (B, S) positions to
+    learn: the answer slots, and in a recap batch the recapped values too."""
     lo, hi = math.log(cfg.min_len), math.log(cfg.max_len)
     length = int(math.exp(rng.uniform(lo, hi)))
     length = max(cfg.min_len, -(-length // 8) * 8)
     n = max(1, cfg.tokens_per_batch // (length + ANSWER_SLOTS))
-    tasks = [make_task(KINDS[int(rng.integers(len(KINDS)))], length, rng) for _ in range(n)]
-    ids = torch.tensor([encode(t.prompt + t.target()) for t in tasks])
-    return ids, ids[:, -ANSWER_SLOTS:].clone()
+    recap = int(rng.integers(1, 17)) if rng.uniform() < cfg.recap_share else 0
+    rows, learn = [], []
+    for _ in range(n):
+        task = make_task(KINDS[int(rng.integers(len(KINDS)))], length, rng)
+        words, positions = with_recap(task.prompt, recap, rng) if recap else (task.prompt, [])
+        words = words + task.target()
+        rows.append(encode(words))
+        learn.append(positions + list(range(len(words) - ANSWER_SLOTS, len(words))))
+    ids = torch.tensor(rows)
+    supervised = torch.zeros_like(ids, dtype=torch.bool)
+    for row, positions in enumerate(learn):
+        supervised[row, positions] = True
+    return ids, supervised
 
 
-def loss_of(model, ids: torch.Tensor, target: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """The LLaDA loss on the answer slots: mask each with probability t, cross-entropy on the masked ones / t."""
+def loss_of(model, ids: torch.Tensor, supervised: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """The LLaDA loss on the supervised positions: mask each with probability t, cross-entropy on the masked ones / t,
+    averaged over the supervised positions."""
     B = ids.shape[0]
     # t below 1/ANSWER_SLOTS masks about one slot either way; clamping there keeps the 1/t weight (and the gradient
     # noise of a small batch) bounded
     t = torch.from_numpy(rng.uniform(0.0, 1.0, size=(B, 1))).float().clamp_min(1.0 / ANSWER_SLOTS)
-    masked = torch.from_numpy(rng.uniform(size=(B, ANSWER_SLOTS))).float() < t
-    masked[masked.sum(1) == 0, 0] = True  # at least one slot to learn from
-    x = ids.clone()
-    x[:, -ANSWER_SLOTS:][masked] = MASK
-    logits = model(input_ids=x, logits_to_keep=ANSWER_SLOTS).logits  # (B, ANSWER_SLOTS, V)
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="none").view(B, ANSWER_SLOTS)
-    return ((ce * masked) / t).sum() / (B * ANSWER_SLOTS)
+    masked = supervised & (torch.from_numpy(rng.uniform(size=tuple(ids.shape))).float() < t)
+    masked[:, -ANSWER_SLOTS] |= ~masked.any(dim=1)  # at least one position to learn from
+    x = ids.masked_fill(masked, MASK)
+    hidden = model.model(input_ids=x).last_hidden_state  # (B, S, W)
+    logits = model.lm_head(hidden[masked])  # (N, V): only the masked positions
+    ce = F.cross_entropy(logits.float(), ids[masked], reduction="none")
+    weights = (1.0 / t).expand_as(ids)[masked]
+    return (ce * weights).sum() / supervised.sum()
 
 
 @torch.no_grad()
@@ -126,8 +152,8 @@ def train(out: Path, cfg: TrainConfig, minutes: float, threads: int | None = Non
     running = []
     last = cfg.steps if until_step is None else min(until_step, cfg.steps)
     while step < last and time.monotonic() - start < minutes * 60:
-        ids, target = batch(cfg, rng)
-        loss = loss_of(model, ids, target, rng)
+        ids, supervised = batch(cfg, rng)
+        loss = loss_of(model, ids, supervised, rng)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
