@@ -2,7 +2,8 @@
 
 Three kinds, all in one word-level vocabulary (keys `k0..k127`, values `v0..v127`, filler words):
 - `lookup`: many `kA = vB ;` pairs scattered through filler text; the question `? kA ->` asks for vB.
-- `needle`: one to three pairs hidden in a long filler text (a needle in a haystack); same question.
+- `needle`: one pair hidden in a long filler text (a needle in a haystack); same question. With one pair the answer
+  is the only value token in the text: one attention hop finds it, which a small model learns first.
 - `hops`: a chain `kA = kB ;` ... `kB = vC ;` among distractor pairs; the answer is `kB vC` (the model writes the
   middle key first, so each token is one lookup away from something it can see).
 
@@ -75,7 +76,7 @@ def make_task(kind: str, length: int, rng: np.random.Generator) -> Task:
             if i == 0:
                 asked, answer = a, [b, v]
     else:
-        n_pairs = int(rng.integers(1, 4)) if kind == "needle" else int(rng.integers(min(8, most), min(64, most) + 1))
+        n_pairs = 1 if kind == "needle" else int(rng.integers(min(8, most), min(64, most) + 1))
         keys = rng.choice(len(KEYS), size=n_pairs, replace=False)
         values = rng.integers(len(VALUES), size=n_pairs)
         pairs = [[KEYS[k], "=", VALUES[v], ";"] for k, v in zip(keys, values)]

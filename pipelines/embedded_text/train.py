@@ -28,7 +28,7 @@ INDEX = {w: i for i, w in enumerate(VOCAB)}
 
 @dataclass
 class TrainConfig:
-    steps: int = 3000
+    steps: int = 12000  # the LR schedule's length; a run stops at its time budget and the next one resumes
     lr: float = 1e-3
     warmup: int = 200
     weight_decay: float = 0.01
@@ -97,11 +97,11 @@ def loss_of(model, ids: torch.Tensor, supervised: torch.Tensor, rng: np.random.G
 
 
 @torch.no_grad()
-def quick_accuracy(model, length: int, n: int = 24, seed: int = 123_457) -> float:
+def quick_accuracy(model, length: int, n: int = 12, seed: int = 123_457, kinds: tuple[str, ...] = KINDS) -> float:
     """Exact match with every answer slot masked and each slot's argmax taken in one pass (a fast proxy of the
     pipeline's step-by-step decoding, for the training log)."""
     model.eval()
-    tasks = task_set(n, length, seed)
+    tasks = task_set(n, length, seed, kinds)
     ids = torch.tensor([encode(t.prompt + t.target()) for t in tasks])
     x = ids.clone()
     x[:, -ANSWER_SLOTS:] = MASK
@@ -166,7 +166,7 @@ def train(out: Path, cfg: TrainConfig, minutes: float, threads: int | None = Non
             history["loss"].append(float(np.mean(running)))
             running = []
         if step % cfg.eval_every == 0:
-            acc = {n: quick_accuracy(model, n) for n in (256, 1024)}
+            acc = {f"{kind}@{n}": quick_accuracy(model, n, kinds=(kind,)) for n in (256, 1024) for kind in KINDS}
             history["eval"].append({"step": step, **{str(k): v for k, v in acc.items()}})
             log(f"step {step} loss {history['loss'][-1]:.4f} quick accuracy {acc} "
                 f"({seconds0 + time.monotonic() - start:.0f} s)")
@@ -194,9 +194,9 @@ def plot_loss(history: dict, path: Path) -> None:
     ax.set_ylabel("loss")
     if history["eval"]:
         acc = fig.axes[0].twinx()
-        for key in ("256", "1024"):
+        for key in [k for k in history["eval"][0] if k != "step"]:
             acc.plot([e["step"] for e in history["eval"]], [e[key] for e in history["eval"]], "--", lw=1,
-                     label=f"one-pass accuracy @{key}")
+                     label=f"one-pass accuracy {key}")
         acc.set_ylim(0, 1)
         acc.set_ylabel("accuracy")
         acc.legend(loc="center right", fontsize=7)
