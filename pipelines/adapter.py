@@ -91,6 +91,7 @@ def register_adapter(adapter: Adapter) -> Adapter:
 
 def _load_builtin() -> None:
     from . import diffusers_video, transformers_attention  # noqa: F401  (they register themselves)
+    from .reconstruct import adapter  # noqa: F401
 
 
 def supported() -> str:
