@@ -230,8 +230,9 @@ class CountingHook(ModelHook):
 def test_every_registered_adapter_and_family_has_a_case():
     supported()  # loads the built-in adapters
     # The transformers adapter's models are not video pipelines (no frames, no processors): the same contract is
-    # checked for it on a bidirectional Llama in tests/test_transformers_adapter.py.
-    assert {c.adapter for c in CASES} | {"transformers"} == set(ADAPTERS)
+    # checked for it on a bidirectional Llama in tests/test_transformers_adapter.py, and for the latent-set adapter
+    # (the reconstructor's deformation denoiser) in tests/test_reconstruct_adapter.py.
+    assert {c.adapter for c in CASES} | {"transformers", "latent_sets"} == set(ADAPTERS)
     served = {c.family for c in CASES if c.adapter == "diffusers_video"}
     assert served == set(FAMILIES), f"families without a conformance case: {sorted(set(FAMILIES) - served)}"
 
