@@ -312,7 +312,7 @@ def profile(
 
 
 def load_pipeline(model: str, device: "str | None" = None, kind: str = "video"):
-    """A pipeline by name: `embedded` (sparsediff's own trained model of that `kind`, "video" or "text", shipped in
+    """A pipeline by name: `embedded` (sparsediff's own trained model of that `kind`, "video", "text" or "reconstruct", shipped in
     the package) or the path of a locally saved diffusers pipeline (`save_pretrained` directory); on `device` (CUDA
     when available)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -325,6 +325,15 @@ def load_pipeline(model: str, device: "str | None" = None, kind: str = "video"):
                 "it with `python samples/train_embedded_text.py --ship`."
             )
         model = str(embedded_text_path())
+    elif model == "embedded" and kind == "reconstruct":
+        from .pipelines.reconstruct.generate import embedded_reconstruct_path
+
+        if not (embedded_reconstruct_path() / "model_index.json").is_file():
+            raise ValueError(
+                f"The embedded reconstructor is missing from {str(embedded_reconstruct_path())!r}; reinstall sparsediff, "
+                "or train it with `python samples/train_reconstruct.py`."
+            )
+        model = str(embedded_reconstruct_path())
     elif model == "embedded":
         from .pipelines.embedded.pipeline import ShapesVideoPipeline, embedded_path
 
@@ -353,8 +362,10 @@ def load_pipeline(model: str, device: "str | None" = None, kind: str = "video"):
 
     from .pipelines.embedded.pipeline import ShapesVideoPipeline
 
-    if class_name == ShapesVideoPipeline.__name__:  # sparsediff's own pipeline, not a diffusers class
+    if class_name == ShapesVideoPipeline.__name__:  # sparsediff's own pipelines, not diffusers classes
         pipeline_class = ShapesVideoPipeline
+    elif class_name == "Motion2VecSetsPipeline":
+        from .pipelines.reconstruct.pipeline import Motion2VecSetsPipeline as pipeline_class
     elif isinstance(class_name, str) and isinstance(getattr(diffusers, class_name, None), type):
         pipeline_class = diffusers.DiffusionPipeline
     else:

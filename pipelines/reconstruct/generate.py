@@ -1,0 +1,95 @@
+"""`sparsediff generate reconstruct`: a mesh sequence from a point-cloud sequence, written as files, with metrics when
+the ground truth is known (a `--sample SPLIT:INDEX` of SynthDeform4D)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data
+
+ASSET = Path(__file__).resolve().parent.parent / "assets" / "reconstruct"
+
+
+def embedded_reconstruct_path() -> Path:
+    return ASSET
+
+
+def parse_sample(text: str) -> tuple[str, int]:
+    """`SPLIT:INDEX`, e.g. `unseen_motion:3`."""
+    split, _, index = text.partition(":")
+    if split not in data.SPLITS or not index.isdigit():
+        raise ValueError(f"--sample {text!r} is not SPLIT:INDEX with SPLIT one of {', '.join(data.SPLITS)}; e.g. unseen_motion:0.")
+    size = data.split_size(split)
+    if int(index) >= size:
+        raise ValueError(f"--sample {text!r}: the {split} split has {size} sequences; give an index below {size}.")
+    return split, int(index)
+
+
+def sample_points(split: str, index: int, input_type: str, n_points: int = 128, seed: int = 0) -> np.ndarray:
+    """The (T, n, 3) input of a SynthDeform4D sequence: sparse (corresponding) or partial (single view) points."""
+    seq = data.sequence(split, index)
+    make = data.sparse_input if input_type == "sparse" else data.partial_input
+    return make(seq, n_points=n_points, seed=seed)
+
+
+def read_points(path: str) -> np.ndarray:
+    """A (T, n, 3) point-cloud sequence from `.npy` (the array) or `.npz` (its `points` array)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--input {path!r} does not exist; give a .npy or .npz file holding a (T, n, 3) array.")
+    try:
+        loaded = np.load(p, allow_pickle=False)
+        points = loaded["points"] if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
+    except (ValueError, KeyError, OSError) as e:
+        raise ValueError(f"--input {path!r} is not a .npy array or a .npz with a 'points' array ({e}).") from None
+    if points.ndim != 3 or points.shape[-1] != 3 or points.shape[0] < 2:
+        raise ValueError(f"--input {path!r} holds an array of shape {points.shape}; expected (T, n, 3) with T >= 2 frames.")
+    return points.astype(np.float32)
+
+
+@dataclass
+class Reconstruction:
+    vertices: np.ndarray  # (T, V, 3)
+    faces: np.ndarray  # (F, 3)
+    seconds: float
+    timings: dict
+    stats: dict = field(default_factory=dict)
+
+
+def reconstruct(pipe, points: np.ndarray, plan="auto", backend: str | None = None, seed: int = 0,
+                steps: int = 18, mesh_resolution: int = 64) -> Reconstruction:
+    """One reconstruction under `plan` (as `generate`: "auto", "dense", a path or a `SparsePlan`)."""
+    from sparsediff.api import accelerate, resolve_plan
+
+    plan = resolve_plan(pipe, plan)
+    handle = None if plan is None else accelerate(pipe, plan, backend=backend)
+    try:
+        start = time.perf_counter()
+        out = pipe(points, input_type=pipe.deformation_denoiser.config.input_type, num_inference_steps=steps,
+                   generator=torch.Generator().manual_seed(seed), mesh_resolution=mesh_resolution)
+        seconds = time.perf_counter() - start
+        stats = handle.summary() if handle is not None else {"dense": True}
+    finally:
+        if handle is not None:
+            handle.remove()
+    return Reconstruction(out.vertices[0], out.faces[0], seconds, out.timings, stats)
+
+
+def write_outputs(result: Reconstruction, points: np.ndarray, out_dir: Path, mesh_format: str = "ply") -> dict:
+    """Meshes per frame (`frame_XX.ply`, shared faces) and `sequence.mp4` (the mesh beside the input points)."""
+    from .geometry import render_sequence, write_mesh
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meshes = []
+    for t, vertices in enumerate(result.vertices):
+        path = out_dir / f"frame_{t:02d}.{mesh_format}"
+        write_mesh(path, vertices, result.faces)
+        meshes.append(str(path))
+    video = out_dir / "sequence.mp4"
+    render_sequence(video, result.vertices, result.faces, inputs_seq=points)
+    return {"meshes": meshes, "video": str(video)}
