@@ -49,7 +49,19 @@ def build_model(seed: int = 0):
     config = LlamaConfig(vocab_size=len(VOCAB), pad_token_id=VOCAB.index("<pad>"), eos_token_id=VOCAB.index("<eos>"),
                          bos_token_id=None, attn_implementation="sdpa", **MODEL_CONFIG)
     config.is_causal = False  # a masked diffusion LM attends both ways
-    return LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config)
+    # Token classes (keys, values, filler, marks) start with a shared direction each, as type embeddings would give:
+    # a head can then find "the value tokens" from the first step, instead of discovering the class of 128 random
+    # vectors first (without it a run of 600 steps never learned to copy even the only value in a 64-token text).
+    from .tasks import FILLER, KEYS, MARKS, VALUES
+
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        gen = torch.Generator().manual_seed(seed + 1)
+        for words in (KEYS, VALUES, FILLER, MARKS):
+            rows = torch.tensor([VOCAB.index(w) for w in words])
+            emb[rows] += torch.randn(emb.shape[1], generator=gen) * emb.std()
+    return model
 
 
 def build_pipeline(model, tokenizer=None, steps: int = ALIGN):
