@@ -25,9 +25,11 @@ import time
 from pathlib import Path
 
 import torch
-
 from sparsediff.pipelines.reconstruct import train
-from sparsediff.pipelines.reconstruct.pipeline import Motion2VecSetsPipeline, ReconstructModelConfig
+from sparsediff.pipelines.reconstruct.pipeline import (
+    Motion2VecSetsPipeline,
+    ReconstructModelConfig,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-sequences", type=int, default=None, help="training sequences (default: the whole split)")
     parser.add_argument("--input-type", default="sparse", choices=("sparse", "partial"))
     parser.add_argument("--space-time", default="interleaved", choices=("interleaved", "joint"))
+    parser.add_argument("--init-from", type=Path, default=None, help="a fresh single stage starts from this saved stage model")
     parser.add_argument("--export-to", type=Path, default=ROOT / "pipelines" / "assets" / "reconstruct")
     parser.add_argument("--split", default="unseen_motion", help="eval: the split")
     parser.add_argument("--sequences", type=int, default=4, help="eval: sequences of the split")
@@ -59,14 +62,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"exported to {args.export_to} ({size / 2**20:.1f} MiB)", file=sys.stderr)
         return 0
     if args.stage == "eval":
-        pipe = Motion2VecSetsPipeline.from_pretrained(args.export_to, torch_dtype=torch.float32)
+        pipe = Motion2VecSetsPipeline.from_pretrained(args.export_to, dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
         print(json.dumps(train.evaluate_pipeline(pipe, args.split, args.sequences, args.input_type, args.mesh_resolution), indent=1))
         return 0
+    if args.init_from is not None and args.stage == "all":
+        parser.error("--init-from names one stage's model; use it with a single --stage.")
     stages = train.STAGES if args.stage == "all" else (args.stage,)
     for stage in stages:
         minutes = args.minutes * (train.STAGE_SHARE[stage] if args.stage == "all" else 1.0)
         started = time.perf_counter()
-        trainer = train.train_stage(stage, config, args.out, minutes, args.resume, plot_dir=ROOT / "samples")
+        trainer = train.train_stage(stage, config, args.out, minutes, args.resume, plot_dir=ROOT / "samples", init_from=args.init_from)
         print(f"{stage}: step {trainer.step}/{trainer.planned_steps}, {(time.perf_counter() - started) / 60:.1f} wall min in this call", file=sys.stderr)
     return 0
 

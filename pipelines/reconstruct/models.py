@@ -27,8 +27,8 @@ called instead of `F.scaled_dot_product_attention`: the seam where sparsediff pl
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -18,9 +18,10 @@ rho 7, a final 0): 18 steps are 35 network evaluations per solve.
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -29,7 +30,14 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .geometry import extract_mesh
-from .models import INPUT_TYPES, SPACE_TIME, DeformationAutoencoder, DeformationDenoiser, ShapeAutoencoder, ShapeDenoiser, edm_denoise
+from .models import (
+    INPUT_TYPES,
+    DeformationAutoencoder,
+    DeformationDenoiser,
+    ShapeAutoencoder,
+    ShapeDenoiser,
+    edm_denoise,
+)
 
 OUTPUT_TYPES = ("mesh", "latent")
 
@@ -68,12 +76,12 @@ class ReconstructModelConfig:
     space_time: str = "interleaved"
 
     @classmethod
-    def tiny(cls, **changes) -> "ReconstructModelConfig":
+    def tiny(cls, **changes) -> ReconstructModelConfig:
         """Sizes for tests: every element, a few thousand parameters per network."""
         return cls(**{**dict(num_latents=8, ae_width=32, ae_blocks=1, dm_width=32, dm_blocks=1, heads=2, head_dim=16), **changes})
 
 
-def build_pipeline(config: ReconstructModelConfig | None = None, seed: int = 0) -> "Motion2VecSetsPipeline":
+def build_pipeline(config: ReconstructModelConfig | None = None, seed: int = 0) -> Motion2VecSetsPipeline:
     """A pipeline of freshly initialised networks (seeded) with `config`'s sizes."""
     config = config or ReconstructModelConfig()
     torch.manual_seed(seed)
@@ -153,7 +161,7 @@ class Motion2VecSetsPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         sigmas = self.scheduler.sigmas.to(self.device)
         x = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32) * sigmas[0]
-        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        for sigma, sigma_next in itertools.pairwise(sigmas):
             slope = (x - denoise(x, sigma)) / sigma
             x_next = x + (sigma_next - sigma) * slope
             if sigma_next > 0:  # second-order correction, skipped on the last step to sigma = 0 (34 + 1 evaluations)

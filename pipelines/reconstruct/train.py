@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import sys
 import time
@@ -42,7 +41,15 @@ from matplotlib.figure import Figure
 from transformers import get_cosine_schedule_with_warmup
 
 from . import data
-from .models import DeformationAutoencoder, DeformationDenoiser, ShapeAutoencoder, ShapeDenoiser, edm_loss, LatentPosterior
+from .geometry import extract_mesh, sequence_metrics
+from .models import (
+    DeformationAutoencoder,
+    DeformationDenoiser,
+    LatentPosterior,
+    ShapeAutoencoder,
+    ShapeDenoiser,
+    edm_loss,
+)
 from .pipeline import Motion2VecSetsPipeline, ReconstructModelConfig, build_pipeline
 
 STAGES = ("shape_ae", "deform_ae", "shape_dm", "deform_dm")
@@ -417,9 +424,9 @@ def plot_history(history: list[dict], stage: str, path: Path) -> None:
     """The loss curve (and the validation figure at checkpoints) of a stage as a small PNG."""
     if not history:
         return
-    figure = Figure(figsize=(5, 3), dpi=100)
+    figure = Figure(figsize=(5, 3.2), dpi=100)
     axes = figure.add_subplot()
-    axes.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss (mean of 50 steps)")
+    lines = axes.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss (mean of 50 steps)")
     axes.set_yscale("log")
     axes.set_xlabel("step")
     axes.set_title(f"reconstruct {stage}")
@@ -427,11 +434,10 @@ def plot_history(history: list[dict], stage: str, path: Path) -> None:
     if validated:
         key = next(k for k in validated[0] if k.startswith("val_"))
         twin = axes.twinx()
-        twin.plot([h["step"] for h in validated], [h[key] for h in validated], "o-", color="tab:orange", label=key)
+        lines += twin.plot([h["step"] for h in validated], [h[key] for h in validated], "o-", color="tab:orange", label=f"{key} (EMA weights)")
         twin.set_ylabel(key)
-        twin.legend(loc="upper center", fontsize=7)
-    axes.legend(loc="upper right", fontsize=7)
-    figure.tight_layout()
+    figure.legend(handles=lines, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
 
@@ -458,14 +464,20 @@ def stage_datasets(stage: str, config: TrainConfig, work_dir: Path) -> tuple[dic
     return train, val
 
 
-def train_stage(stage: str, config: TrainConfig, work_dir: Path, minutes: float, resume: bool, plot_dir: Path | None = None) -> StageTrainer:
-    """Trains (or resumes) one stage for at most `minutes` of wall time in this call; loss curves go to `plot_dir`."""
+def train_stage(stage: str, config: TrainConfig, work_dir: Path, minutes: float, resume: bool, plot_dir: Path | None = None, init_from: Path | None = None) -> StageTrainer:
+    """Trains (or resumes) one stage for at most `minutes` of wall time in this call; loss curves go to `plot_dir`.
+    A fresh stage may start from the weights of a saved stage model `init_from` (a second phase with its own
+    schedule; the stage's `history.json` then covers this phase only)."""
     train, val = stage_datasets(stage, config, work_dir)
     trainer = StageTrainer(stage, config, work_dir, train, val, plot_dir)
     if trainer.checkpoint_path.exists() and not resume:
         raise ValueError(f"{trainer.checkpoint_path} exists; pass --resume to continue it, or choose another --out.")
     if resume and trainer.resume():
         log(f"{stage}: resumed at step {trainer.step}/{trainer.planned_steps}")
+    elif init_from is not None:
+        trainer.model.load_state_dict(MODEL_CLASSES[stage].from_pretrained(init_from).state_dict())
+        trainer.ema = EMAModel(trainer.model.parameters(), decay=config.ema_decay)
+        log(f"{stage}: starting from the weights in {init_from}")
     if trainer.step < trainer.planned_steps or trainer.lr_scheduler is None:
         trainer.run(minutes)
     elif not (trainer.folder / "model").exists():
@@ -483,21 +495,40 @@ def export_pipeline(work_dir: Path, destination: Path, config: TrainConfig) -> M
     for component in (pipe.shape_autoencoder, pipe.deformation_autoencoder, pipe.shape_denoiser, pipe.deformation_denoiser):
         component.half()  # not .to(): ModelMixin.to warns about modules to keep in float32 (these have none)
     pipe.save_pretrained(destination)
-    return Motion2VecSetsPipeline.from_pretrained(destination, torch_dtype=torch.float32)
+    return Motion2VecSetsPipeline.from_pretrained(destination, dtype=torch.float32)
 
 
 @torch.no_grad()
-def evaluate_pipeline(pipe: Motion2VecSetsPipeline, split: str, count: int, input_type: str, mesh_resolution: int = 64, seed: int = 0) -> dict:
-    """End-to-end metrics (`geometry.sequence_metrics`, averaged) and mean stage timings on `count` sequences of
-    `split`, from inputs sampled with seed 0 and one generator per sequence."""
-    from .geometry import sequence_metrics
+def oracle_reconstruction(pipe: Motion2VecSetsPipeline, seq: data.DeformingSequence, points: int = 512, mesh_resolution: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """The mesh sequence (T, V, 3), faces (F, 3) that the autoencoders give from ground-truth latents (posterior means
+    of `points` GT surface points per frame) instead of sampled ones: the end-to-end figures with no diffusion error."""
+    surface = torch.from_numpy(seq.surface(points, seed=12345))  # (T, N, 3)
+    shape_latents = pipe.shape_autoencoder.encode(surface[:1]).mean
+    deformation_latents = pipe.deformation_autoencoder.encode(surface[:1].expand(len(surface) - 1, -1, -1), surface[1:]).mean
+    vertices, faces = extract_mesh(pipe.occupancy_logits_fn(pipe.shape_autoencoder.decode(shape_latents)), resolution=mesh_resolution)
+    return pipe.deform_vertices(np.asarray(vertices, dtype=np.float32), deformation_latents), np.asarray(faces)
 
+
+def mean_of_scalars(rows: list[dict]) -> dict:
+    return {key: float(np.mean([row[key] for row in rows])) for key in rows[0] if np.isscalar(rows[0][key])}
+
+
+@torch.no_grad()
+def evaluate_pipeline(pipe: Motion2VecSetsPipeline, split: str, count: int, input_type: str, mesh_resolution: int = 64, seed: int = 0, oracle: bool = True) -> dict:
+    """End-to-end metrics (`geometry.sequence_metrics`, averaged over sequences) and mean stage timings on `count`
+    sequences of `split`, inputs sampled with `seed` and one generator per sequence; with `oracle` also the metrics
+    of `oracle_reconstruction` (the autoencoders' share of the error)."""
     make_input = data.sparse_input if input_type == "sparse" else data.partial_input
-    metrics, timings = [], []
+    metrics, timings, oracles = [], [], []
     for index in range(count):
         seq = data.sequence(split, index)
         out = pipe(make_input(seq, seed=seed), input_type=input_type, generator=torch.Generator().manual_seed(seed + index), mesh_resolution=mesh_resolution)
         metrics.append(sequence_metrics(out.vertices[0], out.faces[0], seq))
         timings.append(out.timings)
-    mean = lambda rows: {key: float(np.mean([row[key] for row in rows if np.isscalar(row[key])])) for key in rows[0] if np.isscalar(rows[0][key])}
-    return {"split": split, "sequences": count, "input_type": input_type, **mean(metrics), "seconds": mean(timings)}
+        if oracle:
+            oracles.append(sequence_metrics(*oracle_reconstruction(pipe, seq, mesh_resolution=mesh_resolution), seq))
+        log(f"{split} {index}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics[-1].items() if np.isscalar(v)) + f", {sum(out.timings.values()):.1f} s")
+    result = {"split": split, "sequences": count, "input_type": input_type, **mean_of_scalars(metrics), "seconds": mean_of_scalars(timings)}
+    if oracle:
+        result["oracle"] = mean_of_scalars(oracles)
+    return result
