@@ -8,6 +8,7 @@ Writes `OUT/checkpoint.pt`, `OUT/pipeline/` (a saved LLaDA2Pipeline) and the los
 """
 
 import argparse
+import dataclasses
 import shutil
 import sys
 from pathlib import Path
@@ -22,9 +23,18 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of this run")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--ship", action="store_true", help="copy the trained pipeline into the package assets")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a TrainConfig field, e.g. --set lr=2e-3 (the checkpoint records the configuration)")
     args = parser.parse_args()
     out = Path(args.out)
-    history = train(out, TrainConfig(), args.minutes, threads=args.threads,
+    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    changes = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if name not in fields:
+            parser.error(f"--set {item!r}: TrainConfig has no field {name!r}; fields: {', '.join(fields)}")
+        changes[name] = type(getattr(TrainConfig(), name))(value)
+    history = train(out, TrainConfig(**changes), args.minutes, threads=args.threads,
                     log=lambda line: print(line, file=sys.stderr, flush=True))
     plot_loss(history, Path(__file__).parent / "embedded_text_loss.png")
     if args.ship:

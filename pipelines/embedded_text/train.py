@@ -38,6 +38,7 @@ class TrainConfig:
     seed: int = TRAIN_SEED
     checkpoint_minutes: float = 3.0
     eval_every: int = 200
+    curriculum: int = 400  # steps per doubling of the longest context, from min_len up to max_len (0: no curriculum)
     recap_share: float = 0.5  # batches whose prompts recap some of their pairs (more lookups to learn from)
 
 
@@ -57,10 +58,18 @@ def with_recap(task_words: list[str], count: int, rng: np.random.Generator) -> t
     return words, [start + 4 * r + 2 for r in range(count)]
 
 
-def batch(cfg: TrainConfig, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def longest(cfg: TrainConfig, step: int) -> int:
+    """The longest context at `step`: short contexts first, where attention to the one token that matters is not
+    diluted over hundreds of others, so retrieval is found early; then doubling every `curriculum` steps."""
+    if not cfg.curriculum:
+        return cfg.max_len
+    return min(cfg.max_len, cfg.min_len * 2 ** (step // cfg.curriculum))
+
+
+def batch(cfg: TrainConfig, rng: np.random.Generator, step: int = 10**9) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, S) token ids of one batch of a single length (prompt, then the answer slots) and the (B, S) positions to
     learn: the answer slots, and in a recap batch the recapped values too."""
-    lo, hi = math.log(cfg.min_len), math.log(cfg.max_len)
+    lo, hi = math.log(cfg.min_len), math.log(longest(cfg, step))
     length = int(math.exp(rng.uniform(lo, hi)))
     length = max(cfg.min_len, -(-length // 8) * 8)
     n = max(1, cfg.tokens_per_batch // (length + ANSWER_SLOTS))
@@ -152,7 +161,7 @@ def train(out: Path, cfg: TrainConfig, minutes: float, threads: int | None = Non
     running = []
     last = cfg.steps if until_step is None else min(until_step, cfg.steps)
     while step < last and time.monotonic() - start < minutes * 60:
-        ids, supervised = batch(cfg, rng)
+        ids, supervised = batch(cfg, rng, step)
         loss = loss_of(model, ids, supervised, rng)
         opt.zero_grad(set_to_none=True)
         loss.backward()
