@@ -22,6 +22,7 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -259,3 +260,9 @@ class Motion2VecSetsPipeline(DiffusionPipeline):
         source = torch.as_tensor(first_vertices, device=self.device)
         moved = torch.cat([self.deformation_autoencoder.deform(hidden, part.expand(later, -1, -1)) for part in source[None].split(chunk, dim=1)], dim=1)
         return np.concatenate([first_vertices[None], moved.float().cpu().numpy()], axis=0)
+
+
+def reconstruct_path() -> Path:
+    """Where the trained reconstruction pipeline ships inside the package (load it with
+    `Motion2VecSetsPipeline.from_pretrained(reconstruct_path(), dtype=torch.float32)`; it is stored in float16)."""
+    return Path(__file__).resolve().parents[1] / "assets" / "reconstruct"

@@ -514,13 +514,13 @@ def mean_of_scalars(rows: list[dict]) -> dict:
 
 
 @torch.no_grad()
-def evaluate_pipeline(pipe: Motion2VecSetsPipeline, split: str, count: int, input_type: str, mesh_resolution: int = 64, seed: int = 0, oracle: bool = True) -> dict:
+def evaluate_pipeline(pipe: Motion2VecSetsPipeline, split: str, count: int, input_type: str, mesh_resolution: int = 64, seed: int = 0, oracle: bool = True, first: int = 0) -> dict:
     """End-to-end metrics (`geometry.sequence_metrics`, averaged over sequences) and mean stage timings on `count`
-    sequences of `split`, inputs sampled with `seed` and one generator per sequence; with `oracle` also the metrics
-    of `oracle_reconstruction` (the autoencoders' share of the error)."""
+    sequences of `split` from index `first`, inputs sampled with `seed` and one generator per sequence; with `oracle`
+    also the metrics of `oracle_reconstruction` (the autoencoders' share of the error)."""
     make_input = data.sparse_input if input_type == "sparse" else data.partial_input
     metrics, timings, oracles = [], [], []
-    for index in range(count):
+    for index in range(first, first + count):
         seq = data.sequence(split, index)
         out = pipe(make_input(seq, seed=seed), input_type=input_type, generator=torch.Generator().manual_seed(seed + index), mesh_resolution=mesh_resolution)
         metrics.append(sequence_metrics(out.vertices[0], out.faces[0], seq))
@@ -528,7 +528,7 @@ def evaluate_pipeline(pipe: Motion2VecSetsPipeline, split: str, count: int, inpu
         if oracle:
             oracles.append(sequence_metrics(*oracle_reconstruction(pipe, seq, mesh_resolution=mesh_resolution), seq))
         log(f"{split} {index}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics[-1].items() if np.isscalar(v)) + f", {sum(out.timings.values()):.1f} s")
-    result = {"split": split, "sequences": count, "input_type": input_type, **mean_of_scalars(metrics), "seconds": mean_of_scalars(timings)}
+    result = {"split": split, "sequences": list(range(first, first + count)), "input_type": input_type, **mean_of_scalars(metrics), "seconds": mean_of_scalars(timings)}
     if oracle:
         result["oracle"] = mean_of_scalars(oracles)
     return result
