@@ -326,14 +326,14 @@ def load_pipeline(model: str, device: "str | None" = None, kind: str = "video"):
             )
         model = str(embedded_text_path())
     elif model == "embedded" and kind == "reconstruct":
-        from .pipelines.reconstruct.generate import embedded_reconstruct_path
+        from .pipelines.reconstruct.pipeline import reconstruct_path
 
-        if not (embedded_reconstruct_path() / "model_index.json").is_file():
+        if not (reconstruct_path() / "model_index.json").is_file():
             raise ValueError(
-                f"The embedded reconstructor is missing from {str(embedded_reconstruct_path())!r}; reinstall sparsediff, "
+                f"The embedded reconstructor is missing from {str(reconstruct_path())!r}; reinstall sparsediff, "
                 "or train it with `python samples/train_reconstruct.py`."
             )
-        model = str(embedded_reconstruct_path())
+        model = str(reconstruct_path())
     elif model == "embedded":
         from .pipelines.embedded.pipeline import ShapesVideoPipeline, embedded_path
 

@@ -12,13 +12,6 @@ import torch
 
 from . import data
 
-ASSET = Path(__file__).resolve().parent.parent / "assets" / "reconstruct"
-
-
-def embedded_reconstruct_path() -> Path:
-    return ASSET
-
-
 def parse_sample(text: str) -> tuple[str, int]:
     """`SPLIT:INDEX`, e.g. `unseen_motion:3`."""
     split, _, index = text.partition(":")
