@@ -316,24 +316,18 @@ def load_pipeline(model: str, device: "str | None" = None, kind: str = "video"):
     the package) or the path of a locally saved diffusers pipeline (`save_pretrained` directory); on `device` (CUDA
     when available)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if model == "embedded" and kind == "text":
-        from .pipelines.embedded_text.model import embedded_text_path
+    if model == "embedded" and kind in ("text", "reconstruct"):  # saved pipelines, loaded like a user's below
+        if kind == "text":
+            from .pipelines.embedded_text.model import embedded_text_path as where
 
-        if not (embedded_text_path() / "model_index.json").is_file():
-            raise ValueError(
-                f"The embedded text model is missing from {str(embedded_text_path())!r}; reinstall sparsediff, or train "
-                "it with `python samples/train_embedded_text.py --ship`."
-            )
-        model = str(embedded_text_path())
-    elif model == "embedded" and kind == "reconstruct":
-        from .pipelines.reconstruct.pipeline import reconstruct_path
+            name, how = "embedded text model", "samples/train_embedded_text.py --ship"
+        else:
+            from .pipelines.reconstruct.pipeline import reconstruct_path as where
 
-        if not (reconstruct_path() / "model_index.json").is_file():
-            raise ValueError(
-                f"The embedded reconstructor is missing from {str(reconstruct_path())!r}; reinstall sparsediff, "
-                "or train it with `python samples/train_reconstruct.py`."
-            )
-        model = str(reconstruct_path())
+            name, how = "embedded reconstructor", "samples/train_reconstruct.py"
+        if not (where() / "model_index.json").is_file():
+            raise ValueError(f"The {name} is missing from {str(where())!r}; reinstall sparsediff, or train it with `python {how}`.")
+        model = str(where())
     elif model == "embedded":
         from .pipelines.embedded.pipeline import ShapesVideoPipeline, embedded_path
 

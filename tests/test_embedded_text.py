@@ -97,3 +97,12 @@ def test_the_shipped_model_answers_held_out_tasks_and_its_plan_fits(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["plan"] == "auto" and out["calls"] > out["dense_calls"]  # the shipped plan ran sparse after its dense steps
     assert len(out["texts"]) == 1
+
+
+@pytest.mark.skipif((embedded_text_path() / "model_index.json").is_file(), reason="the embedded DLM ships")
+def test_a_missing_embedded_dlm_is_named_with_the_fix(capsys):
+    from sparsediff.cli import main
+
+    assert main(["generate", "text", "--model", "embedded", "--prompt", "? k1 ->", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "The embedded text model is missing" in err and "samples/train_embedded_text.py --ship" in err
