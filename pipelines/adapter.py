@@ -43,7 +43,7 @@ class Adapter:
     """Base class of adapters; see the module docstring for what each method answers."""
 
     name: ClassVar[str] = ""
-    quality_name: ClassVar[str] = "psnr"  # what `quality` returns (higher is better), for messages and reports
+    quality_name: ClassVar[str] = "PSNR"  # what `quality` returns (higher is better), for messages and reports
     quality_unit: ClassVar[str] = "dB"
 
     def matches(self, pipe_or_model: Any) -> bool:

@@ -236,8 +236,10 @@ class PlanSearch:
         seed: int = 0,
         heartbeat_interval: int = 30,
         grace_period: int | None = None,
+        quality: tuple[str, str] = ("PSNR", "dB"),
     ):
         self.profile, self.costs, self.evaluator = profile, costs, evaluator
+        self.quality_label = quality  # the adapter's measure (name, unit) for messages: PSNR in dB, token agreement
         self.space = space or SearchSpace(block_sizes=tuple(sorted(costs)))
         missing = [b for b in self.space.block_sizes if b not in costs]
         if missing:
@@ -266,6 +268,16 @@ class PlanSearch:
                  "block_size": self.space.block_sizes[0], "allowance": self.space.allowance[0],
                  **{f"layer_scale_{l}": 1.0 for l in range(L)}}
             )
+
+    def q(self, value: float, named: bool = True) -> str:
+        """A quality value as the adapter names it ("PSNR 31.2 dB", "token agreement 0.958"; without the name: "31.2 dB")."""
+        name, unit = self.quality_label
+        text = f"{value:.1f} {unit}" if unit else f"{value:.3f}"
+        return f"{name} {text}" if named else text
+
+    def floor(self) -> str:
+        name, unit = self.quality_label
+        return f"{self.min_psnr} {unit}".rstrip()
 
     def _open_study(self, storage: str, seed: int, heartbeat_interval: int, grace_period: int | None) -> tuple[optuna.Study, bool]:
         """Create or load the study, and whether this worker created it; workers starting together on a new database
@@ -336,7 +348,7 @@ class PlanSearch:
             trial.set_user_attr(f"psnr_step_{step}", min(psnr, PSNR_CAP))
             if psnr < self.min_psnr:
                 trial.set_user_attr("pruned_at_step", step)
-                raise optuna.TrialPruned(f"PSNR {psnr:.1f} dB at step {step} is below the floor {self.min_psnr} dB")
+                raise optuna.TrialPruned(f"{self.q(psnr)} at step {step} is below the floor {self.floor()}")
 
         result = self.evaluator(plan, report)
         trial.set_user_attr("seconds", result.seconds)
@@ -389,7 +401,7 @@ class PlanSearch:
                         values = self.objective(trial)
                     self.study.tell(trial, values)
                     log(f"trial {trial.number}: predicted {trial.user_attrs['predicted_speedup']:.2f}x attention, "
-                        f"measured {trial.user_attrs['measured_speedup']:.2f}x run, PSNR {values[1]:.1f} dB")
+                        f"measured {trial.user_attrs['measured_speedup']:.2f}x run, {self.q(values[1])}")
                 except optuna.TrialPruned as e:
                     self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                     log(f"trial {trial.number}: pruned ({e})")
@@ -437,10 +449,10 @@ class PlanSearch:
 
         try:
             value = min(validator(self.plan_for(trial), report).psnr, PSNR_CAP)
-            log(f"validation of trial {outcome.number}: PSNR {value:.1f} dB on the held-out calls")
+            log(f"validation of trial {outcome.number}: {self.q(value)} on the held-out calls")
         except _BelowFloor as e:
             step, value = e.args
-            log(f"validation of trial {outcome.number}: PSNR {value:.1f} dB at step {step}, below the floor {self.min_psnr} dB")
+            log(f"validation of trial {outcome.number}: {self.q(value)} at step {step}, below the floor {self.floor()}")
         self.study.set_user_attr(key, float(value))
         return float(value)
 
@@ -473,7 +485,7 @@ class PlanSearch:
             if not ok:
                 best = max((o.psnr for o in done), default=-math.inf)
                 raise ValueError(
-                    f"No trial met the quality floor {self.min_psnr} dB: the best PSNR reached was {best:.1f} dB. "
+                    f"No trial met the quality floor {self.floor()}: the best {self.quality_label[0]} reached was {self.q(best, named=False)}. "
                     "Lower --min-psnr, or run more --trials (the cautious first trial keeps more steps dense)."
                 )
             ok.sort(key=lambda o: o.predicted_ms)
@@ -486,9 +498,9 @@ class PlanSearch:
                         chosen = o
                         break
                 else:
-                    summary = ", ".join(f"trial {n}: {v:.1f} dB" for n, v in tried.items())
+                    summary = ", ".join(f"trial {n}: {self.q(v, named=False)}" for n, v in tried.items())
                     raise ValueError(
-                        f"No trial meeting the quality floor {self.min_psnr} dB on the calibration calls held it on the "
+                        f"No trial meeting the quality floor {self.floor()} on the calibration calls held it on the "
                         f"held-out calls ({summary}). Lower --min-psnr, run more --trials, or calibrate on prompts "
                         "more like the held-out ones; the study and these validations are kept."
                     )

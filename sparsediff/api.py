@@ -509,7 +509,8 @@ def search_plan(
                                   output_type=output_type)
     if storage is None:
         storage = f"sqlite:///{(out.with_suffix('.optuna.db') if out is not None else Path('sparsediff_search.db')).resolve()}"
-    run = PlanSearch(profile, costs, evaluator, SearchSpace(block_sizes=block_sizes), min_psnr=min_psnr, storage=storage)
+    run = PlanSearch(profile, costs, evaluator, SearchSpace(block_sizes=block_sizes), min_psnr=min_psnr, storage=storage,
+                     quality=(adapter.quality_name, adapter.quality_unit))
     run.run(trials, timeout, log=log or logger.info, progress=progress)
     if not choose:
         return None
