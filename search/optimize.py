@@ -405,11 +405,23 @@ class PlanSearch:
                 except optuna.TrialPruned as e:
                     self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                     log(f"trial {trial.number}: pruned ({e})")
-                except Exception:
+                except Exception as e:
+                    if self._finished_elsewhere(trial, e):
+                        # SQLite cannot lock rows (no SELECT ... FOR UPDATE), so two workers can pop the same queued
+                        # trial from Optuna's RDB storage; the other one finished it first and its result stands
+                        log(f"trial {trial.number}: finished by another worker meanwhile; its result stands")
+                        continue
                     self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
                     raise
                 bar.update(1)
         bar.close()
+
+    def _finished_elsewhere(self, trial, error: Exception) -> bool:
+        """Whether `error` only says that another worker finished `trial` (completed or pruned) while this one ran it."""
+        if not isinstance(error, (optuna.exceptions.UpdateFinishedTrialError, ValueError)):
+            return False
+        state = self.study._storage.get_trial(self.rdb.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)).state
+        return state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
     # ---- results -------------------------------------------------------------------------------------
     def outcomes(self) -> list[TrialOutcome]:

@@ -234,3 +234,24 @@ def test_cli_profile_then_search(tmp_path, capsys, monkeypatch):
     assert "is not a file of prompts" in capsys.readouterr().err
     assert main(["search", "--model", model, "--profile", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.json")]) == 2
     assert "is not a profile directory" in capsys.readouterr().err
+
+
+def test_a_trial_another_worker_finished_meanwhile_is_left_to_it(tmp_path):
+    """SQLite cannot lock rows, so two workers can pop the same queued trial: when the other one finishes it first,
+    this worker's writes fail; the search keeps the other's result and goes on instead of crashing."""
+    search = make_search(tmp_path)
+    other = optuna.load_study(study_name=search.study_name, storage=search.storage)
+    real = search.objective
+    lines = []
+
+    def raced(trial):
+        if trial.number == 0:  # the other worker completes trial 0 while this one runs it
+            other.tell(trial.number, [1.0, 20.0])
+        return real(trial)
+
+    search.objective = raced
+    search.run(trials=3, progress=False, log=lines.append)
+    assert "trial 0: finished by another worker meanwhile; its result stands" in lines
+    states = {t.number: t.state for t in search.study.trials}
+    assert states[0] == optuna.trial.TrialState.COMPLETE and search.study.trials[0].values == [1.0, 20.0]
+    assert sum(s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for s in states.values()) == 3
