@@ -285,3 +285,25 @@ def test_diffusion_gemma_dense_plan_is_exact_and_the_decoder_runs_sparse_over_it
         assert (sparse - reference).abs().max() > 1e-2
         assert any("is causal" in r.message for r in caplog.records)
         assert model.config._attn_implementation == "sdpa" and torch.equal(model(**args).logits, reference)
+
+
+def test_topk_selection_runs_once_per_request_and_block(monkeypatch):
+    """SparseD's selection (the exact block mass of the first sparse step) is computed once per layer and block, then
+    reused for the block's later steps; a second request selects anew (nothing is shared between requests)."""
+    import sparsediff.runtime as runtime
+
+    model = bidirectional_llama()
+    pipe, call = llada2(model)
+    call["eos_early_stop"] = False
+    selections = []
+    real = runtime.block_attention_mass
+    monkeypatch.setattr(runtime, "block_attention_mass", lambda q, k, *a, **kw: selections.append(k.shape[2]) or real(q, k, *a, **kw))
+    plan = SparsePlan.uniform(fingerprint(model), "topk_blocks_k1_p0.5", block_size=4, dense_steps=1)
+    with torch.no_grad(), sparsediff.accelerate(pipe, plan, backend="torch") as handle:
+        pipe(**call)
+        first = list(selections)
+        assert [s.dense for s in handle.stats] == [True, False, False, False] * 2  # 2 blocks x 4 steps, step 0 dense
+        pipe(**call)
+    layers, blocks = 2, 2  # an 8-token prompt (a whole block: prefilled) then 16 generated tokens: 16 and 24 keys
+    assert len(first) == layers * blocks and sorted(set(first)) == [16, 24]
+    assert selections == first + first  # the second request selected again, the same way
