@@ -15,12 +15,11 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from sparsediff.api import load_pipeline, resolve_plan
 from sparsediff.pipelines.adapter import fingerprint
-from sparsediff.pipelines.embedded_text.evaluate import TextRun, held_out_tasks, run_tasks
+from sparsediff.pipelines.embedded_text.evaluate import compare_plans, held_out_tasks, run_tasks
 from sparsediff.plan import SparsePlan
 from sparsediff.timing import device_name
 
@@ -28,15 +27,7 @@ RESULTS = Path(__file__).parent / "results" / "embedded_text"
 
 
 def compare(pipe, tasks, plan, backend, bar) -> dict:
-    dense_runs, sparse_runs = [], []
-    for i, task in enumerate(tasks):
-        for sparse in ((False, True) if i % 2 == 0 else (True, False)):
-            run = run_tasks(pipe, [task], plan if sparse else "dense", backend=backend)
-            (sparse_runs if sparse else dense_runs).append(run)
-            bar.update()
-    dense, sparse = (TextRun([t for r in runs for t in r.texts], torch.cat([r.sequences for r in runs]),
-                             sum(r.seconds for r in runs)) for runs in (dense_runs, sparse_runs))
-    densities = [r.stats["sparse_density"] for r in sparse_runs]
+    dense, sparse = compare_plans(pipe, tasks, plan, backend, progress=bar.update)
     return {
         "tasks": len(tasks),
         "accuracy_dense": dense.accuracy(tasks),
@@ -47,7 +38,7 @@ def compare(pipe, tasks, plan, backend, bar) -> dict:
         "dense_seconds": dense.seconds,
         "sparse_seconds": sparse.seconds,
         "speedup": dense.seconds / sparse.seconds,
-        "density": sum(densities) / len(densities),
+        "density": sparse.stats["sparse_density"],
     }
 
 

@@ -113,12 +113,23 @@ def run_text_demo(num_tasks: int = 3, length: int = 4096, backend: str | None = 
         raise ValueError("The embedded text model has no shipped plan; make one with `python samples/ship_embedded_text_plan.py --ship`.")
     tasks = held_out_tasks(num_tasks, length)
     run_tasks(pipe, tasks[:1], "dense", seed=seed)  # warm-up: one-off costs stay out of the timings
+    dense, sparse = compare_plans(pipe, tasks, plan, backend, seed=seed)
+    return TextDemoResult(length, len(tasks), dense.accuracy(tasks), sparse.accuracy(tasks), sparse.agreement(dense),
+                          dense.seconds, sparse.seconds, sparse.stats["sparse_density"])
+
+
+def compare_plans(pipe, tasks: list[Task], plan, backend: str | None = None, seed: int = 0, progress=None) -> tuple[TextRun, TextRun]:
+    """The dense run and the run under `plan` of the same tasks, one request each, dense and sparse interleaved per
+    task (the first of the pair alternating, so a slow spell of the machine falls on both sides of the ratio). The
+    sparse run's `stats["sparse_density"]` is the mean over its requests."""
     runs: dict[bool, list[TextRun]] = {False: [], True: []}
     for i, task in enumerate(tasks):
         for sparse_run in ((False, True) if i % 2 == 0 else (True, False)):
             runs[sparse_run].append(run_tasks(pipe, [task], plan if sparse_run else "dense", backend=backend, seed=seed))
+            if progress is not None:
+                progress()
     dense, sparse = (TextRun([t for r in runs[k] for t in r.texts], torch.cat([r.sequences for r in runs[k]]),
                              sum(r.seconds for r in runs[k])) for k in (False, True))
-    densities = [r.stats.get("sparse_density") for r in runs[True] if r.stats.get("sparse_density") is not None]
-    return TextDemoResult(length, len(tasks), dense.accuracy(tasks), sparse.accuracy(tasks), sparse.agreement(dense),
-                          dense.seconds, sparse.seconds, float(sum(densities) / max(1, len(densities))))
+    densities = [r.stats["sparse_density"] for r in runs[True] if "sparse_density" in r.stats]
+    sparse.stats = {"sparse_density": float(sum(densities) / len(densities)) if densities else 1.0}
+    return dense, sparse
