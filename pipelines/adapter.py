@@ -45,6 +45,7 @@ class Adapter:
     name: ClassVar[str] = ""
     quality_name: ClassVar[str] = "PSNR"  # what `quality` returns (higher is better), for messages and reports
     quality_unit: ClassVar[str] = "dB"
+    profile_output_type: ClassVar[str] = "latent"  # what a profiling run asks the pipeline for (nothing decoded)
 
     def matches(self, pipe_or_model: Any) -> bool:
         raise NotImplementedError

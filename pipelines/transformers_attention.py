@@ -330,6 +330,7 @@ class TransformersAdapter(Adapter):
     name = "transformers"
     quality_name = "token agreement"
     quality_unit = ""
+    profile_output_type = "seq"
 
     def supported(self) -> str:
         return "transformers models dispatching through the attention interface (sdpa or eager), bare or as a pipeline's `model`"

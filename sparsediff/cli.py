@@ -162,7 +162,8 @@ def _calibration_calls(args: argparse.Namespace) -> list[dict]:
         prompts = _read_prompts(args.prompts, "--prompts")
         if not prompts:
             raise ValueError(f"--prompts {args.prompts!r} holds no prompt; write one prompt per line.")
-    sizes = {"height": args.height, "width": args.width, "num_frames": args.frames}
+    sizes = {"height": args.height, "width": args.width, "num_frames": args.frames,  # video pipelines
+             "gen_length": getattr(args, "gen_length", None), "block_length": getattr(args, "block_length", None)}  # text
     return [dict(prompt=p, num_inference_steps=args.steps, seed=i, **{k: v for k, v in sizes.items() if v is not None})
             for i, p in enumerate(prompts)]
 
@@ -391,7 +392,10 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     calls = _calibration_calls(args)
     pipe = load_pipeline(args.model, args.device)
     pipe.set_progress_bar_config(disable=True)  # the profile's own bar counts the work
-    inputs = [dict(c, output_type="latent", generator=torch.Generator().manual_seed(c.pop("seed"))) for c in map(dict, calls)]
+    from .pipelines.adapter import adapter_for
+
+    output_type = adapter_for(pipe).profile_output_type  # skip decoding what the profile does not look at
+    inputs = [dict(c, output_type=output_type, generator=torch.Generator().manual_seed(c.pop("seed"))) for c in map(dict, calls)]
     candidates = args.candidates.split(",") if args.candidates else None
     prof = profile(pipe, inputs, out=args.out, candidates=candidates, block_size=args.block_size,
                    steps=_ints(args.record_steps), layers=_ints(args.layers), progress=not args.json,
@@ -500,12 +504,14 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=_cmd_show)
 
     prof = sub.add_parser("profile", help="record per-head attention mass and each candidate pattern's error")
-    prof.add_argument("--model", required=True, help="a saved diffusers pipeline directory (`embedded`: not yet)")
+    prof.add_argument("--model", required=True, help="a saved diffusers video or text (LLaDA2) pipeline directory")
     prof.add_argument("--prompts", help="text file, one calibration prompt per line (default: one built-in prompt)")
     prof.add_argument("--steps", type=positive_int, default=10, help="denoising steps per prompt")
     prof.add_argument("--height", type=positive_int, help="video height in pixels (default: the pipeline's)")
     prof.add_argument("--width", type=positive_int, help="video width in pixels (default: the pipeline's)")
     prof.add_argument("--frames", type=positive_int, help="video frames (default: the pipeline's)")
+    prof.add_argument("--gen-length", type=positive_int, help="text pipelines: tokens to generate (default: the pipeline's)")
+    prof.add_argument("--block-length", type=positive_int, help="text pipelines: tokens per block (default: the scheduler's)")
     prof.add_argument("--out", required=True, help="directory to write profile.json and tensors.safetensors to")
     prof.add_argument("--force", action="store_true", help="write into an existing --out directory, replacing its profile")
     prof.add_argument("--candidates", help="comma-separated pattern names (default: the standard list)")
@@ -520,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     srch.add_argument("--model", required=True, help="the saved diffusers pipeline the profile was recorded on")
     srch.add_argument("--profile", required=True, help="profile directory from `sparsediff profile`")
     srch.add_argument("--out", required=True, help="plan JSON to write (search_report.png goes beside it)")
-    srch.add_argument("--min-psnr", type=finite_float, default=30.0, help="quality floor in dB against the dense output")
+    srch.add_argument("--min-psnr", type=finite_float, default=30.0, help="quality floor against the dense output: PSNR in dB (video), token agreement in [0, 1] (text)")
     srch.add_argument("--target-speedup", type=positive_float, help="instead: best quality reaching this predicted speedup")
     srch.add_argument("--trials", type=positive_int, default=20, help="trials in the study (shared by all workers)")
     srch.add_argument("--timeout", type=positive_float, help="stop starting trials after this many seconds")

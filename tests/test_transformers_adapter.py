@@ -307,3 +307,26 @@ def test_topk_selection_runs_once_per_request_and_block(monkeypatch):
     layers, blocks = 2, 2  # an 8-token prompt (a whole block: prefilled) then 16 generated tokens: 16 and 24 keys
     assert len(first) == layers * blocks and sorted(set(first)) == [16, 24]
     assert selections == first + first  # the second request selected again, the same way
+
+
+def test_cli_profile_and_search_on_a_saved_text_pipeline(tmp_path, capsys):
+    """`sparsediff profile` and `search` on a saved LLaDA2Pipeline: the calls carry the text pipeline's lengths, the
+    profile asks for token sequences (not latents), and the search's floor is token agreement."""
+    import json
+
+    from sparsediff.cli import main
+    from sparsediff.plan import SparsePlan
+
+    saved_llada2(tmp_path / "pipe")
+    (tmp_path / "prompts.txt").write_text("w1 w2 w3 w4 w5 w6 w7 w8\nw9 w8 w7 w6 w5 w4 w3 w2\n")
+    assert main(["profile", "--model", str(tmp_path / "pipe"), "--prompts", str(tmp_path / "prompts.txt"), "--steps", "4",
+                 "--gen-length", "16", "--block-length", "8", "--candidates", "full,skip,diagonal_w4,topk_blocks_k1_p0.5",
+                 "--block-size", "4", "--out", str(tmp_path / "prof"), "--device", "cpu", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layout"].startswith("prompt:") and info["prompts"] == 2
+    assert main(["search", "--model", str(tmp_path / "pipe"), "--profile", str(tmp_path / "prof"), "--out",
+                 str(tmp_path / "plan.json"), "--min-psnr", "0.5", "--trials", "3", "--backend", "torch", "--device", "cpu",
+                 "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    plan = SparsePlan.load(tmp_path / "plan.json")
+    assert summary["trials"] == 3 and 0.5 <= plan.search["psnr"] <= 1.0  # token agreement, not dB
