@@ -368,9 +368,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         else:  # said, not hidden: the section needs the trained DLM and its plan (issue 13)
             text_skipped = "no embedded diffusion LM with a plan ships in this version (train it with samples/train_embedded_text.py)"
             print(f"sparsediff demo: text section skipped: {text_skipped}.", file=sys.stderr)
+    recon = None
+    if args.reconstruct:
+        from .pipelines.reconstruct.generate import run_reconstruct_demo
+
+        recon = run_reconstruct_demo(Path(args.out), args.reconstruct, seed=args.seed)
     if args.json:
         text_info = text.to_dict() if text else ({"skipped": text_skipped} if text_skipped else None)
-        print(json.dumps({**result.to_dict(), **({"text": text_info} if text_info else {})}, indent=1))
+        print(json.dumps({**result.to_dict(), **({"text": text_info} if text_info else {}),
+                          **({"reconstruct": recon.to_dict()} if recon else {})}, indent=1))
     else:
         print(f"embedded video model, {len(result.prompts)} prompts, {result.steps} steps, dense vs its shipped plan")
         print(result.table())
@@ -379,6 +385,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         if text is not None:
             print(f"\nembedded diffusion LM, {text.tasks} held-out tasks of {text.length} tokens, dense vs its shipped plan")
             print(text.table())
+        if recon is not None:
+            print(f"\nembedded 4D reconstructor, held-out sequence {recon.sample} (sparse input; one sequence: the "
+                  "split's means are in BENCHMARKS.md §8)")
+            print(recon.table())
+            for name, path in recon.files.items():
+                print(f"{name}: {path}")
     return 0
 
 
@@ -613,6 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--frames", type=int, default=8)
     demo.add_argument("--text-tasks", type=int, default=3, help="held-out tasks for the text section (0 leaves it out)")
     demo.add_argument("--text-length", type=int, default=4096, help="context tokens of each text task")
+    demo.add_argument("--reconstruct", default="unseen_motion:1", help="SPLIT:INDEX for the 4D reconstruction section ('' leaves it out)")
     demo.add_argument("--backend", help="kernel backend (default: automatic)")
     demo.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
     demo.set_defaults(func=_cmd_demo)

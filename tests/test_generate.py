@@ -77,6 +77,9 @@ def test_demo_on_the_shipped_model_at_a_small_size(tmp_path, capsys):
     video = iio.imread(result["files"]["side_by_side"])
     assert video.shape[0] == 8 and video.shape[1] >= 2 * 32  # 8 frames; both prompts stacked
     assert Image.open(result["files"]["strip"]).size[0] == 8 * 32 * 3  # 8 frames of 32 px, upscaled 3x
+    recon = result["reconstruct"]  # the 4D reconstructor's section: one held-out sequence against its ground truth
+    assert 0.0 <= recon["metrics"]["iou"] <= 1.0 and recon["metrics"]["chamfer_l1"] > 0
+    assert iio.imread(recon["files"]["video"]).shape[0] == 17 and recon["seconds"] > 0
     text = result["text"]  # the embedded DLM's section: two held-out tasks, dense vs its shipped plan
     from sparsediff.pipelines.embedded_text.model import embedded_text_path
 

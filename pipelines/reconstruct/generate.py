@@ -86,3 +86,54 @@ def write_outputs(result: Reconstruction, points: np.ndarray, out_dir: Path, mes
     video = out_dir / "sequence.mp4"
     render_sequence(video, result.vertices, result.faces, inputs_seq=points)
     return {"meshes": meshes, "video": str(video)}
+
+
+@dataclass
+class ReconstructDemoResult:
+    """The reconstruction section of `sparsediff demo`: one held-out sequence through the shipped pipeline."""
+
+    sample: str
+    seconds: float
+    timings: dict
+    metrics: dict
+    files: dict
+    plan: str
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    def table(self) -> str:
+        rows = [  # the quality against the ground truth first, then where the time went
+            ("IoU / Chamfer-L1 / correspondence L2", f"{self.metrics['iou']:.3f} / {self.metrics['chamfer_l1']:.4f} / "
+                                                     f"{self.metrics['correspondence_l2']:.4f}"),
+            ("reconstruction time", f"{self.seconds:.1f} s"),
+            *((f"  {part}", f"{seconds:.2f} s") for part, seconds in self.timings.items()),
+            ("plan", self.plan),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def run_reconstruct_demo(out_dir: Path, sample: str = "unseen_motion:1", seed: int = 0,
+                         metric_points: int = 20_000) -> ReconstructDemoResult:
+    """The shipped reconstructor on one held-out sequence (unseen motion, sparse input): meshes, MP4, metrics. It
+    runs with its shipped plan when it has one, else dense (it ships none: every attention plan on it is bounded by
+    1.03x, BENCHMARKS §8)."""
+    from sparsediff.api import load_pipeline, resolve_plan
+
+    from .geometry import sequence_metrics
+
+    pipe = load_pipeline("embedded", "cpu", kind="reconstruct")
+    pipe.set_progress_bar_config(disable=True)
+    split, index = parse_sample(sample)
+    points = sample_points(split, index, pipe.deformation_denoiser.config.input_type, seed=seed)
+    plan = resolve_plan(pipe, "auto")
+    result = reconstruct(pipe, points, plan, seed=seed)
+    files = write_outputs(result, points, Path(out_dir) / "reconstruct")
+    metrics = sequence_metrics(result.vertices, result.faces, data.sequence(split, index), n_points=metric_points)
+    return ReconstructDemoResult(sample, result.seconds, result.timings,
+                                 {k: metrics[k] for k in ("iou", "chamfer_l1", "correspondence_l2")},
+                                 {"video": files["video"], "first_mesh": files["meshes"][0]},
+                                 "dense (none ships)" if plan is None else "shipped")
