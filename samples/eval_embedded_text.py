@@ -56,8 +56,9 @@ def plot(results: dict, path: Path) -> None:
     lengths = sorted(int(k) for k in by_length)
     acc, speed = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     acc.plot(lengths, [by_length[str(n)]["accuracy_dense"] for n in lengths], "o-", label="dense")
-    acc.plot(lengths, [by_length[str(n)]["accuracy_sparse"] for n in lengths], "s--", label="shipped plan")
-    speed.plot(lengths, [by_length[str(n)]["speedup"] for n in lengths], "s--", label="shipped plan")
+    label = results.get("plan", "shipped plan")
+    acc.plot(lengths, [by_length[str(n)]["accuracy_sparse"] for n in lengths], "s--", label=label)
+    speed.plot(lengths, [by_length[str(n)]["speedup"] for n in lengths], "s--", label=label)
     for keep, row in sorted(results.get("keep_sweep", {}).items()):
         acc.plot([row["length"]], [row["accuracy_sparse"]], "x", label=f"top-k every head, keep {keep}")
         speed.plot([row["length"]], [row["speedup"]], "x", label=f"top-k every head, keep {keep}")
