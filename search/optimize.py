@@ -420,7 +420,7 @@ class PlanSearch:
         """Whether `error` only says that another worker finished `trial` (completed or pruned) while this one ran it."""
         if not isinstance(error, (optuna.exceptions.UpdateFinishedTrialError, ValueError)):
             return False
-        state = self.study._storage.get_trial(self.rdb.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)).state
+        state = self.rdb.get_trial(self.rdb.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)).state
         return state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
     # ---- results -------------------------------------------------------------------------------------

@@ -181,8 +181,9 @@ class DemoResult:
         ]
         for key in (k for k, v in self.accuracy_dense.items() if isinstance(v, float)):  # not the per-clip list
             rows.append((f"detector {key} dense / sparse", f"{self.accuracy_dense[key]:.0%} / {self.accuracy_sparse[key]:.0%}"))
-        width = max(len(k) for k, _ in rows)
-        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+        from .render import aligned_rows
+
+        return aligned_rows(rows)
 
 
 def side_by_side(dense: np.ndarray, sparse: np.ndarray, gap: int = 2) -> np.ndarray:

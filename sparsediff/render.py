@@ -42,6 +42,12 @@ def _write_atomic(out: "str | Path", save: Callable[[Path], None]) -> Path:
     return out
 
 
+def aligned_rows(rows: "list[tuple[str, str]]") -> str:
+    """`label  value` lines with the values in one column: the demo tables (video, text, reconstruction)."""
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
 def kind_colour(kind: str) -> tuple[int, int, int]:
     if kind in KIND_COLOURS:
         return KIND_COLOURS[kind]

@@ -97,8 +97,9 @@ class TextDemoResult:
             ("speedup", f"{self.speedup:.2f}x"),
             ("attention density of the sparse calls", f"{self.density:.3f}"),
         ]
-        width = max(len(k) for k, _ in rows)
-        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+        from sparsediff.render import aligned_rows
+
+        return aligned_rows(rows)
 
 
 def run_text_demo(num_tasks: int = 3, length: int = 4096, backend: str | None = None, seed: int = 0) -> TextDemoResult:

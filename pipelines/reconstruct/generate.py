@@ -112,8 +112,9 @@ class ReconstructDemoResult:
             *((f"  {part}", f"{seconds:.2f} s") for part, seconds in self.timings.items()),
             ("plan", self.plan),
         ]
-        width = max(len(k) for k, _ in rows)
-        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+        from sparsediff.render import aligned_rows
+
+        return aligned_rows(rows)
 
 
 def run_reconstruct_demo(out_dir: Path, sample: str = "unseen_motion:1", seed: int = 0,
