@@ -59,6 +59,13 @@ def token_groups(state: CallState, query: torch.Tensor, attn_mask: torch.Tensor 
     return groups
 
 
+@torch.compiler.disable
+def _timed_eagerly(processor: "SparseAttnProcessor", call: dict, own, head_start: int | None = None):
+    """`processor._timed` run eagerly from compiled code, for controllers whose output autograd must see through
+    (`differentiable = True`, structure-aware training): the `sparsediff::attention` op has no backward."""
+    return processor._timed(call, own, head_start)
+
+
 def _check_plain(dropout_p: float, is_causal: bool, enable_gqa: bool, query, key, value) -> None:
     if dropout_p or is_causal or enable_gqa or key.shape != query.shape or value.shape[:3] != query.shape[:3]:
         raise DenseFallback("the attention call uses dropout, causal masking, GQA or unequal q/k/v shapes")
@@ -149,6 +156,9 @@ class SparseAttnProcessor:
         if torch.compiler.is_compiling():
             if not self.controller.may_replace:  # nothing to decide: the model's own call, traced as it is
                 return original()
+            if getattr(self.controller, "differentiable", False):  # gradients must flow (training): no custom op,
+                out, replaced = _timed_eagerly(self, call, original, head_start)  # an eager call behind a graph break
+                return out if heads_first or not replaced else out.transpose(1, 2)
             token = getattr(self.state, "token", None)
             token = token if token is not None else call["query"].new_zeros(())
             out = torch.ops.sparsediff.attention(

@@ -1,9 +1,10 @@
-"""How far can the embedded model go sparse? Its fine-tuning assignment, run as a plan, against dense.
+"""How far can the embedded model go sparse? Its training assignment, run as a plan, against dense.
 
-The structure-aware fine-tuning (`pipelines/embedded/structured.py`) pulled chosen heads towards chosen
-patterns. This probe runs exactly that assignment as a plan (the best case for those heads: no search involved),
-and the same assignment with the multi-diagonal heads left full, each with a few leading dense steps, and prints
-the PSNR of the final frames against dense and the attention density of the sparse steps.
+The structure-aware training (`pipelines/embedded/structured.py`) pulled each head towards the pattern its probe
+preferred (the assignment is in `samples/results/embedded/assignment.json`, written by the training run). This
+probe runs exactly that assignment as a plan (the best case for those heads: no search involved), and the same
+assignment with its multi-diagonal heads left full, each with a few leading dense steps, and prints the PSNR of the
+final frames against dense and the attention density of the sparse steps.
 
 It first prints the share of one dense denoiser forward (8192 tokens) spent in attention kernels, which bounds
 any end-to-end speedup from sparse attention (Amdahl).
@@ -14,6 +15,8 @@ any end-to-end speedup from sparse attention (Amdahl).
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import torch
 
@@ -21,8 +24,9 @@ from sparsediff.api import load_pipeline
 from sparsediff.generate import generate
 from sparsediff.metrics import psnr
 from sparsediff.patterns import get_pattern
-from sparsediff.pipelines.embedded.structured import DEFAULT_HEAD_PATTERNS
 from sparsediff.plan import SparsePlan, StepRange
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def plan_of(model, layers, dense_steps: int) -> SparsePlan:
@@ -52,7 +56,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--dense-steps", default="2,4", help="leading dense steps to try, comma-separated")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--assignment", type=Path, default=ROOT / "samples" / "results" / "embedded" / "assignment.json")
     args = p.parse_args()
+    assignment = json.loads(args.assignment.read_text())["assignment"]
     torch.set_num_threads(args.threads)
     pipe = load_pipeline("embedded")
     pipe.set_progress_bar_config(disable=True)
@@ -61,9 +67,9 @@ def main() -> None:
     print(f"attention share of a dense forward at 8192 tokens: {share:.1%} (sparse attention alone can give at most {1 / (1 - share):.2f}x)")
     prompts = ["a red circle moving left", "a blue circle moving right"]
     dense = generate(pipe, prompts, None, num_inference_steps=args.steps)
-    no_md = [[("full" if n.startswith("multi_diagonal") else n) for n in layer] for layer in DEFAULT_HEAD_PATTERNS]
+    no_md = [[("full" if n.startswith("multi_diagonal") else n) for n in layer] for layer in assignment]
     print(f"{'assignment':<32} {'dense steps':>11} {'PSNR dB':>8} {'density':>8}")
-    for name, layers in (("fine-tuning assignment", DEFAULT_HEAD_PATTERNS), ("... multi_diagonal heads full", no_md)):
+    for name, layers in (("training assignment", assignment), ("... multi_diagonal heads full", no_md)):
         for dense_steps in (int(x) for x in args.dense_steps.split(",")):
             sparse = generate(pipe, prompts, plan_of(model, layers, dense_steps), num_inference_steps=args.steps)
             print(f"{name:<32} {dense_steps:>11} {psnr(sparse.frames, dense.frames, data_range=1.0):>8.2f} {sparse.stats['sparse_density']:>8.3f}", flush=True)

@@ -39,12 +39,12 @@ Each step logs its loss, its seconds and the elapsed time to stderr.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
 
-from sparsediff.pipelines.embedded.structured import DEFAULT_HEAD_PATTERNS
 from sparsediff.pipelines.embedded.train import TrainConfig, Trainer, plot_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,12 +58,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: min(50, steps / 10 + 1))")
     p.add_argument("--init-from", type=Path, default=None, help="start from the pipeline saved in this folder (a fine-tuning phase)")
-    p.add_argument("--structured", action="store_true", help="fine-tune heads towards the recipe's patterns (DEFAULT_HEAD_PATTERNS)")
+    p.add_argument("--structured", choices=["auto"], default=None,
+                   help="train heads towards sparse patterns: 'auto' gives each head the candidate it fits best, probed at --structured-from")
+    p.add_argument("--structured-from", type=int, default=0, help="with --structured: the step the structure-aware terms start at")
+    p.add_argument("--multi-object-prob", type=float, default=0.25, help="share of clips with two or three objects")
     p.add_argument("--sparse-prob", type=float, default=0.5, help="with --structured: share of steps passing sparse outputs on")
     p.add_argument("--consistency-weight", type=float, default=1.0, help="with --structured: weight of the sparse-vs-dense loss")
     p.add_argument("--checkpoint-every", type=int, default=25, help="steps between checkpoints")
     p.add_argument("--max-minutes", type=float, default=90.0, help="stop (and save) after this long")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 leaves a core to other work: two threads under contention thrash)")
     p.add_argument("--no-compile", action="store_true", help="run the transformer eagerly (no torch.compile)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "sparsediff" / "embedded_train_v2", help="checkpoint folder")
@@ -81,7 +84,9 @@ def main(argv=None) -> None:
         lr=args.lr,
         warmup=args.warmup if args.warmup is not None else min(50, args.steps // 10 + 1),  # 50 for 1600 steps
         init_from=str(args.init_from) if args.init_from is not None else None,
-        head_patterns=DEFAULT_HEAD_PATTERNS if args.structured else None,
+        head_patterns=args.structured,
+        structured_from=args.structured_from,
+        multi_object_prob=args.multi_object_prob,
         sparse_prob=args.sparse_prob,
         consistency_weight=args.consistency_weight,
         checkpoint_every=args.checkpoint_every,
@@ -97,6 +102,8 @@ def main(argv=None) -> None:
     def export(t: Trainer) -> None:
         plot_loss(t.history, args.loss_png)
         t.ema_pipeline().save_pretrained(args.out)
+        if t.assignment is not None:  # what the heads were trained towards (the search does not read it)
+            (args.work_dir / "assignment.json").write_text(json.dumps({"assignment": t.assignment, "candidates": t.config.auto_candidates, "probe_errors": t.probe_errors}, indent=1))
         seconds = sum(h.get("seconds", 0.0) for h in t.history)
         print(f"checkpoint at step {t.step}: {seconds / 60:.1f} min of steps in all; pipeline -> {args.out}", file=sys.stderr, flush=True)
 

@@ -39,7 +39,7 @@ def test_clips_are_a_pure_function_of_the_seed():
 
 def test_captions_state_the_clip_parameters():
     for seed in range(50):
-        spec = data.clip_spec(seed, two_object_prob=0.5)
+        spec = data.clip_spec(seed, multi_object_prob=0.5)
         stated = data.parse_caption(spec.caption)
         fields = lambda o: (o.shape, o.colour, o.direction, o.modifier)  # noqa: E731
         assert [fields(o) for o in stated] == [fields(o) for o in spec.objects], spec.caption
@@ -141,9 +141,9 @@ def test_flow_matching_target_is_what_the_scheduler_integrates(pipe):
 
 @pytest.mark.parametrize("size", [(8, 64, 64), (8, 32, 32)])
 def test_detector_is_right_on_ground_truth_clips(size):
-    specs = [data.clip_spec(seed, two_object_prob=0.3) for seed in range(1000, 1060)]
+    specs = [data.clip_spec(seed, multi_object_prob=0.3) for seed in range(1000, 1060)]
     result = detector.accuracy([detector.frames_from_clip(data.render(s, *size)) for s in specs], [s.caption for s in specs])
-    for field in ("colour", "direction", "shape", "modifier"):
+    for field in detector.FIELDS:
         assert result[field] >= 0.95, (field, result[field])
 
 
@@ -161,6 +161,42 @@ def test_eval_prompts_cover_every_colour_and_direction():
     assert len(set(prompts)) == 32
     parsed = [data.parse_caption(p)[0] for p in prompts]
     assert {o.colour for o in parsed} == set(data.COLOURS) and {o.direction for o in parsed} == set(data.DIRECTIONS)
+    assert {data.parse_camera(p) for p in prompts} == set(data.CAMERAS)
+
+
+def test_camera_motion_is_in_the_caption_and_the_detector_reads_it():
+    specs = [data.clip_spec(seed) for seed in range(40)]
+    assert {s.camera for s in specs} == set(data.CAMERAS)
+    for spec in specs:
+        assert data.parse_camera(spec.caption) == spec.camera
+        assert [o.colour for o in data.parse_caption(spec.caption)] == [o.colour for o in spec.objects]
+    with pytest.raises(ValueError, match="with camera"):
+        data.parse_camera("a red circle moving left with camera spinning")
+    # a pan moves the background against the camera: played backwards, a pan left reads as a pan right
+    spec = next(s for s in specs if s.camera == "panning left")
+    frames = detector.frames_from_clip(data.render(spec, 8, 64, 64))
+    assert detector.camera(frames) == "panning left" and detector.camera(frames[::-1]) == "panning right"
+    spec = next(s for s in specs if s.camera == "zooming in")
+    frames = detector.frames_from_clip(data.render(spec, 8, 64, 64))
+    assert detector.camera(frames) == "zooming in" and detector.camera(frames[::-1]) == "zooming out"
+
+
+def test_backgrounds_are_textured_and_move_with_the_camera():
+    static = next(s for s in map(data.clip_spec, range(100)) if s.camera == "static")
+    clip = data.render(static, 8, 32, 32)
+    background = clip[:, :, :4, :4]  # a corner no object reaches at the start
+    assert background.std() > 0.01  # not a flat colour
+    empty = data.ClipSpec((), static.background, static.texture, static.texture_seed, "panning right")
+    moving = data.render(empty, 8, 32, 32)
+    assert not torch.equal(moving[:, 0], moving[:, -1])
+    still = data.render(data.ClipSpec((), static.background, static.texture, static.texture_seed), 8, 32, 32)
+    assert torch.equal(still[:, 0], still[:, -1])
+
+
+def test_some_clips_have_three_objects_that_may_cross():
+    specs = [data.clip_spec(seed, multi_object_prob=1.0) for seed in range(60)]
+    counts = {len(s.objects) for s in specs}
+    assert counts <= {1, 2, 3} and {2, 3} <= counts
 
 
 # Training

@@ -8,10 +8,12 @@ from sparsediff.layout import TokenLayout
 from sparsediff.patterns import get_pattern
 from sparsediff.pipelines.embedded.pipeline import EmbeddedModelConfig, build_pipeline
 from sparsediff.pipelines.embedded.structured import (
-    DEFAULT_HEAD_PATTERNS,
+    AUTO_CANDIDATES,
     StructureController,
     StructuredHeads,
     check_head_patterns,
+    choose_patterns,
+    probe_head_errors,
     sparse_step,
 )
 from sparsediff.pipelines.embedded.train import TrainConfig, Trainer
@@ -115,14 +117,78 @@ def test_bad_head_patterns_name_the_problem(patterns, match):
         check_head_patterns(patterns, 2, 2)
 
 
-def test_default_assignment_fits_the_default_model():
-    config = EmbeddedModelConfig()
-    assert check_head_patterns(DEFAULT_HEAD_PATTERNS, config.num_layers, config.num_heads) == DEFAULT_HEAD_PATTERNS
+def test_auto_candidates_are_cheap_at_the_generation_size():
     layout = TokenLayout.parse("video:8x32x32")
-    for layer in DEFAULT_HEAD_PATTERNS:
-        for name in layer:
-            if name != "full":
-                assert get_pattern(name).density(layout, 64) < 0.15
+    assert check_head_patterns([AUTO_CANDIDATES], 1, len(AUTO_CANDIDATES))
+    for name in AUTO_CANDIDATES:
+        assert get_pattern(name).density(layout, 64) < 0.08
+
+
+def test_probe_measures_each_head_and_the_choice_follows_it(pipe):
+    before = forward(pipe)
+    # a band wider than the clip is exact; a one-token stripe is not
+    errors = probe_head_errors(pipe.transformer, lambda: forward(pipe), ["diagonal_w8", "vertical_stripe_f0.01"])
+    assert errors.shape == (2, 2, 2)
+    assert errors[..., 0].max() < 1e-5 and errors[..., 1].min() > 1e-3
+    assert all(isinstance(b.attn1.processor, WanAttnProcessor) for b in pipe.transformer.blocks)  # removed again
+    assert torch.equal(forward(pipe), before)
+    assert choose_patterns(errors, ["diagonal_w8", "vertical_stripe_f0.01"], [0, 1]) == (("diagonal_w8",) * 2, ("full", "diagonal_w8"))
+    with pytest.raises(ValueError, match="do not match"):
+        choose_patterns(errors, ["diagonal_w8"], [0, 1])
+
+
+def auto_run(**changes) -> TrainConfig:
+    settings = dict(
+        steps=4, batch_size=2, low_res=(2, 8, 8), full_res=(4, 8, 8), full_res_every=2, full_res_batch_size=1,
+        warmup=1, checkpoint_every=2, model=TWO, seed=1, head_patterns="auto", structured_from=2,
+        auto_candidates=("diagonal_w0.5", "vertical_stripe_f0.25"),
+    )  # fmt: skip
+    return TrainConfig(**{**settings, **changes})
+
+
+def test_auto_assignment_is_probed_at_its_step_and_resumes_exactly(tmp_path):
+    config = auto_run()
+    assert config.auto_full_heads == (0, 0)  # default: one full head in every layer but the first and the last
+    straight = Trainer(config, tmp_path / "straight")
+    straight.run()
+    assert ["consistency" in h for h in straight.history] == [False, False, True, True]
+    assignment = straight.assignment
+    assert len(assignment) == 2 and all(name in config.auto_candidates for layer in assignment for name in layer)
+    errors = torch.tensor(straight.probe_errors)
+    assert errors.shape == (2, 2, 2) and choose_patterns(errors, config.auto_candidates, (0, 0)) == assignment
+    # stopped before the probe (it runs on resume at the same step) and after it (the assignment comes back)
+    assert assert_resume_repeats(straight, tmp_path / "before", stop_at=1).assignment == assignment
+    assert assert_resume_repeats(straight, tmp_path / "after", stop_at=3).assignment == assignment
+
+
+def test_auto_assignment_settings_are_checked():
+    with pytest.raises(ValueError, match="auto_full_heads"):
+        auto_run(auto_full_heads=(0, 3))
+    with pytest.raises(ValueError, match="structured_from"):
+        auto_run(structured_from=4)
+    with pytest.raises(ValueError, match="topk"):
+        auto_run(auto_candidates=("topk_blocks_k0.25",))
+
+
+def test_structure_training_flows_gradients_through_compiled_models(pipe):
+    """Under torch.compile the processor calls a differentiable controller eagerly behind a graph break (the
+    `sparsediff::attention` op has no backward): the loss reaches the attention projections, as it does eagerly."""
+    heads = StructuredHeads(pipe.transformer, [["diagonal_w0.25", "full"], ["full", "vertical_stripe_f0.25"]])
+    heads.set_sparse(True)
+    eager = forward(pipe)
+    eager.square().mean().backward()
+    grad = pipe.transformer.blocks[0].attn1.to_q.weight.grad.clone()
+    pipe.transformer.zero_grad()
+    heads.take_consistency()
+    pipe.transformer.compile(backend="eager", dynamic=False)
+    try:
+        compiled = forward(pipe)
+        compiled.square().mean().backward()
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(pipe.transformer.blocks[0].attn1.to_q.weight.grad, grad)
+    assert float(heads.take_consistency().detach()) > 0
 
 
 def test_sparse_steps_are_a_function_of_seed_and_step():
@@ -168,24 +234,6 @@ def test_loss_plot_shows_the_consistency_term(tmp_path):
     history = [{"step": s, "loss": 1.0 / s, "consistency": 0.5 / s} for s in range(1, 30)]
     plot_loss(history, tmp_path / "loss.png", window=5)
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_the_assignment_runs_as_a_plan_on_the_shipped_model():
-    """samples/probe_structured_plan.py's plans: the fine-tuning assignment validates against the shipped model, and
-    after its dense steps every layer gets the heads' trained patterns."""
-    import importlib.util
-    from pathlib import Path
-
-    from sparsediff.api import load_pipeline
-
-    path = Path(__file__).resolve().parents[1] / "samples" / "probe_structured_plan.py"
-    spec = importlib.util.spec_from_file_location("probe_structured_plan", path)
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
-    pipe = load_pipeline("embedded")
-    plan = probe.plan_of(pipe.shipped_plan().model, DEFAULT_HEAD_PATTERNS, 1)
-    assert plan.num_dense_steps(12) == 1
-    assert [p.name for p in plan.layer_patterns(5, 12, 1)] == list(DEFAULT_HEAD_PATTERNS[1])
 
 
 def test_structured_heads_refuse_a_model_that_is_not_wan():

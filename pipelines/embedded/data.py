@@ -1,10 +1,15 @@
-"""Procedural training clips for the embedded model: coloured shapes moving over a plain or textured background.
+"""Procedural training clips for the embedded model: coloured shapes moving over textured, camera-moved backgrounds.
+
+Clips have the statistics that make real video DiTs' heads sparse (issue 16): a structured background (a gradient,
+value noise of several octaves, tiles or stripes; low in saturation so the objects stay detectable) seen through a
+camera that pans or zooms, so a patch is best predicted from its neighbourhood and from the same place, slightly
+moved, in nearby frames; and one to three objects with their own motion, which may occlude each other.
 
 Every clip is a pure function of its seed (`clip_spec(seed)`), and its caption is written from the same parameters
-(`"a red circle moving right"`, `"a blue square moving up and growing and a white triangle moving left"`), so the
-caption is the ground truth that `detector.py` checks generated clips against. Positions, sizes and speeds are
-fractions of the frame, so one spec renders at any resolution: frames are float tensors in [-1, 1] of shape
-(3, F, H, W).
+(`"a red circle moving right"`, `"a blue square moving up and growing and a green triangle moving left with camera
+panning down"`), so the caption is the ground truth that `detector.py` checks generated clips against. Positions,
+sizes and speeds are fractions of the frame, so one spec renders at any resolution: frames are float tensors in
+[-1, 1] of shape (3, F, H, W).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import numpy as np
 import torch
 
 SHAPES = ("circle", "square", "triangle")
-COLOURS = {  # saturated RGB in [0, 1]; backgrounds stay dark, so every object stands out
+COLOURS = {  # saturated RGB in [0, 1]; backgrounds are greys of low saturation, so every object stands out
     "red": (0.95, 0.15, 0.15),
     "green": (0.15, 0.85, 0.2),
     "blue": (0.2, 0.35, 1.0),
@@ -28,9 +33,14 @@ COLOURS = {  # saturated RGB in [0, 1]; backgrounds stay dark, so every object s
 }
 DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}  # (dx, dy), y down
 MODIFIERS = ("bouncing", "growing")  # bouncing: hops across the motion; growing: the size doubles over the clip
-TEXTURES = ("plain", "noise", "stripes")
+# Camera motion, stated at the end of a caption ("with camera panning left"); "static" is not stated.
+CAMERAS = ("static", "panning left", "panning right", "panning up", "panning down", "zooming in", "zooming out")
+CAMERA_WEIGHTS = (0.3, 0.125, 0.125, 0.125, 0.125, 0.1, 0.1)
+PAN = 0.3  # a pan moves the view by this share of the frame over the clip
+ZOOM = 1.5  # a zoom scales the view by this factor over the clip
+TEXTURES = ("noise", "tiles", "stripes")  # every background has a gradient and value noise; tiles or stripes on top
 # Every word a caption can use, in a fixed order (the tokenizer's vocabulary is built from it).
-CAPTION_WORDS = ("a", "moving", "and", *SHAPES, *COLOURS, *DIRECTIONS, *MODIFIERS)
+CAPTION_WORDS = ("a", "moving", "and", *SHAPES, *COLOURS, *DIRECTIONS, *MODIFIERS, "with", "camera", "panning", "zooming", "in", "out")
 
 
 @dataclass(frozen=True)
@@ -53,24 +63,27 @@ class ShapeMotion:
 
 @dataclass(frozen=True)
 class ClipSpec:
-    """A whole clip: its objects (one or two, of different colours) and the background they move over."""
+    """A whole clip: its objects (one to three, of different colours, drawn in order so later ones occlude earlier
+    ones), the background they move over and the camera that films the background."""
 
     objects: tuple[ShapeMotion, ...]
     background: tuple[float, float, float]
-    texture: str = "plain"
+    texture: str = "noise"
     texture_seed: int = 0
+    camera: str = "static"
 
     @property
     def caption(self) -> str:
-        return " and ".join(obj.phrase() for obj in self.objects)
+        words = " and ".join(obj.phrase() for obj in self.objects)
+        return words if self.camera == "static" else f"{words} with camera {self.camera}"
 
 
-# Where a path runs: it starts on the far side of its direction, centred across it (two objects take the thirds),
-# with a little jitter. The caption then fixes the path almost exactly: a model trained for 90 minutes on two CPU
-# cores learns a caption -> clip mapping of low entropy; with starts drawn over the whole frame (the first design)
-# its samples stayed a speckled cloud of the right colour, with no committed position or motion.
+# Where a path runs: it starts on the far side of its direction, centred across it (two or three objects take their
+# share of the frame), with a little jitter. The caption then fixes the path almost exactly: a model trained for
+# 90 minutes on two CPU cores learns a caption -> clip mapping of low entropy; with starts drawn over the whole frame
+# (the first design) its samples stayed a speckled cloud of the right colour, with no committed position or motion.
 START_JITTER = 0.05
-ACROSS = {1: (0.5,), 2: (0.32, 0.68)}
+ACROSS = {1: (0.5,), 2: (0.32, 0.68), 3: (0.25, 0.5, 0.75)}
 
 
 def _motion(rng: random.Random, colour: str, across_centre: float = 0.5) -> ShapeMotion:
@@ -94,36 +107,49 @@ def _centre(obj: ShapeMotion, t: float) -> tuple[float, float]:
     return obj.start[0] + dx * obj.travel * t, obj.start[1] + dy * obj.travel * t
 
 
-def _paths_meet(a: ShapeMotion, b: ShapeMotion) -> bool:
-    reach = sum(o.size * (2.0 if o.modifier == "growing" else 1.35) + (0.12 if o.modifier == "bouncing" else 0.0) for o in (a, b))
-    return any(np.hypot(*np.subtract(_centre(a, t), _centre(b, t))) < reach for t in np.linspace(0, 1, 9))
+def _covers(a: ShapeMotion, b: ShapeMotion) -> bool:
+    """Whether `a` and `b` sit on each other for most of the clip (then one would hide the other for good)."""
+    reach = 0.6 * (a.size + b.size)
+    return sum(np.hypot(*np.subtract(_centre(a, t), _centre(b, t))) < reach for t in np.linspace(0, 1, 9)) > 3
 
 
-def clip_spec(seed: int, two_object_prob: float = 0.0) -> ClipSpec:
-    """The clip for `seed`: same seed, same clip and caption, at any resolution."""
+def clip_spec(seed: int, multi_object_prob: float = 0.0) -> ClipSpec:
+    """The clip for `seed`: same seed, same clip and caption, at any resolution. A share `multi_object_prob` of clips
+    has two or three objects (two in three of those two); their paths may cross, so one occludes the other for a
+    while, but never for most of the clip."""
     rng = random.Random(seed)
-    count = 2 if rng.random() < two_object_prob else 1
+    count = (2 if rng.random() < 2 / 3 else 3) if rng.random() < multi_object_prob else 1
     colours = rng.sample(list(COLOURS), count)
-    objects = tuple(_motion(rng, colour, across) for colour, across in zip(colours, ACROSS[count]))
-    for _ in range(100 if count == 2 else 0):  # two objects never overlap, so each stays visible and trackable
-        if not _paths_meet(*objects):
-            break
-        objects = (objects[0], _motion(rng, colours[1], ACROSS[2][1]))
-    else:
-        objects = objects[:1]  # no room for a second path next to the first: a one-object clip
-    background = tuple(rng.uniform(0.0, 0.22) for _ in range(3))
-    return ClipSpec(objects, background, rng.choice(TEXTURES), rng.randrange(2**31))
+    across = list(ACROSS[count])
+    rng.shuffle(across)
+    objects = [_motion(rng, colour, where) for colour, where in zip(colours, across)]
+    for i in range(1, count):  # redraw a path that would hide behind (or hide) an earlier one for most of the clip
+        for _ in range(50):
+            if not any(_covers(objects[i], other) for other in objects[:i]):
+                break
+            objects[i] = _motion(rng, colours[i], across[i])
+    objects = [o for i, o in enumerate(objects) if not any(_covers(o, other) for other in objects[:i])]
+    grey = rng.uniform(0.12, 0.38)
+    background = tuple(grey + rng.uniform(-0.03, 0.03) for _ in range(3))  # a faint tint: low saturation
+    camera = rng.choices(CAMERAS, weights=CAMERA_WEIGHTS)[0]
+    return ClipSpec(tuple(objects), background, rng.choice(TEXTURES), rng.randrange(2**31), camera)
 
 
 def parse_caption(caption: str) -> tuple[ShapeMotion, ...]:
-    """The objects a caption names (placement left at defaults); the inverse of `ClipSpec.caption`."""
+    """The objects a caption names (placement left at defaults); the inverse of `ClipSpec.caption` for the objects
+    (see `parse_camera` for the camera)."""
     words = caption.strip().lower().split()
+    if "with" in words:
+        words = words[: words.index("with")]
     objects, i = [], 0
     while i < len(words):
         if words[i : i + 1] == ["and"]:
             i += 1
         if len(words) < i + 5 or words[i] != "a" or words[i + 3] != "moving":
-            raise ValueError(f"Caption {caption!r} does not follow the grammar 'a <colour> <shape> moving <direction> [and bouncing|growing]'; write it that way.")
+            raise ValueError(
+                f"Caption {caption!r} does not follow the grammar 'a <colour> <shape> moving <direction> [and bouncing|growing]"
+                " [and a ...] [with camera panning <direction>|zooming in|zooming out]'; write it that way."
+            )
         colour, shape, direction = words[i + 1], words[i + 2], words[i + 4]
         if colour not in COLOURS or shape not in SHAPES or direction not in DIRECTIONS:
             raise ValueError(f"Caption {caption!r} names an unknown colour, shape or direction; use {list(COLOURS)}, {list(SHAPES)}, {list(DIRECTIONS)}.")
@@ -133,6 +159,18 @@ def parse_caption(caption: str) -> tuple[ShapeMotion, ...]:
             modifier, i = words[i + 1], i + 2
         objects.append(ShapeMotion(shape, colour, direction, modifier))
     return tuple(objects)
+
+
+def parse_camera(caption: str) -> str:
+    """The camera motion a caption states ("static" when it states none)."""
+    words = caption.strip().lower().split()
+    if "with" not in words:
+        return "static"
+    rest = " ".join(words[words.index("with") + 1 :])
+    camera = rest.removeprefix("camera ").strip()
+    if not rest.startswith("camera ") or camera not in CAMERAS[1:]:
+        raise ValueError(f"Caption {caption!r} ends in 'with {rest}'; write 'with camera' and one of {list(CAMERAS[1:])}.")
+    return camera
 
 
 def _coverage(obj: ShapeMotion, t: float, xs: np.ndarray, ys: np.ndarray, scale: float) -> np.ndarray:
@@ -154,18 +192,55 @@ def _coverage(obj: ShapeMotion, t: float, xs: np.ndarray, ys: np.ndarray, scale:
     return np.clip(0.5 - distance * scale, 0.0, 1.0)  # scale = pixels per frame unit: a 1-pixel soft edge
 
 
-def _background(spec: ClipSpec, height: int, width: int) -> np.ndarray:
-    image = np.broadcast_to(np.asarray(spec.background, dtype=np.float32)[:, None, None], (3, height, width)).copy()
-    if spec.texture == "noise":  # smooth low-amplitude blotches: bilinear upsampling of a coarse random grid
-        coarse = np.random.default_rng(spec.texture_seed).uniform(-0.06, 0.06, (1, 1, 6, 6)).astype(np.float32)
-        smooth = torch.nn.functional.interpolate(torch.from_numpy(coarse), size=(height, width), mode="bilinear", align_corners=True)
-        image += smooth[0].numpy()
+WORLD = 2.0  # the background is a square of this many frame widths, centred on the frame; cameras stay inside it
+
+
+def _world_texture(spec: ClipSpec, size: int) -> torch.Tensor:
+    """The background over the whole world square, (1, 3, size, size): the base grey, a gradient, value noise of three
+    octaves (bilinear upsampling of coarse random grids) and tiles or stripes; greys only, plus the base tint."""
+    rng = np.random.default_rng(spec.texture_seed)
+    ys, xs = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) / size * WORLD  # world units
+    angle = rng.uniform(0, 2 * np.pi)
+    grey = 0.08 * np.sin(angle) * (xs - WORLD / 2) + 0.08 * np.cos(angle) * (ys - WORLD / 2)
+    for cells, amplitude in ((4, 0.08), (10, 0.05), (24, 0.035)):
+        coarse = torch.from_numpy(rng.uniform(-amplitude, amplitude, (1, 1, cells, cells)).astype(np.float32))
+        grey = grey + torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=True)[0, 0].numpy()
+    if spec.texture == "tiles":  # a checkerboard of soft-edged tiles, a tenth to a fifth of the frame wide
+        period = rng.uniform(0.1, 0.2)
+        grey = grey + 0.06 * np.tanh(4 * np.sin(np.pi * xs / period) * np.sin(np.pi * ys / period))
     elif spec.texture == "stripes":
-        rng = np.random.default_rng(spec.texture_seed)
-        period, angle = rng.uniform(0.15, 0.35), rng.uniform(0, np.pi)
-        ys, xs = np.mgrid[0:height, 0:width] / np.float32(max(height, width))
-        image += 0.05 * np.sin(2 * np.pi * (xs * np.cos(angle) + ys * np.sin(angle)) / period).astype(np.float32)
-    return image
+        period, theta = rng.uniform(0.12, 0.3), rng.uniform(0, np.pi)
+        grey = grey + 0.06 * np.sin(2 * np.pi * (xs * np.cos(theta) + ys * np.sin(theta)) / period)
+    image = np.asarray(spec.background, dtype=np.float32)[:, None, None] + grey[None]
+    return torch.from_numpy(np.clip(image, 0.02, 0.55).astype(np.float32))[None]
+
+
+def _camera_view(camera: str, t: float) -> tuple[float, float, float]:
+    """(centre x, centre y, width) of the frame in world units at time t in [0, 1]; the frame is 1 x 1 at rest."""
+    c = WORLD / 2
+    if camera.startswith("panning"):
+        dx, dy = DIRECTIONS[camera.split()[1]]
+        return c + dx * PAN * (t - 0.5), c + dy * PAN * (t - 0.5), 1.0
+    if camera.startswith("zooming"):  # zooming in: the view narrows, so the background grows
+        sign = -1.0 if camera == "zooming in" else 1.0
+        return c, c, float(ZOOM ** (sign * (t - 0.5)))
+    return c, c, 1.0
+
+
+def _background(spec: ClipSpec, num_frames: int, height: int, width: int) -> np.ndarray:
+    """The background of every frame, (F, 3, H, W): the world texture sampled through the camera's view."""
+    scale = float(max(height, width))
+    texture = _world_texture(spec, int(WORLD * scale * 2))  # two texels per pixel at rest: no aliasing on zoom-out
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    xs, ys = (xs + 0.5) / scale - width / scale / 2, (ys + 0.5) / scale - height / scale / 2  # frame units, centred
+    grids = []
+    for f in range(num_frames):
+        cx, cy, view = _camera_view(spec.camera, f / (num_frames - 1))
+        gx, gy = (cx + xs * view) / WORLD * 2 - 1, (cy + ys * view) / WORLD * 2 - 1  # grid_sample's [-1, 1]
+        grids.append(np.stack([gx, gy], axis=-1))
+    grid = torch.from_numpy(np.stack(grids).astype(np.float32))
+    frames = torch.nn.functional.grid_sample(texture.expand(num_frames, -1, -1, -1), grid, mode="bilinear", align_corners=False)
+    return frames.numpy()
 
 
 def render(spec: ClipSpec, num_frames: int = 8, height: int = 64, width: int = 64) -> torch.Tensor:
@@ -175,18 +250,18 @@ def render(spec: ClipSpec, num_frames: int = 8, height: int = 64, width: int = 6
     scale = float(max(height, width))
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     xs, ys = (xs + 0.5) / scale, (ys + 0.5) / scale  # square pixels: fractions of the longer side
-    background = _background(spec, height, width)
+    backgrounds = _background(spec, num_frames, height, width)
     frames = np.empty((3, num_frames, height, width), dtype=np.float32)
     for f in range(num_frames):
-        image = background.copy()
-        for obj in spec.objects:
+        image = backgrounds[f]
+        for obj in spec.objects:  # in order: a later object covers an earlier one where they meet
             alpha = _coverage(obj, f / (num_frames - 1), xs, ys, scale)[None]
             image = image * (1 - alpha) + np.asarray(COLOURS[obj.colour], dtype=np.float32)[:, None, None] * alpha
         frames[:, f] = image
     return torch.from_numpy(np.clip(frames, 0.0, 1.0) * 2.0 - 1.0)
 
 
-def batch(seeds: list[int], num_frames: int, height: int, width: int, two_object_prob: float = 0.0) -> tuple[torch.Tensor, list[str]]:
+def batch(seeds: list[int], num_frames: int, height: int, width: int, multi_object_prob: float = 0.0) -> tuple[torch.Tensor, list[str]]:
     """Clips for `seeds` stacked to (B, 3, F, H, W), with their captions."""
-    specs = [clip_spec(seed, two_object_prob) for seed in seeds]
+    specs = [clip_spec(seed, multi_object_prob) for seed in seeds]
     return torch.stack([render(s, num_frames, height, width) for s in specs]), [s.caption for s in specs]

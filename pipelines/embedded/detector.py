@@ -1,12 +1,16 @@
-"""Automatic checks of generated shape clips: which colour, shape, direction and modifier each object shows.
+"""Automatic checks of generated shape clips: which colour, shape, direction and modifier each object shows, and how
+the camera moves.
 
 `detect(frames)` finds the objects of one clip (numpy (F, H, W, 3) in [0, 1], as `ShapesVideoPipeline` returns
-them): the background is each frame's median colour, foreground is what differs from it by more than
-`FOREGROUND_DISTANCE`, and each foreground pixel takes the nearest palette colour of `data.COLOURS`. A colour with
+them): backgrounds are greys of low saturation, so foreground is what is saturated (or brighter than any background)
+by more than `SATURATION` / `BRIGHTNESS`, and each foreground pixel takes the nearest palette colour of
+`data.COLOURS`. A colour with
 enough pixels is an object; its centroid track gives the direction (the larger of the net x and y displacements), its
 fill of its bounding box gives the shape (square ~1, circle ~pi/4, triangle ~1/2), and its area and the track across
-the motion give the modifier (growing quadruples the area, bouncing hops across the motion). `score` compares one
-clip with its caption and `accuracy` averages over clips.
+the motion give the modifier (growing quadruples the area, bouncing hops across the motion). `camera(frames)` reads
+the camera from the background alone: the camera motion (of the caption grammar's seven) that best carries the first
+frame's background onto the last one's. `score` compares one clip with its caption and
+`accuracy` averages over clips.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import COLOURS, ShapeMotion, parse_caption
+from .data import CAMERAS, COLOURS, ShapeMotion, _camera_view, parse_camera, parse_caption
 
-FOREGROUND_DISTANCE = 0.3  # RGB distance from the background; backgrounds are dark, objects saturated
+SATURATION = 0.3  # max - min of RGB: backgrounds have under 0.1, the palette over 0.6 (white aside)
+BRIGHTNESS = 0.75  # brighter than any background (<= 0.55): white objects
 MIN_OBJECT_SHARE = 0.15  # a colour needs this share of the foreground pixels to count as an object
-FIELDS = ("colour", "shape", "direction", "modifier")
+FIELDS = ("colour", "shape", "direction", "modifier", "camera")
 
 
 @dataclass
@@ -74,13 +79,45 @@ def _describe(colour: str, masks: np.ndarray) -> Detection:
     return Detection(colour, _shape(float(np.median(fills))), direction, modifier, int(areas.sum()), track)
 
 
-def detect(frames: np.ndarray, max_objects: int = 2) -> list[Detection]:
+def _foreground(frames: np.ndarray) -> np.ndarray:
+    """(F, H, W) bool: saturated or bright pixels (objects), not the grey background."""
+    return (frames.max(axis=-1) - frames.min(axis=-1) > SATURATION) | (frames.min(axis=-1) > BRIGHTNESS)
+
+
+def camera(frames: np.ndarray) -> str:
+    """The camera motion of one clip (F, H, W, 3) in [0, 1]: the one of `data.CAMERAS` under which the first frame's
+    background, moved as that camera moves it (`data.PAN`, `data.ZOOM`), best matches the last frame's background
+    (mean squared difference over pixels that are background in both, objects and their edges left out)."""
+    from scipy.ndimage import binary_dilation, map_coordinates
+
+    frames = np.asarray(frames, dtype=np.float32)
+    grey = frames.mean(axis=-1)
+    keep = ~binary_dilation(_foreground(frames), structure=np.ones((1, 5, 5), dtype=bool))  # background, with a margin
+    F, H, W = grey.shape
+    scale = float(max(H, W))
+    ys, xs = np.mgrid[0:H, 0:W].astype(np.float32)
+    u, v = (xs + 0.5) / scale - W / scale / 2, (ys + 0.5) / scale - H / scale / 2  # last frame, centred frame units
+    errors = {}
+    for name in CAMERAS:
+        x0, y0, w0 = _camera_view(name, 0.0)
+        x1, y1, w1 = _camera_view(name, 1.0)
+        # the world point the last frame shows at (u, v), where the first frame showed it
+        fu, fv = (u * w1 + x1 - x0) / w0, (v * w1 + y1 - y0) / w0
+        cols, rows = (fu + W / scale / 2) * scale - 0.5, (fv + H / scale / 2) * scale - 0.5
+        inside = (cols >= 0) & (cols <= W - 1) & (rows >= 0) & (rows <= H - 1)
+        moved = map_coordinates(grey[0], [rows, cols], order=1, mode="nearest")
+        moved_keep = map_coordinates(keep[0].astype(np.float32), [rows, cols], order=0, mode="nearest") > 0.5
+        valid = inside & moved_keep & keep[-1]
+        errors[name] = float(np.mean((moved - grey[-1])[valid] ** 2)) if valid.sum() >= 0.1 * H * W else np.inf
+    return min(errors, key=errors.get)
+
+
+def detect(frames: np.ndarray, max_objects: int = 3) -> list[Detection]:
     """The objects in one clip (F, H, W, 3) in [0, 1], largest first."""
     frames = np.asarray(frames, dtype=np.float32)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"detect expects one clip of shape (F, H, W, 3), got {frames.shape}; pass pipeline output frames[i].")
-    background = np.median(frames.reshape(frames.shape[0], -1, 3), axis=1)[:, None, None, :]  # (F, 1, 1, 3)
-    foreground = np.linalg.norm(frames - background, axis=-1) > FOREGROUND_DISTANCE  # (F, H, W)
+    foreground = _foreground(frames)
     palette = np.asarray(list(COLOURS.values()), dtype=np.float32)  # (C, 3)
     nearest = np.linalg.norm(frames[..., None, :] - palette, axis=-1).argmin(axis=-1)  # (F, H, W)
     counts = np.bincount(nearest[foreground], minlength=len(palette))
@@ -98,13 +135,14 @@ def score(frames: np.ndarray, caption: str) -> dict[str, bool]:
     expected = parse_caption(caption)
     detections = detect(frames, max_objects=len(expected))
     result = dict.fromkeys(FIELDS, True)
+    result["camera"] = camera(frames) == parse_camera(caption)
     unmatched = list(detections)
     for obj in sorted(expected, key=lambda o: not any(d.colour == o.colour for d in detections)):
         match = next((d for d in unmatched if d.colour == obj.colour), unmatched[0] if unmatched else None)
         if match is None:
-            return dict.fromkeys(FIELDS, False)
+            return {**dict.fromkeys(FIELDS, False), "camera": result["camera"]}
         unmatched.remove(match)
-        for field in FIELDS:
+        for field in FIELDS[:-1]:
             result[field] &= getattr(match, field) == getattr(obj, field)
     return result
 
@@ -116,7 +154,7 @@ def accuracy(videos, captions: list[str]) -> dict:
     clips = []
     for frames, caption in zip(videos, captions):
         found = detect(frames)
-        clips.append({"caption": caption, "predicted": [_phrase(d) for d in found], **score(frames, caption)})
+        clips.append({"caption": caption, "predicted": [_phrase(d) for d in found], "predicted_camera": camera(frames), **score(frames, caption)})
     return {**{field: float(np.mean([c[field] for c in clips])) for field in FIELDS}, "clips": clips}
 
 
@@ -125,11 +163,18 @@ def _phrase(d: Detection) -> str:
 
 
 def eval_prompts(count: int = 32) -> list[str]:
-    """`count` one-object prompts: every colour with every direction (8 x 4 = 32), the shape cycling through them."""
+    """`count` one-object prompts: every colour with every direction (8 x 4 = 32), the shape cycling through them and
+    the camera through `data.CAMERAS` (static, four pans, two zooms)."""
     from .data import DIRECTIONS, SHAPES
 
     pairs = [(colour, direction) for colour in COLOURS for direction in DIRECTIONS]
-    return [f"a {c} {SHAPES[i % len(SHAPES)]} moving {d}" for i, (c, d) in enumerate(pairs[i % len(pairs)] for i in range(count))]
+    prompts = []
+    for i in range(count):
+        colour, direction = pairs[i % len(pairs)]
+        words = f"a {colour} {SHAPES[i % len(SHAPES)]} moving {direction}"
+        view = CAMERAS[i % len(CAMERAS)]
+        prompts.append(words if view == "static" else f"{words} with camera {view}")
+    return prompts
 
 
 def generate_clips(pipe, prompts: list[str], batch_size: int = 8, seed: int = 0, **call_kwargs) -> list[np.ndarray]:

@@ -40,28 +40,31 @@ class EmbeddedModelConfig:
 
     Args:
         num_layers (int, defaults to 4): transformer blocks.
-        num_heads (int, defaults to 4): attention heads per block.
-        head_dim (int, defaults to 32): channels per head; Wan splits them over RoPE's (t, h, w) axes.
+        num_heads (int, defaults to 6): attention heads per block (issue 16: more heads than v1's 4, so that they
+            can specialise; 24 heads in all).
+        head_dim (int, defaults to 24): channels per head; Wan splits them over RoPE's (t, h, w) axes as 8 / 8 / 8
+            (at 16, each spatial axis would get 4 channels: two frequencies, too few to express a local window).
         ffn_dim (int, defaults to 512): feed-forward width.
         text_dim (int, defaults to 64): width of the text encoder and of `encoder_hidden_states`.
         text_layers (int, defaults to 2): text encoder layers.
         freq_dim (int, defaults to 64): sinusoidal timestep channels (Wan uses 256; 64 resolve 1000 steps here).
         shift (float, defaults to 3.0): the flow-matching timestep shift, in training and in the scheduler.
-        max_sequence_length (int, defaults to 24): text tokens; the longest two-object caption has 19 words.
+        max_sequence_length (int, defaults to 32): text tokens; the longest caption (three objects and a camera
+            motion) has 27 words and the end token.
 
     >>> EmbeddedModelConfig().num_heads * EmbeddedModelConfig().head_dim
-    128
+    144
     """
 
     num_layers: int = 4
-    num_heads: int = 4
-    head_dim: int = 32
+    num_heads: int = 6
+    head_dim: int = 24
     ffn_dim: int = 512
     text_dim: int = 64
     text_layers: int = 2
     freq_dim: int = 64
     shift: float = 3.0
-    max_sequence_length: int = 24
+    max_sequence_length: int = 32
 
 
 @dataclass
@@ -72,7 +75,7 @@ class ShapesVideoPipelineOutput(BaseOutput):
     frames: Any
 
 
-def build_tokenizer(max_sequence_length: int = 24) -> PreTrainedTokenizerFast:
+def build_tokenizer(max_sequence_length: int = 32) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over the caption vocabulary; each caption ends with `</s>`, so "" still has a token."""
     vocab = {word: i for i, word in enumerate((*SPECIAL_TOKENS, *CAPTION_WORDS))}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -139,8 +142,10 @@ class ShapesVideoPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
 
-    def encode_prompt(self, prompt: str | list[str], max_sequence_length: int = 24, device: torch.device | None = None) -> torch.Tensor:
-        """(B, max_sequence_length, text_dim) embeddings, zero after each caption's last token (as Wan pads)."""
+    def encode_prompt(self, prompt: str | list[str], max_sequence_length: int | None = None, device: torch.device | None = None) -> torch.Tensor:
+        """(B, max_sequence_length, text_dim) embeddings, zero after each caption's last token (as Wan pads); the
+        length defaults to the tokenizer's `model_max_length` (the model's `max_sequence_length`)."""
+        max_sequence_length = max_sequence_length or self.tokenizer.model_max_length
         prompt = [prompt] if isinstance(prompt, str) else list(prompt)
         device = device or self._execution_device
         tokens = self.tokenizer([p.lower().strip() for p in prompt], padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt")
@@ -192,7 +197,7 @@ class ShapesVideoPipeline(DiffusionPipeline):
         attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
-        max_sequence_length: int = 24,
+        max_sequence_length: int | None = None,
     ):
         """Generate clips for `prompt`; see `ShapesVideoPipelineOutput` for what each `output_type` returns."""
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):

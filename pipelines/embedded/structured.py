@@ -14,8 +14,12 @@ Sparse-vDiT adapt models to sparse attention, while the model stays a dense mode
 * in a share `sparse_prob` of the steps the layer passes the sparse output on instead of the dense one, so the
   layers after it learn to work from it.
 
-Which pattern each head gets is the training recipe's choice (`DEFAULT_HEAD_PATTERNS`); the search does not read it
-and must find the structure itself from a profile. Heads left `full` keep global attention (motion needs some).
+Which pattern each head gets is the training recipe's choice: a table of names per layer or, with
+`head_patterns="auto"` (the shipped model, issue 16), the heads' own preference: part-way
+through plain training, `probe_head_errors` measures every head's relative error under a few cheap candidates on
+one batch (the quantity `sparsediff profile` measures) and `choose_patterns` gives each head the candidate it already
+fits best, leaving the worst-fitting heads of chosen layers full. The search does not read the assignment and must
+find the structure itself from a profile. Heads left `full` keep global attention (motion needs some).
 
 >>> from sparsediff.pipelines.embedded.pipeline import EmbeddedModelConfig, build_pipeline
 >>> pipe = build_pipeline(EmbeddedModelConfig(num_layers=2, num_heads=2, head_dim=12, text_dim=16, ffn_dim=32))
@@ -42,16 +46,9 @@ from ..adapter import adapter_for, install_all
 from ..families import family_of
 from ..state import RunLog
 
-# The recipe-v3 assignment for the default 4 x 4 model. Each layer mixes a local window (`diagonal`: the same frame and
-# its neighbours' near rows), the same place across all frames (`multi_diagonal`: carries motion along a row) and the
-# first frame's columns (`vertical_stripe`: the attention sink the v2 profile showed); layers 1 and 2 keep one global
-# head each, for motion across rows and between far frames. Each pattern covers about 1/8 of the 8192 x 8192 scores.
-DEFAULT_HEAD_PATTERNS: tuple[tuple[str, ...], ...] = (
-    ("diagonal_w0.5", "diagonal_w0.5", "multi_diagonal_w64", "vertical_stripe_f1"),
-    ("diagonal_w0.5", "multi_diagonal_w64", "multi_diagonal_w64", "full"),
-    ("diagonal_w0.5", "vertical_stripe_f1", "multi_diagonal_w64", "full"),
-    ("diagonal_w0.5", "multi_diagonal_w64", "vertical_stripe_f1", "diagonal_w0.5"),
-)
+# The candidates of the automatic assignment: the cheapest of each structured kind at 8 x 32 x 32 tokens (each covers
+# about 1/16 of the scores): the same frame's nearby rows, the same place +-1 row in every frame, the first half frame.
+AUTO_CANDIDATES: tuple[str, ...] = ("diagonal_w0.25", "multi_diagonal_w32", "vertical_stripe_f0.5")
 
 
 def check_head_patterns(head_patterns: Sequence[Sequence[str]], num_layers: int, num_heads: int) -> tuple[tuple[str, ...], ...]:
@@ -86,6 +83,7 @@ class StructureController:
         self.losses: list[torch.Tensor] = []
 
     may_replace = True
+    differentiable = True  # under torch.compile the processor calls `attend` eagerly (a graph break), not its op
 
     def active(self, layer: int, state) -> bool:
         return True  # the dense output is the layer's own, so an all-full layer is exact
@@ -149,6 +147,75 @@ class StructuredHeads:
         for installation in self._installed:
             installation.remove()
         self._installed = []
+
+
+class ProbeController:
+    """A controller that leaves every layer dense and records each head's relative L2 error under `candidates`
+    (`search.profile.candidate_errors`, the measure of `sparsediff profile`), per layer: `errors[layer]` is a list of
+    (H, C) tensors, one per call."""
+
+    may_replace = True
+
+    def __init__(self, candidates: Sequence[str], block_size: int = 64):
+        self.candidates = tuple(candidates)
+        self.block_size = block_size
+        self.errors: dict[int, list[torch.Tensor]] = {}
+        self._runtimes: dict[int, dict] = {}
+
+    def active(self, layer: int, state) -> bool:
+        return True
+
+    def record(self, state, stats: AttentionStats) -> None:
+        pass
+
+    def attend(self, layer: int, state, query, key, value, groups, scale=None, head_start=None):
+        from ...search.profile import candidate_errors
+
+        if len(groups) != 1 or groups[0][0] is not None:
+            raise ValueError("The head probe handles unpadded self-attention only (one token layout per call).")
+        with torch.no_grad():
+            errors = candidate_errors(query, key, value, groups[0][1], self.candidates, self.block_size, scale, backend="torch", runtimes=self._runtimes.setdefault(layer, {}))
+        self.errors.setdefault(layer, []).append(errors)
+        return F.scaled_dot_product_attention(query, key, value, scale=scale), AttentionStats()
+
+
+@torch.no_grad()
+def probe_head_errors(transformer: torch.nn.Module, run, candidates: Sequence[str] = AUTO_CANDIDATES) -> torch.Tensor:
+    """(layers, heads, candidates) mean relative error of every head under each candidate over the forwards that
+    `run()` makes with `transformer`; the model's processors are back in place afterwards."""
+    family = family_of(transformer)
+    if family is None or family.name != "wan":
+        raise ValueError(f"probe_head_errors probes Wan self-attention; got a {type(transformer).__name__}.")
+    probe = ProbeController(candidates)
+    installed = install_all(transformer, lambda name, n: probe, RunLog())
+    try:
+        run()
+    finally:
+        for installation in installed:
+            installation.remove()
+    if not probe.errors:
+        raise ValueError("The probe saw no self-attention call; run() must call the transformer.")
+    return torch.stack([torch.stack(probe.errors[layer]).mean(dim=0) for layer in sorted(probe.errors)])
+
+
+def choose_patterns(errors: torch.Tensor, candidates: Sequence[str], full_heads: Sequence[int]) -> tuple[tuple[str, ...], ...]:
+    """Each head's best-fitting candidate from `errors` (layers, heads, candidates); in layer l the `full_heads[l]`
+    heads that fit their best candidate worst stay "full".
+
+    >>> e = torch.tensor([[[0.1, 0.3], [0.5, 0.2]], [[0.4, 0.9], [0.2, 0.1]]])
+    >>> choose_patterns(e, ["diagonal_w0.25", "multi_diagonal_w32"], [0, 1])
+    (('diagonal_w0.25', 'multi_diagonal_w32'), ('full', 'multi_diagonal_w32'))
+    """
+    if errors.ndim != 3 or errors.shape[-1] != len(candidates) or errors.shape[0] != len(full_heads):
+        raise ValueError(f"errors of shape {tuple(errors.shape)} do not match {len(full_heads)} layers and {len(candidates)} candidates.")
+    best, index = errors.min(dim=-1)
+    rows = []
+    for layer in range(errors.shape[0]):
+        names = [candidates[i] for i in index[layer].tolist()]
+        for head in best[layer].argsort(descending=True)[: full_heads[layer]].tolist():
+            names[head] = "full"
+        rows.append(tuple(names))
+    return tuple(rows)
 
 
 def sparse_step(seed: int, step: int, prob: float) -> bool:

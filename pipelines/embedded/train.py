@@ -29,7 +29,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from . import data
 from .pipeline import EmbeddedModelConfig, ShapesVideoPipeline, build_pipeline
-from .structured import StructuredHeads, check_head_patterns, sparse_step
+from .structured import AUTO_CANDIDATES, StructuredHeads, check_head_patterns, choose_patterns, probe_head_errors, sparse_step
 
 
 @dataclass
@@ -53,15 +53,22 @@ class TrainConfig:
             short memory while the weights move fast.
         sigma_shift (float, defaults to 1.0): shift applied to the uniform noise levels of training (1.0: uniform).
         caption_dropout (float, defaults to 0.1): probability of training a clip on "" (for guidance).
-        two_object_prob (float, defaults to 0.05): share of clips asking for two objects.
+        multi_object_prob (float, defaults to 0.25): share of clips with two or three objects.
         checkpoint_every (int, defaults to 25): steps between checkpoints (and loss plots).
         seed (int, defaults to 0): seeds the initial weights, the clips and the noise.
         threads (int, defaults to 2): torch CPU threads; a run may resume with another count.
         model (EmbeddedModelConfig): the model sizes.
         init_from (str, optional): a saved pipeline folder whose weights start the run (a fine-tuning phase) instead
             of a fresh initialisation; `seed` still draws the clips and noise.
-        head_patterns (tuple, optional): one pattern name per head per layer; heads not "full" are fine-tuned
-            towards their pattern (see `structured.py`). None: plain training.
+        head_patterns (tuple or "auto", optional): one pattern name per head per layer; heads not "full" are trained
+            towards their pattern (see `structured.py`). "auto": at step `structured_from` each head gets the
+            candidate of `auto_candidates` its probe fits best (`structured.probe_head_errors`, `choose_patterns`),
+            and the run continues structure-aware with that assignment (kept in the checkpoint). None: plain training.
+        structured_from (int, defaults to 0): with `head_patterns`, the step from which the structure-aware terms
+            apply (plain training before it).
+        auto_candidates (tuple, defaults to `structured.AUTO_CANDIDATES`): the patterns "auto" chooses among.
+        auto_full_heads (tuple, optional): with "auto", how many heads of each layer stay full (the worst-fitting
+            ones); default one in every layer but the first and the last.
         sparse_prob (float, defaults to 0.5): with `head_patterns`, the share of steps whose layers pass the
             patterned heads' sparse output on instead of the dense one.
         consistency_weight (float, defaults to 1.0): with `head_patterns`, the weight of the heads' relative squared
@@ -83,13 +90,16 @@ class TrainConfig:
     ema_decay: float = 0.995
     sigma_shift: float = 1.0
     caption_dropout: float = 0.1
-    two_object_prob: float = 0.05
+    multi_object_prob: float = 0.25
     checkpoint_every: int = 25
     seed: int = 0
     threads: int = 2
     model: EmbeddedModelConfig = field(default_factory=EmbeddedModelConfig)
     init_from: str | None = None
-    head_patterns: tuple[tuple[str, ...], ...] | None = None
+    head_patterns: tuple[tuple[str, ...], ...] | str | None = None
+    structured_from: int = 0
+    auto_candidates: tuple[str, ...] = AUTO_CANDIDATES
+    auto_full_heads: tuple[int, ...] | None = None
     sparse_prob: float = 0.5
     consistency_weight: float = 1.0
 
@@ -99,8 +109,19 @@ class TrainConfig:
         if isinstance(self.model, dict):  # as read back from a checkpoint
             self.model = EmbeddedModelConfig(**self.model)
         self.low_res, self.full_res = tuple(self.low_res), tuple(self.full_res)
-        if self.head_patterns is not None:
+        self.auto_candidates = tuple(self.auto_candidates)
+        if self.head_patterns == "auto":
+            if self.auto_full_heads is None:
+                layers = self.model.num_layers
+                self.auto_full_heads = tuple(0 if layer in (0, layers - 1) else 1 for layer in range(layers))
+            self.auto_full_heads = tuple(self.auto_full_heads)
+            if len(self.auto_full_heads) != self.model.num_layers or not all(0 <= n <= self.model.num_heads for n in self.auto_full_heads):
+                raise ValueError(f"auto_full_heads={self.auto_full_heads} must give 0..{self.model.num_heads} full heads for each of {self.model.num_layers} layers.")
+            check_head_patterns([self.auto_candidates], 1, len(self.auto_candidates))
+        elif self.head_patterns is not None:
             self.head_patterns = check_head_patterns(self.head_patterns, self.model.num_layers, self.model.num_heads)
+        if not 0 <= self.structured_from < self.steps:
+            raise ValueError(f"structured_from={self.structured_from} must be a step of the run, in [0, {self.steps}).")
         if not 0.0 <= self.sparse_prob <= 1.0 or self.consistency_weight < 0:
             raise ValueError(f"sparse_prob={self.sparse_prob} must be in [0, 1] and consistency_weight={self.consistency_weight} >= 0.")
 
@@ -120,10 +141,19 @@ def step_batch(config: TrainConfig, step: int) -> tuple[torch.Tensor, list[str],
     frames, height, width = config.full_res if full else config.low_res
     size = config.full_res_batch_size if full else config.batch_size
     first = (config.seed * 1_000_003 + step) * 64  # disjoint seeds per step (batches stay under 64 clips)
-    clips, captions = data.batch(list(range(first, first + size)), frames, height, width, config.two_object_prob)
+    clips, captions = data.batch(list(range(first, first + size)), frames, height, width, config.multi_object_prob)
     rng = random.Random(first)
     captions = ["" if rng.random() < config.caption_dropout else c for c in captions]
     return clips, captions, torch.Generator().manual_seed(first)
+
+
+def probe_batch(config: TrainConfig) -> tuple[torch.Tensor, list[str], torch.Tensor, torch.Generator]:
+    """The clips, captions, noise levels and noise generator of the "auto" head probe: three clips at `full_res`
+    (seeds no training step uses), at noise levels 0.25, 0.5 and 0.75."""
+    frames, height, width = config.full_res
+    first = (config.seed * 1_000_003 + config.steps + 1) * 64
+    clips, captions = data.batch([first, first + 1, first + 2], frames, height, width, config.multi_object_prob)
+    return clips, captions, torch.tensor([0.25, 0.5, 0.75]), torch.Generator().manual_seed(first)
 
 
 def flow_matching_loss(pipe: ShapesVideoPipeline, clips: torch.Tensor, captions: list[str], generator: torch.Generator, shift: float = 1.0) -> torch.Tensor:
@@ -147,7 +177,11 @@ class Trainer:
         self.pipe = build_pipeline(config.model, seed=config.seed)
         if config.init_from is not None:
             load_weights(self.pipe, config.init_from)
-        self.structured = StructuredHeads(self.pipe.transformer, config.head_patterns) if config.head_patterns else None
+        # the head assignment in force: the fixed table, or (with "auto") None until the probe at `structured_from`
+        self.assignment = config.head_patterns if isinstance(config.head_patterns, tuple) else None
+        self.probe_errors: list | None = None  # (layers, heads, candidates) of the "auto" probe
+        self.structured: StructuredHeads | None = None  # installed from `structured_from` on
+        self.compiled = compile
         if compile:  # one graph per step shape; about 1.6x faster steps on CPU after a minute or two of compiling
             self.pipe.transformer.compile(dynamic=False)
         self.modules = torch.nn.ModuleList([self.pipe.transformer, self.pipe.text_encoder])
@@ -173,6 +207,8 @@ class Trainer:
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "ema": self.ema.state_dict(),
             "history": self.history,
+            "assignment": self.assignment,
+            "probe_errors": self.probe_errors,
         }
         partial = self.checkpoint_path.with_suffix(".tmp")
         torch.save(state, partial)
@@ -193,10 +229,47 @@ class Trainer:
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.ema.load_state_dict(state["ema"])
         self.history = state["history"]
+        if self.config.head_patterns == "auto":
+            self.assignment = state.get("assignment")
+            self.assignment = tuple(tuple(layer) for layer in self.assignment) if self.assignment is not None else None
+        self.probe_errors = state.get("probe_errors")
+        self._update_structure()
         return True
+
+    def _update_structure(self) -> None:
+        """From `structured_from` on, the structure-aware heads are installed (after the probe, with "auto")."""
+        config = self.config
+        if config.head_patterns is None or self.step < config.structured_from or self.structured is not None:
+            return
+        if self.assignment is None:
+            self.assignment = self.probe_assignment()
+            print(f"step {self.step}: head assignment {self.assignment}", file=self.log, flush=True)
+        self.structured = StructuredHeads(self.pipe.transformer, self.assignment)
+        if self.compiled:  # graphs traced with the plain processors must not run on: trace again with the new ones
+            torch._dynamo.reset()
+
+    def probe_assignment(self) -> tuple[tuple[str, ...], ...]:
+        """Each head's best-fitting candidate, from its errors on `probe_batch` (eager, without gradients)."""
+        config = self.config
+        clips, captions, sigma, generator = probe_batch(config)
+        noise = torch.randn(clips.shape, generator=generator)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        noisy = (1 - s) * clips + s * noise
+        transformer = self.pipe.transformer
+
+        def run():
+            with torch.compiler.set_stance("force_eager"):
+                text = self.pipe.encode_prompt(captions, device=clips.device)
+                for i in range(len(clips)):  # one clip at a time: the scores of 8192 tokens are large enough
+                    transformer(hidden_states=noisy[i : i + 1], timestep=sigma[i : i + 1] * 1000, encoder_hidden_states=text[i : i + 1])
+
+        errors = probe_head_errors(transformer, run, config.auto_candidates)
+        self.probe_errors = errors.tolist()
+        return choose_patterns(errors, config.auto_candidates, config.auto_full_heads)
 
     def train_step(self) -> float:
         config = self.config
+        self._update_structure()
         clips, captions, generator = step_batch(config, self.step)
         consistency = None
         if self.structured is not None:
