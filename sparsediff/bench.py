@@ -5,6 +5,12 @@ For each case (one pattern for every head, or a mixed layer of per-head patterns
 and each backend through the runtime (head grouping, reorders and all), interleaved round by round so the
 machine's noise hits all of them alike, and reports the median. Speedup = dense / backend; the physical
 limit is 1 / density, so efficiency = speedup x density (1.0 = ideal).
+
+Band cases (one `diagonal` or `multi_diagonal` pattern on every head) also time the plain anchor of issue 16: a
+loop of SDPA calls, `ANCHOR_ROWS` queries per call over the contiguous key window their band touches, no mask, on
+q, k, v already in the pattern's kernel order. It computes more than the band (its output is not the band's: the
+rows see the whole window) and pays no reorder, so it is a speed reference only; its efficiency is taken against
+the same block density.
 """
 
 from __future__ import annotations
@@ -73,6 +79,7 @@ class CaseResult:
     ms: dict[str, float] = field(default_factory=dict)
     max_error: dict[str, float] = field(default_factory=dict)
     groups_alone_ms: dict[str, float] = field(default_factory=dict)  # mixed layers: sum of groups run alone
+    anchor_ms: float | None = None  # band cases: the plain SDPA loop (see the module docstring)
 
     def speedup(self, backend: str) -> float:
         return self.dense_ms / self.ms[backend]
@@ -84,7 +91,23 @@ class CaseResult:
         d = asdict(self)
         d["speedup"] = {b: self.speedup(b) for b in self.ms}
         d["efficiency"] = {b: self.efficiency(b) for b in self.ms}
+        if self.anchor_ms is not None:
+            d["anchor_efficiency"] = self.dense_ms / self.anchor_ms * self.density
         return d
+
+
+ANCHOR_ROWS = 320  # the issue's anchor used 256-384 queries per call
+
+
+def sdpa_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, radius: int, rows: int = ANCHOR_ROWS) -> torch.Tensor:
+    """The plain anchor: for each `rows` queries, one SDPA call over the keys within `radius` of any of them."""
+    S = q.shape[2]
+    out = torch.empty_like(q)
+    for c0 in range(0, S, rows):
+        c1 = min(S, c0 + rows)
+        k0, k1 = max(0, c0 - radius), min(S, c1 + radius)
+        out[:, :, c0:c1] = F.scaled_dot_product_attention(q[:, :, c0:c1], k[:, :, k0:k1], v[:, :, k0:k1])
+    return out
 
 
 def _sampled_error(out: torch.Tensor, q, k, v, stats: AttentionStats, rows: torch.Tensor, scale) -> float:
@@ -138,7 +161,13 @@ def run_case(
     fns: dict[str, Callable[[], object]] = {"dense": lambda: F.scaled_dot_product_attention(q, k, v)}
     for b, rt in runtimes.items():
         fns[b] = lambda rt=rt: rt(q, k, v, layout, patterns, block_size)
+    if len({p.name for p in patterns}) == 1 and patterns[0].kernel_mode == "band" and layout.num_axis_tokens == S:
+        order = patterns[0].order(layout)
+        qo, ko, vo = (x if order is None else x[:, :, order.to(x.device)].contiguous() for x in (q, k, v))
+        radius = patterns[0].kernel_radius(layout)
+        fns["anchor"] = lambda: sdpa_loop(qo, ko, vo, radius)
     times = median_ms(fns, repeats, device)
+    result.anchor_ms = times.pop("anchor", None)
     result.dense_ms = times.pop("dense")
     result.ms = times
     if len({p.name for p in patterns}) > 1:  # mixed layer: each group alone, summed
@@ -211,6 +240,12 @@ def format_table(results: Sequence[CaseResult], backends: Sequence[str]) -> str:
         for b in backends:
             row += f" {r.ms[b]:>10.1f} {r.speedup(b):>8.2f} {r.efficiency(b):>9.2f}"
         lines.append(row)
+    anchored = [r for r in results if r.anchor_ms is not None]
+    if anchored:
+        lines += ["", f"anchor: a plain loop of SDPA calls, {ANCHOR_ROWS} queries each over their contiguous key window (no mask, kernel order)"]
+        for r in anchored:
+            effs = "  ".join(f"{b} eff {r.efficiency(b):.2f}" for b in backends)
+            lines.append(f"  {r.case:<26} anchor {r.anchor_ms:>8.1f} ms  eff {r.dense_ms / r.anchor_ms * r.density:.2f}   {effs}")
     for r in results:
         for b, alone in r.groups_alone_ms.items():
             lines.append(
