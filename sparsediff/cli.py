@@ -122,9 +122,10 @@ def _cmd_show(args: argparse.Namespace) -> int:
         from .search.profile import AttentionProfile
 
         prof = AttentionProfile.load(args.plan)
-        maps, errors = render_profile(prof, args.out, layers=_ints(args.layers), steps=_ints(args.steps),
-                                      force=args.force)
-        info = {"profile": args.plan, "out": str(maps), "errors_out": str(errors), "model": prof.model.model_class,
+        maps, errors, preferred = render_profile(prof, args.out, layers=_ints(args.layers), steps=_ints(args.steps),
+                                                 force=args.force)
+        info = {"profile": args.plan, "out": str(maps), "errors_out": str(errors), "preferred_out": str(preferred),
+                "model": prof.model.model_class,
                 "layout": str(prof.layout), "mean_errors": prof.mean_errors()}
     elif args.plan:
         plan = SparsePlan.load(args.plan)
@@ -508,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--layout", help="token layout, e.g. text:16+video:4x8x8 (patterns: required)")
     show.add_argument("--block-size", type=positive_int, default=None, help="draw the block mask instead of the token mask")
     show.add_argument("--scale", type=positive_int, default=1, help="pixels per mask cell (patterns)")
-    show.add_argument("--out", required=True, help="PNG file to write (profiles: and <stem>_errors.png beside it)")
+    show.add_argument("--out", required=True, help="PNG file to write (profiles: and <stem>_errors.png, <stem>_preferred.png beside it)")
     show.add_argument("--force", action="store_true", help="overwrite existing PNGs")
     show.add_argument("--layers", help="profiles: layers to draw, comma-separated (default: first, middle, last)")
     show.add_argument("--steps", help="profiles: steps to draw, comma-separated (default: first and last)")

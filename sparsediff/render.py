@@ -257,13 +257,14 @@ def render_profile(
     dpi: int = 100,
     force: bool = True,
 ) -> tuple[Path, Path]:
-    """Write a profile (`sparsediff.search.profile.AttentionProfile`) as two PNGs.
+    """Write a profile (`sparsediff.search.profile.AttentionProfile`) as three PNGs.
 
     `out`: per-head block attention maps (log10 of the mass, query blocks down, key blocks across), one row per
     chosen (step, layer), one column per head (the first `max_heads`); by default the first, middle and last
     layers at the first and last recorded steps. `<out stem>_errors.png`: the error table as a heatmap, one row
     per (layer, head), one column per candidate, the relative L2 error averaged over the chosen steps (0..1).
-    With `force=False` an existing file at either path is refused (ValueError) before anything is drawn.
+    `<out stem>_preferred.png`: what each head became (`render_head_preferences`). With `force=False` an existing
+    file at any of the paths is refused (ValueError) before anything is drawn.
     """
     from matplotlib.figure import Figure
 
@@ -275,6 +276,9 @@ def render_profile(
     if existing and not force:
         verb = "exists" if len(existing) == 1 else "exist"
         raise ValueError(f"{' and '.join(existing)} already {verb}; pass --force to overwrite, or choose another --out.")
+    preferred_out = out.with_name(f"{out.stem}_preferred{out.suffix}")
+    if preferred_out.exists() and not force:
+        raise ValueError(f"{str(preferred_out)!r} already exists; pass --force to overwrite, or choose another --out.")
     heads = min(profile.num_heads, max_heads)
     rows = [(s, l) for s in steps for l in layers]
     fig = Figure(figsize=(max(5.0, 1.0 + 1.2 * heads), 0.6 + 1.2 * len(rows)), dpi=dpi)
@@ -310,7 +314,57 @@ def render_profile(
     fig.colorbar(image, ax=ax, fraction=0.04)
     fig.tight_layout()
     _write_atomic(errors_out, lambda tmp: fig.savefig(tmp, dpi=dpi))
-    return out, errors_out
+    render_head_preferences(profile, preferred_out, dpi=dpi)
+    return out, errors_out, preferred_out
+
+
+def head_preferences(profile, tolerance: float = 0.1) -> torch.Tensor:
+    """(steps, layers, heads) index into `profile.candidates` of each head's cheapest candidate (by block density on
+    the profile's layout) whose relative L2 error is at most `tolerance` at that recorded step; -1 where none is
+    (a profile without `full` among its candidates)."""
+    from .patterns import get_pattern
+
+    density = torch.tensor([get_pattern(c).estimated_density(profile.layout, profile.block_size) for c in profile.candidates])
+    order = torch.argsort(density, stable=True)  # cheapest first
+    fits = (profile.errors <= tolerance)[..., order]  # (T, L, H, C) in cheapest-first order
+    first = torch.where(fits.any(dim=-1), fits.to(torch.int8).argmax(dim=-1), torch.full(fits.shape[:-1], -1))
+    return torch.where(first >= 0, order[first.clamp(min=0)], first)
+
+
+def render_head_preferences(profile, out: "str | Path", tolerance: float = 0.1, dpi: int = 100) -> Path:
+    """What each head became: for every (layer, head) row and recorded step column, the cheapest candidate within
+    `tolerance` relative L2 error (`head_preferences`), coloured by its kind and labelled with its parameters."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    from .patterns import get_pattern
+
+    chosen = head_preferences(profile, tolerance)  # (T, L, H)
+    T, L, H = chosen.shape
+    grid = chosen.permute(1, 2, 0).reshape(L * H, T)  # rows layer x head, columns steps
+    image = np.full((L * H, T, 3), 255, dtype=np.uint8)
+    used = sorted({int(i) for i in grid.flatten().tolist() if i >= 0})
+    for i in used:
+        image[(grid == i).numpy()] = kind_colour(get_pattern(profile.candidates[i]).kind)
+    fig = Figure(figsize=(2.5 + 0.45 * T, 1.6 + 0.22 * L * H), dpi=dpi)
+    ax = fig.subplots()
+    ax.imshow(image, aspect="auto", interpolation="nearest")
+    for r in range(L * H):
+        for c in range(T):
+            i = int(grid[r, c])
+            name = profile.candidates[i] if i >= 0 else "none"
+            short = name.replace("multi_diagonal_", "md ").replace("diagonal_", "d ").replace("vertical_stripe_", "vs ").replace("topk_blocks_", "tk ")
+            ax.text(c, r, short, ha="center", va="center", fontsize=5)
+    ax.set_xticks(range(T), [str(s) for s in profile.steps], fontsize=7)
+    ax.set_xlabel("denoising step")
+    ax.set_yticks([l * H for l in range(L)], [f"layer {profile.layers[l]}" for l in range(L)], fontsize=7)
+    for l in range(1, L):
+        ax.axhline(l * H - 0.5, color="black", linewidth=0.8)
+    handles = [Patch(color=np.asarray(kind_colour(get_pattern(profile.candidates[i]).kind)) / 255, label=profile.candidates[i]) for i in used]
+    ax.legend(handles=handles, fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(f"each head's cheapest pattern within {tolerance:g} relative L2 error\n(rows: layer x head; {profile.layout})", fontsize=8)
+    fig.tight_layout()
+    return _write_atomic(Path(out), lambda tmp: fig.savefig(tmp, dpi=dpi))
 
 
 def render_search_report(outcomes, front, chosen, plan: SparsePlan, out: "str | Path", min_psnr: float, dpi: int = 100) -> Path:

@@ -95,8 +95,24 @@ def test_cli_profile_and_show(tmp_path, capsys):
     assert main(["show", str(out), "--out", str(png), "--layers", "1", "--steps", "0,1", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert Image.open(png).size[1] > 100 and Image.open(shown["errors_out"]).size[0] > 100
+    assert Image.open(shown["preferred_out"]).size[0] > 100
     assert main(["show", str(out), "--out", str(png), "--layers", "7"]) == 2
     assert "no layers [7]; it recorded layers [0, 1]" in capsys.readouterr().err
+
+
+def test_head_preferences_pick_the_cheapest_pattern_within_the_tolerance():
+    from sparsediff.render import head_preferences
+
+    class Profile:  # what head_preferences reads: candidates, layout, block size and errors (T, L, H, C)
+        candidates = ["full", "skip", "diagonal_w1", "diagonal_w0.25"]
+        layout = TokenLayout.parse("video:4x8x8")
+        block_size = 8
+        errors = torch.tensor([[[[0.0, 1.0, 0.05, 0.08], [0.0, 1.0, 0.3, 0.5], [0.0, 0.02, 0.01, 0.01]]]])
+
+    chosen = head_preferences(Profile(), tolerance=0.1)
+    # head 0: the narrower diagonal fits; head 1: nothing sparse fits, so full; head 2: skip is cheapest of all
+    assert chosen.tolist() == [[[3, 0, 1]]]
+    assert head_preferences(Profile(), tolerance=0.06).tolist() == [[[2, 0, 1]]]
 
 
 def test_cli_profile_model_errors(tmp_path, capsys):
