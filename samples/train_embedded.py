@@ -1,38 +1,30 @@
-"""Train sparsediff's embedded video model (`ShapesVideoPipeline`) on procedural shape clips, on the CPU.
+"""Train sparsediff's embedded video model (`ShapesVideoPipeline`) on procedural clips, on the CPU.
 
-The model generates 8 frames of 64 x 64 pixels: with patch (1, 2, 2) that is 8 x 32 x 32 = 8192 video tokens, and
-attention grows with the square of that. Measured on the 2-core CPU this was written on: eager, one step of 8 clips at
-8 x 32 x 32 pixels (2048 tokens each) took 10-13 s and one of 2 clips at 8 x 64 x 64 took 19-21 s (attention is a
-quarter of the time at 2048 tokens; RoPE, norms and modulation are most of the rest), so the transformer is
-`torch.compile`d (a minute or two, once per step shape), which brought a step of 4 clips at 8 x 32 x 32 to 1.26 s
-(median; 1.0 s at best) and one clip at 8 x 64 x 64 to 3.7 s. Two steps in three run 4 clips at 8 x 32 x 32, and
-every 3rd step one clip at the full 8 x 64 x 64, so the model sees the whole RoPE position range and the object sizes
-in pixels it generates at (these take about half the time): 1600 steps take about 65 minutes on an idle 2-core CPU.
-The run stops after 90 minutes of wall time (`--max-minutes`, per invocation); the learning-rate schedule assumes all
-`--steps` run. Under `nice -n 19` the run stalls while other work holds the CPU (single steps then take minutes), so
-the wall time is not a promise.
+The model generates 8 frames of 64 x 64 pixels: with patch (1, 2, 2) that is 8 x 32 x 32 = 8192 video tokens. The
+clips (`pipelines/embedded/data.py`, issue 16) have the statistics that make real video DiTs' heads sparse: textured
+backgrounds seen through a panning or zooming camera, and one to three objects with their own motion that may
+occlude each other; captions state the objects and the camera. The transformer is `torch.compile`d (a minute or two,
+once per step shape). Two steps in three run 4 clips at 8 x 32 x 32, every 3rd one clip at the full 8 x 64 x 64, so the
+model sees the whole RoPE position range and the object sizes in pixels it generates at.
 
-Recipe history (both runs are in BENCHMARKS.md): the first run (1500 steps planned, full resolution every 5th
-step, noise levels shifted like the scheduler's, EMA 0.999, object paths starting anywhere) was stopped at step
-1025 with speckled, motionless samples. The current defaults train noise levels uniformly, average the last ~200
-steps, go to full resolution every 3rd step, and draw paths that the caption fixes up to a small jitter.
+Recipe (the shipped model, one run): plain flow matching until `--structured-from`, then structure-aware training
+(`--structured auto`, see `pipelines/embedded/structured.py`): a probe on three held-out clips measures every head's
+relative error under the cheapest diagonal, multi-diagonal and vertical-stripe patterns and gives each head the one
+it already fits best (the worst-fitting head of each middle layer stays full); from then on each step adds those
+heads' relative squared difference between sparse and dense attention to the loss (`--consistency-weight`) and half
+the steps pass the sparse output on. The model stays a dense model; the search is not told the assignment (it is
+written to `<work-dir>/assignment.json` for the record). The shipped run, on one thread of a 2-core CPU:
 
-Recipe v3 adds a second, structure-aware phase (`--init-from` the v2 pipeline, `--structured`): the heads named in
-`DEFAULT_HEAD_PATTERNS` are pulled towards a sparse pattern (see `pipelines/embedded/structured.py`) while
-the model stays a dense model. The shipped model is both phases, 53.0 + 33.7 minutes of steps:
+    nohup .venv/bin/python samples/train_embedded.py --steps 1100 --structured auto --structured-from 450 \
+        --consistency-weight 2.0 --max-minutes 100 --work-dir runs/embedded_v2/work --out runs/embedded_v2/pipe \
+        > runs/embedded_v2/train.log 2>&1 &
 
-    .venv/bin/python samples/train_embedded.py --work-dir ~/.cache/sparsediff/embedded_train_v2 \
-        --out ~/.cache/sparsediff/embedded_v2_pipeline                                            # phase 1 (v2)
-    .venv/bin/python samples/train_embedded.py --steps 600 --full-res-every 2 --lr 3e-4 --warmup 20 --max-minutes 36 \
-        --init-from ~/.cache/sparsediff/embedded_v2_pipeline --structured --seed 1 \
-        --work-dir ~/.cache/sparsediff/embedded_train_v3 --loss-png samples/embedded_finetune_loss.png   # phase 2
+The run checkpoints every `--checkpoint-every` steps into `--work-dir` and resumes from there when started again
+(the head assignment too). At each checkpoint it redraws the loss curve (`--loss-png`) and writes the pipeline with the
+averaged (EMA) weights to `--out` (by default the package's `pipelines/assets/embedded/`), so a stopped run still
+leaves a usable model. Each step logs its loss, its seconds and the elapsed time to stderr. `--threads 1` (the
+default) leaves a core to other work: two torch threads under contention run several times slower, not faster.
 
-The run checkpoints every `--checkpoint-every` steps into `--work-dir` and resumes from there when started again.
-At each checkpoint it redraws the loss curve (`--loss-png`) and writes the pipeline with the averaged (EMA) weights
-to `--out` (by default the package's `pipelines/assets/embedded/`), so a stopped run still leaves a usable model.
-Each step logs its loss, its seconds and the elapsed time to stderr.
-
-    nohup .venv/bin/python samples/train_embedded.py > train_embedded.log 2>&1 &
     python samples/train_embedded.py --steps 20 --work-dir /tmp/embedded --out /tmp/embedded/pipe   # a smoke test
 """
 

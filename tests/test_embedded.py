@@ -209,6 +209,21 @@ def tiny_run() -> TrainConfig:
     )
 
 
+def test_a_resumed_run_may_be_lengthened_but_not_cut(tmp_path):
+    first = Trainer(tiny_run(), tmp_path)
+    first.train_step()
+    first.save_checkpoint()
+    longer = Trainer(replace(tiny_run(), steps=6), tmp_path, log=open(tmp_path / "log.txt", "w"))
+    assert longer.resume() and longer.lengthened == [{"step": 1, "from": 4, "to": 6}]
+    longer.run()
+    assert longer.step == 6 and len(longer.history) == 6
+    assert "lengthened from 4 to 6 steps at step 1" in (tmp_path / "log.txt").read_text()
+    with pytest.raises(ValueError, match="at step 6; steps=5 would end the run before it"):
+        Trainer(replace(tiny_run(), steps=5), tmp_path).resume()
+    with pytest.raises(ValueError, match="another configuration"):
+        Trainer(replace(tiny_run(), steps=8, lr=0.5), tmp_path).resume()
+
+
 def test_resumed_training_repeats_the_uninterrupted_run(tmp_path):
     config = tiny_run()
     straight = Trainer(config, tmp_path / "straight")

@@ -180,6 +180,7 @@ class Trainer:
         # the head assignment in force: the fixed table, or (with "auto") None until the probe at `structured_from`
         self.assignment = config.head_patterns if isinstance(config.head_patterns, tuple) else None
         self.probe_errors: list | None = None  # (layers, heads, candidates) of the "auto" probe
+        self.lengthened: list[dict] = []  # {"step", "from", "to"} each time a resumed run was given more steps
         self.structured: StructuredHeads | None = None  # installed from `structured_from` on
         self.compiled = compile
         if compile:  # one graph per step shape; about 1.6x faster steps on CPU after a minute or two of compiling
@@ -208,6 +209,7 @@ class Trainer:
             "ema": self.ema.state_dict(),
             "history": self.history,
             "assignment": self.assignment,
+            "lengthened": self.lengthened,
             "probe_errors": self.probe_errors,
         }
         partial = self.checkpoint_path.with_suffix(".tmp")
@@ -219,8 +221,17 @@ class Trainer:
         if not self.checkpoint_path.exists():
             return False
         state = torch.load(self.checkpoint_path, weights_only=False)
-        if replace(TrainConfig(**state["config"]), threads=self.config.threads) != self.config:
+        saved = TrainConfig(**state["config"])
+        if replace(saved, threads=self.config.threads, steps=self.config.steps) != self.config:
             raise ValueError(f"The checkpoint in {self.work_dir} was written by another configuration; resume with the same settings or use a new work directory.")
+        if self.config.steps != saved.steps:  # a run may be lengthened (never cut below where it is)
+            if self.config.steps < state["step"]:
+                raise ValueError(f"The checkpoint in {self.work_dir} is at step {state['step']}; steps={self.config.steps} would end the run before it.")
+            print(f"lengthened from {saved.steps} to {self.config.steps} steps at step {state['step']}: the learning-rate "
+                  "schedule of the remaining steps follows the new length", file=self.log, flush=True)
+            self.lengthened = [*state.get("lengthened", []), {"step": state["step"], "from": saved.steps, "to": self.config.steps}]
+        else:
+            self.lengthened = state.get("lengthened", [])
         if "lr_scheduler" not in state:  # written when the EMA was a plain list and the schedule was not saved
             raise ValueError(f"The checkpoint in {self.work_dir} was written by an older trainer without a learning-rate schedule state; start the run in a new work directory.")
         self.step = state["step"]
