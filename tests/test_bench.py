@@ -33,6 +33,25 @@ def test_bench_table_prints_correctness_before_times(capsys):
     assert out.index("correctness") < out.index("dense ms")
 
 
+def test_band_cases_time_the_plain_sdpa_loop_anchor(capsys):
+    assert main(["bench", "attention", "--seq-len", "512", "--heads", "2", "--head-dim", "16", "--block-size", "16",
+                 "--pattern", "multi_diagonal_w4", "--backend", "torch", "--repeats", "1", "--json"]) == 0
+    (r,) = json.loads(capsys.readouterr().out)["results"]
+    assert r["anchor_ms"] > 0
+    assert r["anchor_efficiency"] == pytest.approx(r["dense_ms"] / r["anchor_ms"] * r["density"], rel=1e-6)
+    assert main(["bench", "attention", "--seq-len", "512", "--heads", "2", "--head-dim", "16", "--block-size", "16",
+                 "--pattern", "vertical_stripe_f1", "--backend", "torch", "--repeats", "1", "--json"]) == 0
+    (r,) = json.loads(capsys.readouterr().out)["results"]
+    assert r["anchor_ms"] is None  # a stripe has no band to loop over
+
+
+def test_sdpa_loop_is_full_attention_when_the_radius_covers_everything():
+    import torch
+
+    q, k, v = (torch.randn(1, 2, 100, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    torch.testing.assert_close(bench.sdpa_loop(q, k, v, radius=100, rows=32), torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
 @pytest.mark.parametrize("kind", ["diagonal", "multi_diagonal", "vertical_stripe", "topk_blocks"])
 def test_pattern_for_density_hits_the_target(kind):
     layout = TokenLayout.parse("video:8x16x16")
