@@ -148,7 +148,7 @@ def _band_windows(q, k, v, spec, scale, out, q0, C, lo, hi):
     for o, lse in pieces:
         weight = (lse - total).exp_().unsqueeze(-1).to(o.dtype)
         merged = o * weight if merged is None else merged.addcmul_(o, weight)
-    out.view(B * G, Sq, D)[:, start - q0 : start - q0 + m * C] = merged.reshape(B * G, m * C, D)
+    out[:, :, start - q0 : start - q0 + m * C] = merged.view(B, G, m * C, D)
 
 
 def _triangles(C: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:

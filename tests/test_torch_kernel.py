@@ -93,6 +93,8 @@ def test_batched_band_windows_match_the_reference_and_the_chunked_form(layout_sp
     torch.testing.assert_close(torch_sparse_attention(q, k, v, spec), expect, rtol=1e-5, atol=1e-5)
     tail = q[:, :, -61:]
     torch.testing.assert_close(torch_sparse_attention(tail, k, v, spec), expect[:, :, -61:], rtol=1e-5, atol=1e-5)
+    heads_last = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)]  # strided, as (B, S, H, D) storage
+    torch.testing.assert_close(torch_sparse_attention(*heads_last, spec), expect, rtol=1e-5, atol=1e-5)
     chunked = torch_sparse_attention(q.requires_grad_(), k, v, spec)
     torch.testing.assert_close(chunked, expect, rtol=1e-5, atol=1e-5)
     chunked.sum().backward()
