@@ -15,7 +15,7 @@ heads' relative squared difference between sparse and dense attention to the los
 the steps pass the sparse output on. The model stays a dense model; the search is not told the assignment (it is
 written to `<work-dir>/assignment.json` for the record). The shipped run was started on one thread of a 2-core CPU
 (the other core busy with other work), stopped at step 400 and resumed on two threads, lengthened to 1 500 steps
-(86.3 minutes of steps in all; the probe's clips are drawn from the step count the run had at step 450, 1 100):
+(86.3 minutes of steps in all; the probe at step 450 ran in the second invocation, so its clips follow 1 500 steps):
 
     nohup .venv/bin/python samples/train_embedded.py --steps 1100 --structured auto --structured-from 450 \
         --consistency-weight 2.0 --max-minutes 100 --work-dir runs/embedded_v2/work --out runs/embedded_v2/pipe \
