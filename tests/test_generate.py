@@ -62,16 +62,20 @@ def test_cli_generate_video_dense_and_with_a_plan(tmp_path, capsys):
 
 @pytest.mark.slow  # the shipped model end to end
 def test_demo_on_the_shipped_model_at_a_small_size(tmp_path, capsys):
-    """`sparsediff demo` end to end on the embedded model and its shipped plan (2048 tokens, 7 steps: the plan keeps the first 5 dense; 2 prompts):
-    the table's figures, a playable side-by-side video of both prompts, the strip; the sparse half really sparse."""
+    """`sparsediff demo` end to end on the embedded model and its shipped plan (2048 tokens, 7 steps, 2 prompts): the
+    table's figures, a playable side-by-side video of both prompts, the strip; the sparse half really sparse."""
+    from sparsediff.api import load_pipeline
+
+    dense_steps = load_pipeline("embedded").shipped_plan().num_dense_steps(7)
+    assert 0 < dense_steps < 7
     assert main(["demo", "--out", str(tmp_path / "demo"), "--prompts", "2", "--steps", "7", "--height", "32", "--width", "32",
                  "--text-tasks", "2", "--text-length", "512", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert len(result["prompts"]) == 2 and result["prompts"][0] != result["prompts"][1]
     assert result["dense_seconds"] > 0 and result["sparse_seconds"] > 0
     assert result["speedup"] == pytest.approx(result["dense_seconds"] / result["sparse_seconds"])
-    assert 0.0 < result["density"] < result["run_density"] < 1.0  # the sparse steps ran sparse; the first 5 dense
-    assert result["run_density"] == pytest.approx((5 + 2 * result["density"]) / 7, abs=1e-3)
+    assert 0.0 < result["density"] < result["run_density"] < 1.0  # the sparse steps ran sparse; the first ones dense
+    assert result["run_density"] == pytest.approx((dense_steps + (7 - dense_steps) * result["density"]) / 7, abs=1e-3)
     assert 10.0 < result["psnr"] < 99.0 and 0.0 < result["ssim"] < 1.0  # close to dense, not identical
     assert set(result["accuracy_dense"]) == set(result["accuracy_sparse"]) >= {"colour", "direction"}
     video = iio.imread(result["files"]["side_by_side"])
@@ -94,5 +98,5 @@ def test_demo_on_the_shipped_model_at_a_small_size(tmp_path, capsys):
                  "--text-tasks", "0"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].startswith("PSNR sparse vs dense") and lines[2].startswith("SSIM sparse vs dense")
-    assert [line.split()[1] for line in lines if line.startswith("detector")] == ["colour", "shape", "direction", "modifier"]
+    assert [line.split()[1] for line in lines if line.startswith("detector")] == ["colour", "shape", "direction", "modifier", "camera"]
     assert any(line.startswith("side_by_side: ") for line in lines)
