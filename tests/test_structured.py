@@ -239,3 +239,5 @@ def test_loss_plot_shows_the_consistency_term(tmp_path):
 def test_structured_heads_refuse_a_model_that_is_not_wan():
     with pytest.raises(ValueError, match="trains Wan self-attention; got a Linear"):
         StructuredHeads(torch.nn.Linear(2, 2), [["full"]])
+    with pytest.raises(ValueError, match="probes Wan self-attention; got a Linear"):
+        probe_head_errors(torch.nn.Linear(2, 2), lambda: None)

@@ -215,7 +215,7 @@ def _world_texture(spec: ClipSpec, size: int) -> torch.Tensor:
     return torch.from_numpy(np.clip(image, 0.02, 0.55).astype(np.float32))[None]
 
 
-def _camera_view(camera: str, t: float) -> tuple[float, float, float]:
+def camera_view(camera: str, t: float) -> tuple[float, float, float]:
     """(centre x, centre y, width) of the frame in world units at time t in [0, 1]; the frame is 1 x 1 at rest."""
     c = WORLD / 2
     if camera.startswith("panning"):
@@ -235,7 +235,7 @@ def _background(spec: ClipSpec, num_frames: int, height: int, width: int) -> np.
     xs, ys = (xs + 0.5) / scale - width / scale / 2, (ys + 0.5) / scale - height / scale / 2  # frame units, centred
     grids = []
     for f in range(num_frames):
-        cx, cy, view = _camera_view(spec.camera, f / (num_frames - 1))
+        cx, cy, view = camera_view(spec.camera, f / (num_frames - 1))
         gx, gy = (cx + xs * view) / WORLD * 2 - 1, (cy + ys * view) / WORLD * 2 - 1  # grid_sample's [-1, 1]
         grids.append(np.stack([gx, gy], axis=-1))
     grid = torch.from_numpy(np.stack(grids).astype(np.float32))

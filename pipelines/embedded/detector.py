@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import CAMERAS, COLOURS, ShapeMotion, _camera_view, parse_camera, parse_caption
+from .data import CAMERAS, COLOURS, ShapeMotion, camera_view, parse_camera, parse_caption
 
 SATURATION = 0.3  # max - min of RGB: backgrounds have under 0.1, the palette over 0.6 (white aside)
 BRIGHTNESS = 0.75  # brighter than any background (<= 0.55): white objects
@@ -99,8 +99,8 @@ def camera(frames: np.ndarray) -> str:
     u, v = (xs + 0.5) / scale - W / scale / 2, (ys + 0.5) / scale - H / scale / 2  # last frame, centred frame units
     errors = {}
     for name in CAMERAS:
-        x0, y0, w0 = _camera_view(name, 0.0)
-        x1, y1, w1 = _camera_view(name, 1.0)
+        x0, y0, w0 = camera_view(name, 0.0)
+        x1, y1, w1 = camera_view(name, 1.0)
         # the world point the last frame shows at (u, v), where the first frame showed it
         fu, fv = (u * w1 + x1 - x0) / w0, (v * w1 + y1 - y0) / w0
         cols, rows = (fu + W / scale / 2) * scale - 0.5, (fv + H / scale / 2) * scale - 0.5

@@ -65,6 +65,12 @@ def check_head_patterns(head_patterns: Sequence[Sequence[str]], num_layers: int,
     return rows
 
 
+def _require_wan(transformer: torch.nn.Module, who: str) -> None:
+    family = family_of(transformer)
+    if family is None or family.name != "wan":
+        raise ValueError(f"{who} Wan self-attention; got a {type(transformer).__name__}.")
+
+
 class StructureController:
     """A controller for sparsediff's own attention intercept (the one `accelerate` uses, so the model's projections,
     norms and RoPE run as the model's own processor runs them): every layer computes its dense attention, and its
@@ -127,9 +133,7 @@ class StructuredHeads:
     """
 
     def __init__(self, transformer: torch.nn.Module, head_patterns: Sequence[Sequence[str]]):
-        family = family_of(transformer)
-        if family is None or family.name != "wan":
-            raise ValueError(f"StructuredHeads trains Wan self-attention; got a {type(transformer).__name__}.")
+        _require_wan(transformer, "StructuredHeads trains")
         fp = adapter_for(transformer).fingerprint(transformer)
         self.head_patterns = check_head_patterns(head_patterns, fp.num_layers, fp.num_heads)
         self.transformer = transformer
@@ -183,9 +187,7 @@ class ProbeController:
 def probe_head_errors(transformer: torch.nn.Module, run, candidates: Sequence[str] = AUTO_CANDIDATES) -> torch.Tensor:
     """(layers, heads, candidates) mean relative error of every head under each candidate over the forwards that
     `run()` makes with `transformer`; the model's processors are back in place afterwards."""
-    family = family_of(transformer)
-    if family is None or family.name != "wan":
-        raise ValueError(f"probe_head_errors probes Wan self-attention; got a {type(transformer).__name__}.")
+    _require_wan(transformer, "probe_head_errors probes")
     probe = ProbeController(candidates)
     installed = install_all(transformer, lambda name, n: probe, RunLog())
     try:
