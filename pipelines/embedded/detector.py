@@ -127,7 +127,7 @@ def detect(frames: np.ndarray, max_objects: int = 3) -> list[Detection]:
     return [_describe(names[c], foreground & (nearest == c)) for c in found]
 
 
-def score(frames: np.ndarray, caption: str) -> dict[str, bool]:
+def score(frames: np.ndarray, caption: str, seen_camera: str | None = None) -> dict[str, bool]:
     """Per field, whether the clip shows what the caption says (every object of it). Only as many objects are
     detected as the caption names (largest first), so stray colours in a noisy clip earn nothing. An object is matched
     to the detection of its colour; failing that (wrong colour), to the largest detection not matched yet, so that the
@@ -135,7 +135,7 @@ def score(frames: np.ndarray, caption: str) -> dict[str, bool]:
     expected = parse_caption(caption)
     detections = detect(frames, max_objects=len(expected))
     result = dict.fromkeys(FIELDS, True)
-    result["camera"] = camera(frames) == parse_camera(caption)
+    result["camera"] = (seen_camera or camera(frames)) == parse_camera(caption)  # `seen_camera`: camera(frames), if known
     unmatched = list(detections)
     for obj in sorted(expected, key=lambda o: not any(d.colour == o.colour for d in detections)):
         match = next((d for d in unmatched if d.colour == obj.colour), unmatched[0] if unmatched else None)
@@ -154,7 +154,8 @@ def accuracy(videos, captions: list[str]) -> dict:
     clips = []
     for frames, caption in zip(videos, captions):
         found = detect(frames)
-        clips.append({"caption": caption, "predicted": [_phrase(d) for d in found], "predicted_camera": camera(frames), **score(frames, caption)})
+        seen = camera(frames)
+        clips.append({"caption": caption, "predicted": [_phrase(d) for d in found], "predicted_camera": seen, **score(frames, caption, seen)})
     return {**{field: float(np.mean([c[field] for c in clips])) for field in FIELDS}, "clips": clips}
 
 
