@@ -2,6 +2,8 @@
 
 Stages (each resumable with --resume; a DM stage needs the autoencoders it encodes with):
     shape_ae, deform_ae, shape_dm, deform_dm   train one stage for --minutes of wall time
+    shape_reg, deform_reg                      the one-step regressor baseline: the DMs' networks trained at sigma_max
+                                               only (export --regressor, eval --steps 1)
     all                                        the four in order, --minutes split 22/20/20/38 %
     export                                     the four EMA models as one float16 pipeline in --export-to
     eval                                       end-to-end metrics and timings of the exported pipeline
@@ -59,7 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", required=True, choices=(*train.STAGES, "all", "export", "eval"))
+    parser.add_argument("--stage", required=True, choices=(*train.STAGES, *train.REGRESSOR_STAGES, "all", "export", "eval"))
     parser.add_argument("--minutes", type=float, default=10.0, help="wall minutes of this call (for 'all': of the four stages together)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "reconstruct", help="work folder: data, checkpoints, stage models")
     parser.add_argument("--resume", action="store_true", help="continue the stages' checkpoints in --out")
@@ -74,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sequences", type=int, default=4, help="eval: sequences of the split")
     parser.add_argument("--first", type=int, default=0, help="eval: index of the first sequence")
     parser.add_argument("--mesh-resolution", type=int, default=64)
+    parser.add_argument("--regressor", action="store_true", help="export: the one-step regressors (shape_reg, deform_reg) in the denoisers' places")
+    parser.add_argument("--steps", type=int, default=18, help="eval: Heun steps per solve (1 for a regressor pipeline)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -81,14 +85,15 @@ def main(argv: list[str] | None = None) -> int:
         model=ReconstructModelConfig(input_type=args.input_type, space_time=args.space_time), seed=args.seed, train_sequences=args.train_sequences,
     )
     if args.stage == "export":
-        train.export_pipeline(args.out, args.export_to, config)
+        train.export_pipeline(args.out, args.export_to, config, regressor=args.regressor)
         size = sum(f.stat().st_size for f in args.export_to.rglob("*") if f.is_file())
         print(f"exported to {args.export_to} ({size / 2**20:.1f} MiB)", file=sys.stderr)
         return 0
     if args.stage == "eval":
         pipe = Motion2VecSetsPipeline.from_pretrained(args.export_to, dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
-        print(json.dumps(train.evaluate_pipeline(pipe, args.split, args.sequences, args.input_type, args.mesh_resolution, first=args.first), indent=1))
+        print(json.dumps(train.evaluate_pipeline(pipe, args.split, args.sequences, args.input_type, args.mesh_resolution, first=args.first,
+                                                    num_inference_steps=args.steps), indent=1))
         return 0
     if args.init_from is not None and args.stage == "all":
         parser.error("--init-from names one stage's model; use it with a single --stage.")

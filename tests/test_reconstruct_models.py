@@ -1,6 +1,7 @@
 """The 4D reconstructor's networks, EDM pieces, pipeline and training: shapes, FPS, preconditioning, the space-time
 block's attention structure, the sparse-attention seam, save/load and resume, and a small fitting floor."""
 
+import math
 
 import numpy as np
 import pytest
@@ -398,3 +399,39 @@ def test_shipped_pipeline_reconstructs_a_held_out_sphere():
     ious = [geometry.mesh_iou(vertices[t], faces, *seq.volume_points(20000, 0, t)) for t in (0, 16)]
     assert ious[0] > 0.8 and ious[1] > 0.7
     assert geometry.correspondence_l2(vertices, seq.surface(5000, 0)) < 0.06
+
+
+def test_fixed_sigma_loss_is_the_one_step_regression_error():
+    """At a fixed sigma every sample sees that noise level; at sigma_max D(noise) is (almost) the network's output
+    alone, so the loss is the regression error of the network's guess from pure noise."""
+    clean = torch.randn(4, 5, 3, 2)
+    seen = []
+
+    def net(sample, c_noise):
+        seen.append(c_noise)
+        return torch.zeros_like(sample)
+
+    loss = edm_loss(net, clean, torch.Generator().manual_seed(0), fixed_sigma=80.0)
+    torch.testing.assert_close(seen[0], torch.full((4,), math.log(80.0) / 4))
+    # D = c_skip * (clean + noise): tiny at sigma 80, so the loss is about the mean square of the clean latents
+    torch.testing.assert_close(loss, clean.square().flatten(1).mean(1), rtol=0.05, atol=0.02)
+
+
+def test_regressor_stage_trains_the_denoiser_network_and_exports_a_one_step_pipeline(tmp_path):
+    config = train.TrainConfig(model=ReconstructModelConfig.tiny(), train_sequences=4, val_sequences=2,
+                               batch_size={"shape_ae": 2, "deform_ae": 2, "shape_dm": 2, "deform_dm": 2})
+    for stage in ("shape_ae", "deform_ae", "shape_dm", "deform_dm", "shape_reg", "deform_reg"):
+        trainer = train.train_stage(stage, config, tmp_path, minutes=0.05, resume=False)
+        assert trainer.step >= 1
+    reg = train.load_stage_model(tmp_path, "deform_reg")
+    assert type(reg) is type(train.load_stage_model(tmp_path, "deform_dm"))
+    assert any(not torch.equal(a, b) for a, b in zip(reg.parameters(), train.load_stage_model(tmp_path, "deform_dm").parameters()))
+    pipe = train.export_pipeline(tmp_path, tmp_path / "reg", config, regressor=True)
+    for a, b in zip(pipe.deformation_denoiser.parameters(), reg.parameters()):
+        torch.testing.assert_close(a, b.half().float())
+    # one step of the sampler is one evaluation of the regressor at sigma_max, from the generator's noise
+    points = torch.from_numpy(data.sparse_input(data.sequence("unseen_motion", 0), seed=0))[None]
+    out = pipe(points, num_inference_steps=1, generator=torch.Generator().manual_seed(3), output_type="latent")
+    noise = torch.randn(out.shape_latents.shape, generator=torch.Generator().manual_seed(3)) * train.SIGMA_MAX
+    expected = edm_denoise(pipe.shape_denoiser, noise, torch.tensor([train.SIGMA_MAX]), points=points[:, 0])
+    torch.testing.assert_close(out.shape_latents, expected, rtol=1e-4, atol=1e-4)

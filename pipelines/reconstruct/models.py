@@ -315,11 +315,18 @@ def edm_denoise(model: nn.Module, noisy: torch.Tensor, sigma: torch.Tensor, sigm
     return c_skip.view(expand) * noisy + c_out.view(expand) * raw
 
 
-def edm_loss(model: nn.Module, latents: torch.Tensor, generator: torch.Generator | None = None, p_mean: float = -1.2, p_std: float = 1.2, sigma_data: float = 1.0, **condition) -> torch.Tensor:
+def edm_loss(model: nn.Module, latents: torch.Tensor, generator: torch.Generator | None = None, p_mean: float = -1.2, p_std: float = 1.2, sigma_data: float = 1.0, fixed_sigma: float | None = None, **condition) -> torch.Tensor:
     """EDM training loss per sample (B,): ln sigma ~ N(p_mean, p_std^2), one sigma per sample (shared by all frames
-    of a sequence), weight (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 on the squared error of D."""
+    of a sequence), weight (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 on the squared error of D.
+
+    With `fixed_sigma` every sample is at that noise level instead: at the sampler's sigma_max the input is almost
+    pure noise, so D learns the posterior mean of the latents given the condition, i.e. the same network trained as
+    a one-step regressor (the pipeline with `num_inference_steps=1` evaluates it exactly there)."""
     batch = latents.shape[0]
-    sigma = (torch.randn(batch, generator=generator, device=latents.device) * p_std + p_mean).exp()
+    if fixed_sigma is None:
+        sigma = (torch.randn(batch, generator=generator, device=latents.device) * p_std + p_mean).exp()
+    else:
+        sigma = torch.full((batch,), float(fixed_sigma), device=latents.device)
     weight = (sigma.square() + sigma_data**2) / (sigma * sigma_data).square()
     expand = (-1,) + (1,) * (latents.dim() - 1)
     noise = torch.randn(latents.shape, generator=generator, device=latents.device) * sigma.view(expand)

@@ -26,6 +26,7 @@ a `Motion2VecSetsPipeline` saved in float16.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import sys
@@ -53,8 +54,14 @@ from .models import (
 from .pipeline import Motion2VecSetsPipeline, ReconstructModelConfig, build_pipeline
 
 STAGES = ("shape_ae", "deform_ae", "shape_dm", "deform_dm")
+# The one-step regressor baseline: the two denoisers' networks trained at sigma_max only (`edm_loss(fixed_sigma=)`),
+# on the same autoencoders' latents; a pipeline of them is run with num_inference_steps=1.
+REGRESSOR_STAGES = ("shape_reg", "deform_reg")
+REGRESSES = {"shape_reg": "shape_dm", "deform_reg": "deform_dm"}  # the diffusion stage whose network each one reuses
 STAGE_SHARE = {"shape_ae": 0.22, "deform_ae": 0.2, "shape_dm": 0.2, "deform_dm": 0.38}  # of --minutes for "all"
-MODEL_CLASSES = {"shape_ae": ShapeAutoencoder, "deform_ae": DeformationAutoencoder, "shape_dm": ShapeDenoiser, "deform_dm": DeformationDenoiser}
+MODEL_CLASSES = {"shape_ae": ShapeAutoencoder, "deform_ae": DeformationAutoencoder, "shape_dm": ShapeDenoiser, "deform_dm": DeformationDenoiser,
+                 "shape_reg": ShapeDenoiser, "deform_reg": DeformationDenoiser}
+SIGMA_MAX = 80.0  # the sampler's (EDMEulerScheduler's) largest noise level
 
 
 @dataclass
@@ -73,7 +80,7 @@ class TrainConfig:
         sparse_points (int, defaults to 128): points per frame of the sparse input.
         input_variants (int, defaults to 4): partial inputs sampled per training sequence for the DMs.
         batch_size (dict): examples per step per stage (sequences for the deformation DM).
-        lr (dict): peak AdamW learning rate per stage.
+        lr (dict): peak AdamW learning rate per stage (a regressor stage uses its diffusion stage's, as it does its batch size).
         warmup_fraction (float, defaults to 0.03): share of a stage's planned steps spent warming up.
         kl_weight (dict): KL weight per AE stage. The original's 1e-3 multiplies a KL averaged over its M x C =
             512 x 8 (shape) and 512 x 32 (deformation) latent elements, so one nat of information costs 1e-3 / 4096
@@ -174,7 +181,7 @@ def log(message: str) -> None:
 
 def step_generators(seed: int, stage: str, step: int, validation: bool = False) -> tuple[np.random.Generator, torch.Generator]:
     """The numpy and torch generators of one step (or validation draw): a function of these arguments only."""
-    key = [seed, STAGES.index(stage), step, int(validation)]
+    key = [seed, STAGE_INDEX[stage], step, int(validation)]
     return np.random.default_rng(key), torch.Generator().manual_seed(int(np.random.default_rng(key + [1]).integers(2**62)))
 
 
@@ -211,14 +218,14 @@ def deform_ae_loss(model: DeformationAutoencoder, dataset: dict, config: TrainCo
     return (predicted - truth).square().mean() + config.kl_weight["deform_ae"] * kl.mean()
 
 
-def shape_dm_loss(model: ShapeDenoiser, dataset: dict, config: TrainConfig, rng, generator) -> torch.Tensor:
+def shape_dm_loss(model: ShapeDenoiser, dataset: dict, config: TrainConfig, rng, generator, fixed_sigma: float | None = None) -> torch.Tensor:
     batch = config.batch_size["shape_dm"]
     sequences = torch.from_numpy(rng.integers(len(dataset["shape_mean"]), size=batch))
     latents = LatentPosterior(dataset["shape_mean"][sequences], dataset["shape_logvar"][sequences]).sample(generator)
-    return edm_loss(model, latents, generator, points=condition_inputs(dataset, sequences, config, rng)[:, 0]).mean()
+    return edm_loss(model, latents, generator, fixed_sigma=fixed_sigma, points=condition_inputs(dataset, sequences, config, rng)[:, 0]).mean()
 
 
-def deform_dm_loss(model: DeformationDenoiser, dataset: dict, config: TrainConfig, rng, generator) -> torch.Tensor:
+def deform_dm_loss(model: DeformationDenoiser, dataset: dict, config: TrainConfig, rng, generator, fixed_sigma: float | None = None) -> torch.Tensor:
     batch, count = config.batch_size["deform_dm"], config.train_frames
     sequences = torch.from_numpy(rng.integers(len(dataset["deform_mean"]), size=batch))
     frames = torch.from_numpy(np.stack([rng.choice(data.FRAMES, count, replace=False) for _ in range(batch)]))  # frame 0 may be drawn
@@ -227,10 +234,14 @@ def deform_dm_loss(model: DeformationDenoiser, dataset: dict, config: TrainConfi
     latents = LatentPosterior(dataset["deform_mean"][chosen], dataset["deform_logvar"][chosen]).sample(generator)  # (B, F, M, C)
     shape = LatentPosterior(dataset["shape_mean"][sequences], dataset["shape_logvar"][sequences]).sample(generator)
     inputs = condition_inputs(dataset, sequences, config, rng)  # (B, T, n, 3)
-    return edm_loss(model, latents, generator, shape_latents=shape, source_points=inputs[:, 0], target_points=inputs[rows, frames]).mean()
+    return edm_loss(model, latents, generator, fixed_sigma=fixed_sigma, shape_latents=shape, source_points=inputs[:, 0], target_points=inputs[rows, frames]).mean()
 
 
-STAGE_LOSS = {"shape_ae": shape_ae_loss, "deform_ae": deform_ae_loss, "shape_dm": shape_dm_loss, "deform_dm": deform_dm_loss}
+STAGE_LOSS = {
+    "shape_ae": shape_ae_loss, "deform_ae": deform_ae_loss, "shape_dm": shape_dm_loss, "deform_dm": deform_dm_loss,
+    "shape_reg": functools.partial(shape_dm_loss, fixed_sigma=SIGMA_MAX), "deform_reg": functools.partial(deform_dm_loss, fixed_sigma=SIGMA_MAX),
+}
+STAGE_INDEX = {stage: i for i, stage in enumerate(STAGES + REGRESSOR_STAGES)}  # seeds each stage's weights and steps
 
 
 # Posterior caches of the frozen autoencoders and validation figures.
@@ -302,10 +313,11 @@ class StageTrainer:
         self.stage, self.config, self.dataset, self.val_dataset, self.plot_dir = stage, config, dataset, val_dataset, plot_dir
         self.folder = Path(work_dir) / stage
         self.folder.mkdir(parents=True, exist_ok=True)
-        pipe = build_pipeline(config.model, seed=config.seed + STAGES.index(stage))  # all four, seeded; keep one
-        self.model = {"shape_ae": pipe.shape_autoencoder, "deform_ae": pipe.deformation_autoencoder, "shape_dm": pipe.shape_denoiser, "deform_dm": pipe.deformation_denoiser}[stage]
+        pipe = build_pipeline(config.model, seed=config.seed + STAGE_INDEX[stage])  # all four, seeded; keep one
+        self.model = {"shape_ae": pipe.shape_autoencoder, "deform_ae": pipe.deformation_autoencoder, "shape_dm": pipe.shape_denoiser, "deform_dm": pipe.deformation_denoiser,
+                      "shape_reg": pipe.shape_denoiser, "deform_reg": pipe.deformation_denoiser}[stage]
         self.model.train()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr[stage], weight_decay=0.01)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr[REGRESSES.get(stage, stage)], weight_decay=0.01)
         self.ema = EMAModel(self.model.parameters(), decay=config.ema_decay)
         self.lr_scheduler = None
         self.planned_steps = 0
@@ -455,9 +467,9 @@ def stage_datasets(stage: str, config: TrainConfig, work_dir: Path) -> tuple[dic
     train_count = config.train_sequences or data.split_size("train")
     train = load_dataset(work_dir, "train", train_count, config, input_type)
     val = load_dataset(work_dir, "val", min(config.val_sequences, data.split_size("val")), config, input_type)
-    if stage in ("shape_dm", "deform_dm"):
+    if stage in ("shape_dm", "deform_dm", *REGRESSOR_STAGES):
         shape_ae = load_stage_model(work_dir, "shape_ae")
-        deform_ae = load_stage_model(work_dir, "deform_ae") if stage == "deform_dm" else None
+        deform_ae = load_stage_model(work_dir, "deform_ae") if stage in ("deform_dm", "deform_reg") else None
         started = time.perf_counter()
         train, val = (encode_posteriors(d, config, shape_ae, deform_ae) for d in (train, val))
         log(f"{stage}: encoded posteriors in {time.perf_counter() - started:.0f} s")
@@ -485,11 +497,13 @@ def train_stage(stage: str, config: TrainConfig, work_dir: Path, minutes: float,
     return trainer
 
 
-def export_pipeline(work_dir: Path, destination: Path, config: TrainConfig) -> Motion2VecSetsPipeline:
-    """The four stages' EMA models as one pipeline, saved in float16 safetensors to `destination`."""
+def export_pipeline(work_dir: Path, destination: Path, config: TrainConfig, regressor: bool = False) -> Motion2VecSetsPipeline:
+    """The four stages' EMA models as one pipeline, saved in float16 safetensors to `destination`; with `regressor`
+    the one-step regressors take the denoisers' places (run that pipeline with num_inference_steps=1)."""
+    shape_dm, deform_dm = ("shape_reg", "deform_reg") if regressor else ("shape_dm", "deform_dm")
     pipe = Motion2VecSetsPipeline(
         shape_autoencoder=load_stage_model(work_dir, "shape_ae"), deformation_autoencoder=load_stage_model(work_dir, "deform_ae"),
-        shape_denoiser=load_stage_model(work_dir, "shape_dm"), deformation_denoiser=load_stage_model(work_dir, "deform_dm"),
+        shape_denoiser=load_stage_model(work_dir, shape_dm), deformation_denoiser=load_stage_model(work_dir, deform_dm),
         scheduler=EDMEulerScheduler(sigma_min=0.002, sigma_max=80.0, sigma_data=1.0, rho=7.0, prediction_type="epsilon"),
     )
     for component in (pipe.shape_autoencoder, pipe.deformation_autoencoder, pipe.shape_denoiser, pipe.deformation_denoiser):
@@ -514,7 +528,8 @@ def mean_of_scalars(rows: list[dict]) -> dict:
 
 
 @torch.no_grad()
-def evaluate_pipeline(pipe: Motion2VecSetsPipeline, split: str, count: int, input_type: str, mesh_resolution: int = 64, seed: int = 0, oracle: bool = True, first: int = 0) -> dict:
+def evaluate_pipeline(pipe: Motion2VecSetsPipeline, split: str, count: int, input_type: str, mesh_resolution: int = 64, seed: int = 0, oracle: bool = True, first: int = 0,
+                      num_inference_steps: int = 18) -> dict:
     """End-to-end metrics (`geometry.sequence_metrics`, averaged over sequences) and mean stage timings on `count`
     sequences of `split` from index `first`, inputs sampled with `seed` and one generator per sequence; with `oracle`
     also the metrics of `oracle_reconstruction` (the autoencoders' share of the error)."""
@@ -522,13 +537,15 @@ def evaluate_pipeline(pipe: Motion2VecSetsPipeline, split: str, count: int, inpu
     metrics, timings, oracles = [], [], []
     for index in range(first, first + count):
         seq = data.sequence(split, index)
-        out = pipe(make_input(seq, seed=seed), input_type=input_type, generator=torch.Generator().manual_seed(seed + index), mesh_resolution=mesh_resolution)
+        out = pipe(make_input(seq, seed=seed), input_type=input_type, generator=torch.Generator().manual_seed(seed + index), mesh_resolution=mesh_resolution,
+                   num_inference_steps=num_inference_steps)
         metrics.append(sequence_metrics(out.vertices[0], out.faces[0], seq))
         timings.append(out.timings)
         if oracle:
             oracles.append(sequence_metrics(*oracle_reconstruction(pipe, seq, mesh_resolution=mesh_resolution), seq))
         log(f"{split} {index}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics[-1].items() if np.isscalar(v)) + f", {sum(out.timings.values()):.1f} s")
-    result = {"split": split, "sequences": list(range(first, first + count)), "input_type": input_type, **mean_of_scalars(metrics), "seconds": mean_of_scalars(timings)}
+    result = {"split": split, "sequences": list(range(first, first + count)), "input_type": input_type, "num_inference_steps": num_inference_steps,
+              **mean_of_scalars(metrics), "seconds": mean_of_scalars(timings)}
     if oracle:
         result["oracle"] = mean_of_scalars(oracles)
     return result
