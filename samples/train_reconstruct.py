@@ -3,7 +3,8 @@
 Stages (each resumable with --resume; a DM stage needs the autoencoders it encodes with):
     shape_ae, deform_ae, shape_dm, deform_dm   train one stage for --minutes of wall time
     shape_reg, deform_reg                      the one-step regressor baseline: the DMs' networks trained at sigma_max
-                                               only (export --regressor, eval --steps 1)
+                                               only (export --regressor both|deformation, eval --steps 1 or
+                                               --deformation-steps 1)
     all                                        the four in order, --minutes split 22/20/20/38 %
     export                                     the four EMA models as one float16 pipeline in --export-to
     eval                                       end-to-end metrics and timings of the exported pipeline
@@ -76,8 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sequences", type=int, default=4, help="eval: sequences of the split")
     parser.add_argument("--first", type=int, default=0, help="eval: index of the first sequence")
     parser.add_argument("--mesh-resolution", type=int, default=64)
-    parser.add_argument("--regressor", action="store_true", help="export: the one-step regressors (shape_reg, deform_reg) in the denoisers' places")
+    parser.add_argument("--regressor", choices=("both", "deformation"), default=None,
+                        help="export: the one-step regressors (shape_reg, deform_reg) in both denoisers' places, or in the deformation denoiser's only")
     parser.add_argument("--steps", type=int, default=18, help="eval: Heun steps per solve (1 for a regressor pipeline)")
+    parser.add_argument("--deformation-steps", type=int, default=None, help="eval: Heun steps of the deformation solve (default: --steps)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe = Motion2VecSetsPipeline.from_pretrained(args.export_to, dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
         print(json.dumps(train.evaluate_pipeline(pipe, args.split, args.sequences, args.input_type, args.mesh_resolution, first=args.first,
-                                                    num_inference_steps=args.steps), indent=1))
+                                                    num_inference_steps=args.steps, deformation_steps=args.deformation_steps), indent=1))
         return 0
     if args.init_from is not None and args.stage == "all":
         parser.error("--init-from names one stage's model; use it with a single --stage.")

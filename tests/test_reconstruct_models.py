@@ -426,7 +426,7 @@ def test_regressor_stage_trains_the_denoiser_network_and_exports_a_one_step_pipe
     reg = train.load_stage_model(tmp_path, "deform_reg")
     assert type(reg) is type(train.load_stage_model(tmp_path, "deform_dm"))
     assert any(not torch.equal(a, b) for a, b in zip(reg.parameters(), train.load_stage_model(tmp_path, "deform_dm").parameters()))
-    pipe = train.export_pipeline(tmp_path, tmp_path / "reg", config, regressor=True)
+    pipe = train.export_pipeline(tmp_path, tmp_path / "reg", config, regressor="both")
     for a, b in zip(pipe.deformation_denoiser.parameters(), reg.parameters()):
         torch.testing.assert_close(a, b.half().float())
     # one step of the sampler is one evaluation of the regressor at sigma_max, from the generator's noise
@@ -435,3 +435,13 @@ def test_regressor_stage_trains_the_denoiser_network_and_exports_a_one_step_pipe
     noise = torch.randn(out.shape_latents.shape, generator=torch.Generator().manual_seed(3)) * train.SIGMA_MAX
     expected = edm_denoise(pipe.shape_denoiser, noise, torch.tensor([train.SIGMA_MAX]), points=points[:, 0])
     torch.testing.assert_close(out.shape_latents, expected, rtol=1e-4, atol=1e-4)
+    # the deformation regressor after a sampled shape: its own step count
+    pipe = train.export_pipeline(tmp_path, tmp_path / "reg_deform", config, regressor="deformation")
+    for a, b in zip(pipe.shape_denoiser.parameters(), train.load_stage_model(tmp_path, "shape_dm").parameters()):
+        torch.testing.assert_close(a, b.half().float())
+    calls = []
+    pipe.deformation_denoiser.register_forward_pre_hook(lambda module, args: calls.append(1))
+    pipe(points, num_inference_steps=3, deformation_steps=1, generator=torch.Generator().manual_seed(3), output_type="latent")
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="regressor='shape'"):
+        train.export_pipeline(tmp_path, tmp_path / "bad", config, regressor="shape")

@@ -25,6 +25,10 @@ logger = logging.getLogger(__name__)
 _CONTAINS_CHUNK = 20_000  # points per containment query: trimesh's ray fallback holds (points x hits) arrays
 
 
+class NoSurfaceError(ValueError):
+    """The occupancy field is all inside or all outside: there is no surface to mesh."""
+
+
 def extract_mesh(
     occupancy_logits_fn: Callable[[np.ndarray], np.ndarray],
     resolution: int = 64,
@@ -56,7 +60,7 @@ def extract_mesh(
     inside = int((values > threshold).sum())
     if inside in (0, len(grid)):
         where = "outside" if inside == 0 else "inside"
-        raise ValueError(
+        raise NoSurfaceError(
             f"The field has no level set at threshold={threshold}: all {len(grid)} grid points are {where} "
             f"(values in [{values.min():.4g}, {values.max():.4g}]); check the model output or the threshold."
         )

@@ -179,6 +179,7 @@ class Motion2VecSetsPipeline(DiffusionPipeline):
         input_type: str = "sparse",
         num_inference_steps: int = 18,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        deformation_steps: int | None = None,
         mesh_resolution: int = 64,
         output_type: str = "mesh",
         return_dict: bool = True,
@@ -192,6 +193,8 @@ class Motion2VecSetsPipeline(DiffusionPipeline):
             input_type (str, defaults to "sparse"): "sparse" or "partial"; must be what the deformation denoiser was
                 trained on.
             num_inference_steps (int, defaults to 18): Heun steps per solve (2 steps - 1 network evaluations).
+            deformation_steps (int, optional): Heun steps of the deformation solve when it differs from the shape's
+                (1 for a one-step deformation regressor after a sampled shape); defaults to `num_inference_steps`.
             generator (torch.Generator or a list of B, optional): seeds the starting noise of both solves.
             mesh_resolution (int, defaults to 64): marching-cubes grid of the frame-0 mesh.
             output_type (str, defaults to "mesh"): "mesh", or "latent" to stop after the two solves.
@@ -200,13 +203,14 @@ class Motion2VecSetsPipeline(DiffusionPipeline):
         points = torch.as_tensor(points, dtype=torch.float32, device=self.device)
         if points.dim() == 3:
             points = points[None]
-        self.check_inputs(points, input_type, num_inference_steps, output_type)
+        deformation_steps = num_inference_steps if deformation_steps is None else deformation_steps
+        self.check_inputs(points, input_type, min(num_inference_steps, deformation_steps), output_type)
         batch, frames = points.shape[:2]
         sigma_data = self.scheduler.config.sigma_data
         num_latents = self.shape_autoencoder.config.num_latents
         timings = {}
 
-        with self.progress_bar(total=2 * num_inference_steps) as progress_bar:
+        with self.progress_bar(total=num_inference_steps + deformation_steps) as progress_bar:
             started = time.perf_counter()
             shape_latents = self.sample_edm(
                 lambda x, sigma: edm_denoise(self.shape_denoiser, x, sigma.expand(batch), sigma_data, points=points[:, 0]),
@@ -219,7 +223,7 @@ class Motion2VecSetsPipeline(DiffusionPipeline):
             deformation_latents = self.sample_edm(
                 lambda x, sigma: edm_denoise(self.deformation_denoiser, x, sigma.expand(batch), sigma_data, **condition),
                 (batch, frames - 1, self.deformation_autoencoder.config.num_latents, self.deformation_denoiser.config.latent_channels),
-                num_inference_steps, generator, progress_bar,
+                deformation_steps, generator, progress_bar,
             )
             timings["deformation_dm"] = time.perf_counter() - started
 

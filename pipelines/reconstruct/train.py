@@ -42,7 +42,7 @@ from matplotlib.figure import Figure
 from transformers import get_cosine_schedule_with_warmup
 
 from . import data
-from .geometry import extract_mesh, sequence_metrics
+from .geometry import NoSurfaceError, extract_mesh, sequence_metrics
 from .models import (
     DeformationAutoencoder,
     DeformationDenoiser,
@@ -497,10 +497,14 @@ def train_stage(stage: str, config: TrainConfig, work_dir: Path, minutes: float,
     return trainer
 
 
-def export_pipeline(work_dir: Path, destination: Path, config: TrainConfig, regressor: bool = False) -> Motion2VecSetsPipeline:
-    """The four stages' EMA models as one pipeline, saved in float16 safetensors to `destination`; with `regressor`
-    the one-step regressors take the denoisers' places (run that pipeline with num_inference_steps=1)."""
-    shape_dm, deform_dm = ("shape_reg", "deform_reg") if regressor else ("shape_dm", "deform_dm")
+def export_pipeline(work_dir: Path, destination: Path, config: TrainConfig, regressor: str | None = None) -> Motion2VecSetsPipeline:
+    """The four stages' EMA models as one pipeline, saved in float16 safetensors to `destination`. With
+    `regressor="both"` the one-step regressors take both denoisers' places, with "deformation" only the deformation
+    denoiser's (the shape still sampled by diffusion); run such a pipeline with num_inference_steps=1."""
+    if regressor not in (None, "both", "deformation"):
+        raise ValueError(f"regressor={regressor!r}; pass None, 'both' or 'deformation'.")
+    shape_dm = "shape_reg" if regressor == "both" else "shape_dm"
+    deform_dm = "deform_reg" if regressor else "deform_dm"
     pipe = Motion2VecSetsPipeline(
         shape_autoencoder=load_stage_model(work_dir, "shape_ae"), deformation_autoencoder=load_stage_model(work_dir, "deform_ae"),
         shape_denoiser=load_stage_model(work_dir, shape_dm), deformation_denoiser=load_stage_model(work_dir, deform_dm),
@@ -529,23 +533,32 @@ def mean_of_scalars(rows: list[dict]) -> dict:
 
 @torch.no_grad()
 def evaluate_pipeline(pipe: Motion2VecSetsPipeline, split: str, count: int, input_type: str, mesh_resolution: int = 64, seed: int = 0, oracle: bool = True, first: int = 0,
-                      num_inference_steps: int = 18) -> dict:
+                      num_inference_steps: int = 18, deformation_steps: int | None = None) -> dict:
     """End-to-end metrics (`geometry.sequence_metrics`, averaged over sequences) and mean stage timings on `count`
     sequences of `split` from index `first`, inputs sampled with `seed` and one generator per sequence; with `oracle`
-    also the metrics of `oracle_reconstruction` (the autoencoders' share of the error)."""
+    also the metrics of `oracle_reconstruction` (the autoencoders' share of the error).
+
+    A sequence whose frame-0 occupancy has no surface (a one-step regressor's average shape can be all outside) is
+    listed in `no_surface`; the metric means are over the others, and `iou_no_surface_as_0` counts it as IoU 0."""
     make_input = data.sparse_input if input_type == "sparse" else data.partial_input
-    metrics, timings, oracles = [], [], []
+    metrics, timings, oracles, no_surface = [], [], [], []
     for index in range(first, first + count):
         seq = data.sequence(split, index)
-        out = pipe(make_input(seq, seed=seed), input_type=input_type, generator=torch.Generator().manual_seed(seed + index), mesh_resolution=mesh_resolution,
-                   num_inference_steps=num_inference_steps)
+        try:
+            out = pipe(make_input(seq, seed=seed), input_type=input_type, generator=torch.Generator().manual_seed(seed + index), mesh_resolution=mesh_resolution,
+                       num_inference_steps=num_inference_steps, deformation_steps=deformation_steps)
+        except NoSurfaceError as error:
+            no_surface.append(index)
+            log(f"{split} {index}: no surface ({error})")
+            continue
         metrics.append(sequence_metrics(out.vertices[0], out.faces[0], seq))
         timings.append(out.timings)
         if oracle:
             oracles.append(sequence_metrics(*oracle_reconstruction(pipe, seq, mesh_resolution=mesh_resolution), seq))
         log(f"{split} {index}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics[-1].items() if np.isscalar(v)) + f", {sum(out.timings.values()):.1f} s")
     result = {"split": split, "sequences": list(range(first, first + count)), "input_type": input_type, "num_inference_steps": num_inference_steps,
-              **mean_of_scalars(metrics), "seconds": mean_of_scalars(timings)}
+              "deformation_steps": deformation_steps or num_inference_steps, "no_surface": no_surface, **(mean_of_scalars(metrics) if metrics else {}), "seconds": mean_of_scalars(timings) if timings else {}}
+    result["iou_no_surface_as_0"] = float(sum(m["iou"] for m in metrics) / count)
     if oracle:
         result["oracle"] = mean_of_scalars(oracles)
     return result
