@@ -128,3 +128,19 @@ def test_compare_plans_runs_the_same_tasks_dense_and_sparse():
     assert 0.0 < sparse.stats["sparse_density"] < 1.0 and 0.0 <= sparse.agreement(dense) <= 1.0
     again, _ = compare_plans(pipe, tasks, "dense", backend="torch")
     assert torch.equal(again.sequences, dense.sequences)  # dense runs are deterministic, so agreement means something
+
+
+def test_recall_sequences_hold_every_value_many_times_and_ask_about_one():
+    import numpy as np
+    from sparsediff.pipelines.embedded_text.train import TrainConfig, batch, recall_sequence
+
+    words, positions, target = recall_sequence(96, 3, np.random.default_rng(0))
+    assert len(words) == 96 and words[-3] == "?" and words[-1] == "->"
+    binding = {}
+    for p in positions:  # each position is a value right after "key =", and a key always has the same value
+        assert words[p - 1] == "=" and words[p].startswith("v") and words[p - 2].startswith("k")
+        assert binding.setdefault(words[p - 2], words[p]) == words[p]
+    assert len(binding) <= 3 and len(positions) >= 96 // 5 - 2
+    assert target[0] == binding[words[-2]] and target[1:] == ["<eos>"] * 7
+    ids, supervised = batch(TrainConfig(recall_share=1.0, min_len=64, max_len=64, curriculum=0), np.random.default_rng(1))
+    assert (supervised.sum(1) > 8).all()  # the values as well as the answer slots

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import build_model, build_pipeline, build_tokenizer, save_pipeline
-from .tasks import ANSWER_SLOTS, KINDS, TRAIN_SEED, VOCAB, make_task, task_set
+from .tasks import ANSWER_SLOTS, FILLER, KEYS, KINDS, TRAIN_SEED, VALUES, VOCAB, make_task, task_set
 
 MASK = VOCAB.index("<mask>")
 INDEX = {w: i for i, w in enumerate(VOCAB)}
@@ -39,23 +39,38 @@ class TrainConfig:
     checkpoint_minutes: float = 3.0
     eval_every: int = 200
     curriculum: int = 400  # steps per doubling of the longest context, from min_len up to max_len (0: no curriculum)
-    recap_share: float = 0.5  # batches whose prompts recap some of their pairs (more lookups to learn from)
+    recall_share: float = 0.5  # batches of dense recall sequences (see `recall_sequence`)
+    recall_bindings: int = 4  # at most this many key -> value bindings per recall sequence (at least 2)
 
 
 def encode(words: list[str]) -> list[int]:
     return [INDEX[w] for w in words]
 
 
-def with_recap(task_words: list[str], count: int, rng: np.random.Generator) -> tuple[list[str], list[int]]:
-    """The prompt with a recap of `count` of its pairs (`kX = vY ;`, drawn with replacement) before the question,
-    and the positions of the recapped values. Masking those values gives many lookups per sequence to learn from
-    (the first occurrence stays visible), which the single answer of a task does not."""
-    pairs = [i for i in range(len(task_words) - 3) if task_words[i + 1] == "=" and task_words[i + 3] == ";"]
-    picks = [pairs[int(j)] for j in rng.integers(len(pairs), size=count)]
-    recap = [w for i in picks for w in task_words[i : i + 4]]
-    words = task_words[:-3] + recap + task_words[-3:]
-    start = len(task_words) - 3
-    return words, [start + 4 * r + 2 for r in range(count)]
+def recall_sequence(length: int, bindings: int, rng: np.random.Generator) -> tuple[list[str], list[int], list[str]]:
+    """A dense associative-recall sequence of about `length` tokens: `bindings` key -> value pairs written again and
+    again (`kX = vY ;` drawn with replacement, with a little filler between), then a question about one of them.
+    Returns the words, the positions of every value (each is learnable from the other occurrences of its pair when
+    masked) and the answer slots' target.
+
+    Why: a task prompt has one answer, so a batch of them gives a few dozen lookups per step; here every pair after
+    its first occurrence is one, about length / 5 per sequence. With one answer per sequence the model stayed at
+    chance on binding keys to values for thousands of steps (BENCHMARKS section 7's earlier runs)."""
+    keys = rng.choice(len(KEYS), size=bindings, replace=False)
+    values = rng.integers(len(VALUES), size=bindings)
+    words: list[str] = []
+    positions: list[int] = []
+    while len(words) < length - 3 - 4:
+        i = int(rng.integers(bindings))
+        positions.append(len(words) + 2)
+        words += [KEYS[keys[i]], "=", VALUES[values[i]], ";"]
+        if rng.uniform() < 0.25:
+            words.append(FILLER[int(rng.integers(len(FILLER)))])
+    asked = int(rng.integers(bindings))
+    words += [FILLER[int(rng.integers(len(FILLER)))] for _ in range(length - 3 - len(words))]
+    words += ["?", KEYS[keys[asked]], "->"]
+    target = [VALUES[values[asked]]] + ["<eos>"] * (ANSWER_SLOTS - 1)
+    return words, positions, target
 
 
 def longest(cfg: TrainConfig, step: int) -> int:
@@ -68,17 +83,20 @@ def longest(cfg: TrainConfig, step: int) -> int:
 
 def batch(cfg: TrainConfig, rng: np.random.Generator, step: int = 10**9) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, S) token ids of one batch of a single length (prompt, then the answer slots) and the (B, S) positions to
-    learn: the answer slots, and in a recap batch the recapped values too."""
+    learn: the answer slots, and in a recall batch every value too."""
     lo, hi = math.log(cfg.min_len), math.log(longest(cfg, step))
     length = int(math.exp(rng.uniform(lo, hi)))
     length = max(cfg.min_len, -(-length // 8) * 8)
     n = max(1, cfg.tokens_per_batch // (length + ANSWER_SLOTS))
-    recap = int(rng.integers(1, 17)) if rng.uniform() < cfg.recap_share else 0
+    recall = rng.uniform() < cfg.recall_share
     rows, learn = [], []
     for _ in range(n):
-        task = make_task(KINDS[int(rng.integers(len(KINDS)))], length, rng)
-        words, positions = with_recap(task.prompt, recap, rng) if recap else (task.prompt, [])
-        words = words + task.target()
+        if recall:
+            words, positions, target = recall_sequence(length, int(rng.integers(2, cfg.recall_bindings + 1)), rng)
+        else:
+            task = make_task(KINDS[int(rng.integers(len(KINDS)))], length, rng)
+            words, positions, target = task.prompt, [], task.target()
+        words = words + target
         rows.append(encode(words))
         learn.append(positions + list(range(len(words) - ANSWER_SLOTS, len(words))))
     ids = torch.tensor(rows)
