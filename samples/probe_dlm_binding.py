@@ -53,11 +53,16 @@ def main() -> int:
     parser.add_argument("--aux-layer", type=int, default=4, help="the layer whose output (final norm, tied head) the auxiliary loss reads")
     parser.add_argument("--init-range", type=float, default=M.MODEL_CONFIG["initializer_range"])
     parser.add_argument("--rope-theta", type=float, default=M.MODEL_CONFIG["rope_theta"])
+    parser.add_argument("--qk-init", type=float, default=None, help="re-initialise the query and key projections with this std (a softer start for attention)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
     M.MODEL_CONFIG.update(initializer_range=args.init_range, rope_theta=args.rope_theta)
     model = M.build_model(args.seed).train()
+    if args.qk_init is not None:
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                torch.nn.init.normal_(proj.weight, std=args.qk_init)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     rng = np.random.default_rng(args.seed)
     is_value = torch.zeros(len(VOCAB), dtype=torch.bool)

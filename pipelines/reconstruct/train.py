@@ -59,8 +59,8 @@ STAGES = ("shape_ae", "deform_ae", "shape_dm", "deform_dm")
 REGRESSOR_STAGES = ("shape_reg", "deform_reg")
 REGRESSES = {"shape_reg": "shape_dm", "deform_reg": "deform_dm"}  # the diffusion stage whose network each one reuses
 STAGE_SHARE = {"shape_ae": 0.22, "deform_ae": 0.2, "shape_dm": 0.2, "deform_dm": 0.38}  # of --minutes for "all"
-MODEL_CLASSES = {"shape_ae": ShapeAutoencoder, "deform_ae": DeformationAutoencoder, "shape_dm": ShapeDenoiser, "deform_dm": DeformationDenoiser,
-                 "shape_reg": ShapeDenoiser, "deform_reg": DeformationDenoiser}
+MODEL_CLASSES = {"shape_ae": ShapeAutoencoder, "deform_ae": DeformationAutoencoder, "shape_dm": ShapeDenoiser, "deform_dm": DeformationDenoiser}
+MODEL_CLASSES.update({reg: MODEL_CLASSES[dm] for reg, dm in REGRESSES.items()})
 SIGMA_MAX = 80.0  # the sampler's (EDMEulerScheduler's) largest noise level
 
 
@@ -314,8 +314,7 @@ class StageTrainer:
         self.folder = Path(work_dir) / stage
         self.folder.mkdir(parents=True, exist_ok=True)
         pipe = build_pipeline(config.model, seed=config.seed + STAGE_INDEX[stage])  # all four, seeded; keep one
-        self.model = {"shape_ae": pipe.shape_autoencoder, "deform_ae": pipe.deformation_autoencoder, "shape_dm": pipe.shape_denoiser, "deform_dm": pipe.deformation_denoiser,
-                      "shape_reg": pipe.shape_denoiser, "deform_reg": pipe.deformation_denoiser}[stage]
+        self.model = {"shape_ae": pipe.shape_autoencoder, "deform_ae": pipe.deformation_autoencoder, "shape_dm": pipe.shape_denoiser, "deform_dm": pipe.deformation_denoiser}[REGRESSES.get(stage, stage)]
         self.model.train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr[REGRESSES.get(stage, stage)], weight_decay=0.01)
         self.ema = EMAModel(self.model.parameters(), decay=config.ema_decay)
@@ -467,9 +466,9 @@ def stage_datasets(stage: str, config: TrainConfig, work_dir: Path) -> tuple[dic
     train_count = config.train_sequences or data.split_size("train")
     train = load_dataset(work_dir, "train", train_count, config, input_type)
     val = load_dataset(work_dir, "val", min(config.val_sequences, data.split_size("val")), config, input_type)
-    if stage in ("shape_dm", "deform_dm", *REGRESSOR_STAGES):
+    if REGRESSES.get(stage, stage) in ("shape_dm", "deform_dm"):
         shape_ae = load_stage_model(work_dir, "shape_ae")
-        deform_ae = load_stage_model(work_dir, "deform_ae") if stage in ("deform_dm", "deform_reg") else None
+        deform_ae = load_stage_model(work_dir, "deform_ae") if REGRESSES.get(stage, stage) == "deform_dm" else None
         started = time.perf_counter()
         train, val = (encode_posteriors(d, config, shape_ae, deform_ae) for d in (train, val))
         log(f"{stage}: encoded posteriors in {time.perf_counter() - started:.0f} s")
@@ -559,6 +558,6 @@ def evaluate_pipeline(pipe: Motion2VecSetsPipeline, split: str, count: int, inpu
     result = {"split": split, "sequences": list(range(first, first + count)), "input_type": input_type, "num_inference_steps": num_inference_steps,
               "deformation_steps": deformation_steps or num_inference_steps, "no_surface": no_surface, **(mean_of_scalars(metrics) if metrics else {}), "seconds": mean_of_scalars(timings) if timings else {}}
     result["iou_no_surface_as_0"] = float(sum(m["iou"] for m in metrics) / count)
-    if oracle:
+    if oracles:
         result["oracle"] = mean_of_scalars(oracles)
     return result
