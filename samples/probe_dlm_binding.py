@@ -4,6 +4,7 @@
     python samples/probe_dlm_binding.py --minutes 8 --echo-share 0.3             # + "; kA ->" asks for kA itself
     python samples/probe_dlm_binding.py --minutes 8 --aux-weight 1 --aux-layer 2 # + every value names its key mid-network
     python samples/probe_dlm_binding.py --minutes 8 --init-range 0.02            # Llama's default initialisation
+    python samples/probe_dlm_binding.py --minutes 10 --qk-init 0.02              # a softer start for attention only
 
 Each step is a batch of short prompts (1..--pairs `kA = vB ;` pairs among up to 4 filler words per pair, then
 `? kA ->`), all 8 answer slots masked, cross-entropy on them (the LLaDA loss with every slot masked). Every 50
