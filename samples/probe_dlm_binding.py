@@ -5,6 +5,7 @@
     python samples/probe_dlm_binding.py --minutes 8 --aux-weight 1 --aux-layer 2 # + every value names its key mid-network
     python samples/probe_dlm_binding.py --minutes 8 --init-range 0.02            # Llama's default initialisation
     python samples/probe_dlm_binding.py --minutes 10 --qk-init 0.02              # a softer start for attention only
+    python samples/probe_dlm_binding.py --minutes 9 --layers 2                   # the smallest model that can bind
 
 Each step is a batch of short prompts (1..--pairs `kA = vB ;` pairs among up to 4 filler words per pair, then
 `? kA ->`), all 8 answer slots masked, cross-entropy on them (the LLaDA loss with every slot masked). Every 50
@@ -54,11 +55,12 @@ def main() -> int:
     parser.add_argument("--aux-layer", type=int, default=4, help="the layer whose output (final norm, tied head) the auxiliary loss reads")
     parser.add_argument("--init-range", type=float, default=M.MODEL_CONFIG["initializer_range"])
     parser.add_argument("--rope-theta", type=float, default=M.MODEL_CONFIG["rope_theta"])
+    parser.add_argument("--layers", type=int, default=M.MODEL_CONFIG["num_hidden_layers"], help="transformer layers (the shipped model has 4)")
     parser.add_argument("--qk-init", type=float, default=None, help="re-initialise the query and key projections with this std (a softer start for attention)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    M.MODEL_CONFIG.update(initializer_range=args.init_range, rope_theta=args.rope_theta)
+    M.MODEL_CONFIG.update(initializer_range=args.init_range, rope_theta=args.rope_theta, num_hidden_layers=args.layers)
     model = M.build_model(args.seed).train()
     if args.qk_init is not None:
         for layer in model.model.layers:
