@@ -107,6 +107,20 @@ def main() -> int:
                     accuracy.append(round((first == ids[:, -ANSWER_SLOTS]).float().mean().item(), 2))
             print(f"step {step} loss {loss.item():.3f} aux {aux.item():.3f} accuracy echo@4 {accuracy[0]} "
                   f"lookup@1 {accuracy[1]} @4 {accuracy[2]} @16 {accuracy[3]} ({time.monotonic() - start:.0f} s)", flush=True)
+    # Which value does a 2-pair lookup pick? The asked one, the one nearer the question, or something else.
+    with torch.no_grad():
+        picks = {"asked": 0, "nearer value": 0, "farther value": 0, "other": 0}
+        for _ in range(4):
+            rows = [prompt(rng, 2, 8) for _ in range(64)]
+            ids = torch.tensor([encode(p + a) for p, a in rows])
+            x = ids.clone()
+            x[:, -ANSWER_SLOTS:] = MASK
+            first = model(input_ids=x).logits[:, -ANSWER_SLOTS].argmax(-1)
+            for (words, answer), pick in zip(rows, first.tolist()):
+                values = [w for w in words if w in VALUES]  # in text order: the second is nearer the question
+                word = VOCAB[pick]
+                picks["asked" if word == answer[0] else "nearer value" if word == values[1] else "farther value" if word == values[0] else "other"] += 1
+    print("2-pair picks:", {k: round(v / 256, 2) for k, v in picks.items()}, flush=True)
     return 0
 
 
