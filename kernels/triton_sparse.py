@@ -27,6 +27,11 @@ import triton.language as tl
 
 from .spec import SparseSpec, block_table
 
+try:  # host-side tensor descriptors (TMA on Hopper and later), Triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: the pointer kernel only
+    TensorDescriptor = None
+
 # ---- capabilities -----------------------------------------------------------------------------------------
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
@@ -36,6 +41,9 @@ MODE_IDS = {"band": 0, "stripe": 1, "blocks": 2}
 # Tiles are powers of two that divide the spec's block size; tl.dot needs at least 16 rows and columns.
 TILES = (16, 32, 64, 128)
 MIN_TILE = TILES[0]
+# The Hopper path (K and V tiles through TMA): 16-bit inputs, key tiles of 64 or 128 rows.
+TMA_DTYPES = (torch.float16, torch.bfloat16)
+TMA_TILES = (64, 128)
 
 
 def _largest_tile(block_size: int) -> int:
@@ -213,6 +221,136 @@ def _sparse_attn_fwd(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m < S)[:, None])
 
 
+# ---- Hopper path: K and V through tensor descriptors (TMA) ---------------------------------------------------
+#
+# Why a second kernel: on an H200 the pointer kernel above computes every block at 1.47x cuDNN's time
+# (BENCHMARKS section 1b). There the unmasked loop, the bulk of the work, is bound by how K and V tiles reach
+# shared memory. Here they come through TMA (tensor descriptors: one bulk copy per tile, issued ahead by the
+# software pipeliner, optionally by a producer warp group with warp specialisation), the softmax takes the
+# scale after the row max (one multiply-add per score, as in Triton's fused-attention tutorial) and needs no
+# -inf guard (every key of a full block is allowed, so the running max is finite after the first tile). The
+# masked loop (band edges, stripe ends, the ragged tail) is the pointer kernel's own: it is a small share of
+# the blocks, and its tiles may cross the sequence end, which a descriptor over all heads would not mask.
+
+
+@triton.jit
+def _attn_fwd_inner_tma(
+    acc, l_i, m_i, q, desc_k, desc_v,
+    row0, block_index, block_count, qk_scale,  # row0: this (batch, head)'s first row in the (B*G*S, D) view
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_FP32: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    """Online softmax over the listed full blocks (no mask), K and V tiles loaded through descriptors."""
+    SUB_TILES: tl.constexpr = BLOCK_SIZE // BLOCK_N
+    for i in tl.range(0, block_count * SUB_TILES, warp_specialize=WARP_SPECIALIZE):
+        row = row0 + tl.load(block_index + i // SUB_TILES) * BLOCK_SIZE + (i % SUB_TILES) * BLOCK_N
+        k = desc_k.load([row, 0])
+        if DOT_FP32:
+            k = k.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)  # 0 on the first tile, where m_i = -inf
+        l_ij = tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = desc_v.load([row, 0])
+        if DOT_FP32:
+            v = v.to(tl.float32)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        l_i = l_i * alpha + l_ij  # after the dot: fewer live registers across it
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+def _tma_configs() -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=_set_tma_block_shapes)
+        for m in TMA_TILES
+        for n in TMA_TILES
+        for w in (4, 8)
+        for s in (2, 3, 4)
+    ]
+
+
+def _set_tma_block_shapes(nargs: dict) -> None:
+    """The descriptors' tile shape is the config's key tile: set it before each launch of that config."""
+    for name in ("desc_k", "desc_v"):
+        nargs[name].block_shape = [nargs["BLOCK_N"], nargs["HEAD_DIM"]]
+
+
+def _tma_config_fits(config: triton.Config, block_size: int, head_dim: int) -> bool:
+    """Tiles divide the block size, key tiles no taller than query tiles; 8 warps only on 128x128 tiles (on
+    Hopper smaller tiles leave 8 warps idle, as the fused-attention tutorial prunes), and 128-row tiles at
+    D = 128 only with 8 warps (4 would spill)."""
+    m, n, w = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps
+    if block_size % m or block_size % n or n > m:
+        return False
+    if w == 8 and m * n < 128 * 128:
+        return False
+    return not (head_dim >= 128 and m * n >= 128 * 128 and w < 8)
+
+
+def _prune_tma_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    args = {**named_args, **kwargs}
+    if INTERPRET:  # one config; key tiles of half the query tile where possible, so the sub-tile loop runs
+        m = max(t for t in TMA_TILES if args["BLOCK_SIZE"] % t == 0)
+        n = min(TMA_TILES)
+        return [c for c in configs if c.kwargs["BLOCK_M"] == m and c.kwargs["BLOCK_N"] == n][:1]
+    return [c for c in configs if _tma_config_fits(c, args["BLOCK_SIZE"], args["HEAD_DIM"])]
+
+
+@triton.autotune(
+    configs=_tma_configs(),
+    # MODE only changes the masked loop, a small share of the work: one tuning per shape serves all modes
+    key=["S", "HEAD_DIM", "BLOCK_SIZE", "WARP_SPECIALIZE"],
+    prune_configs_by={"early_config_prune": _prune_tma_configs},
+)
+@triton.jit
+def _sparse_attn_fwd_tma(
+    Q, K, V, Out, desc_k, desc_v,
+    FULL_INDEX, FULL_COUNT, PARTIAL_INDEX, PARTIAL_COUNT,
+    sm_scale,
+    stride_fih, stride_fim, stride_fch,
+    stride_pih, stride_pim, stride_pch,
+    G, S, axis_start, axis_end, radius,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, MODE: tl.constexpr,
+    DOT_FP32: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """As `_sparse_attn_fwd`, for contiguous (B, G, S, D) 16-bit inputs: q, k, v, out share one layout."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    h = pid_bh % G
+    q_block = (pid_m * BLOCK_M) // BLOCK_SIZE
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row0 = pid_bh * S  # int32: descriptor coordinates are 32-bit
+    head = pid_bh.to(tl.int64) * S * HEAD_DIM
+    q = tl.load(Q + head + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=(offs_m < S)[:, None], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    acc, l_i, m_i = _attn_fwd_inner_tma(
+        acc, l_i, m_i, q, desc_k, desc_v, row0,
+        FULL_INDEX + h * stride_fih + q_block * stride_fim, tl.load(FULL_COUNT + h * stride_fch + q_block),
+        qk_scale, BLOCK_N, BLOCK_SIZE, DOT_FP32, WARP_SPECIALIZE,
+    )
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, K + head, V + head, HEAD_DIM, HEAD_DIM,
+        PARTIAL_INDEX + h * stride_pih + q_block * stride_pim, tl.load(PARTIAL_COUNT + h * stride_pch + q_block),
+        offs_m, offs_d, qk_scale, S, axis_start, axis_end, radius,
+        BLOCK_N, BLOCK_SIZE, MODE, True, "ieee" if DOT_FP32 else "tf32", DOT_FP32,
+    )
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(Out + head + offs_m[:, None] * HEAD_DIM + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=(offs_m < S)[:, None])
+
+
 # ---- block tables -----------------------------------------------------------------------------------------
 
 
@@ -277,8 +415,33 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spars
         )
 
 
+def tma_unavailable(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: SparseSpec, check_device: bool = True
+) -> str | None:
+    """Why the Hopper (TMA) path cannot run these inputs, or None when it can. Under the interpreter,
+    `check_device=False` lets tests run the path on the CPU."""
+    if TensorDescriptor is None:
+        return f"Triton {triton.__version__} has no host tensor descriptors (needs >= 3.4)"
+    if q.dtype not in TMA_DTYPES:
+        return f"dtype {q.dtype} (the TMA path takes float16 or bfloat16)"
+    if not all(t.is_contiguous() for t in (q, k, v)):
+        return "q, k or v is not contiguous (the TMA path views them as one (B*G*S, D) matrix)"
+    if spec.block_size % min(TMA_TILES):
+        return f"block_size={spec.block_size} is not a multiple of {min(TMA_TILES)}"
+    if check_device and (q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] < 9):
+        return "the device is not Hopper or later (compute capability >= 9)"
+    return None
+
+
 def triton_sparse_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: SparseSpec, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: SparseSpec,
+    scale: float | None = None,
+    *,
+    tma: bool | None = None,
+    warp_specialize: bool = False,
 ) -> torch.Tensor:
     """Sparse attention for one head group with the Triton kernel.
 
@@ -286,10 +449,19 @@ def triton_sparse_attention(
         q, k, v: (B, G, S, D) in the spec's kernel order; float16, bfloat16 or float32; D in 16..128.
         spec: the group's `SparseSpec` (block_mask with 1 or G heads; block_size a multiple of 16).
         scale: softmax scale, 1/sqrt(D) by default.
+        tma: the Hopper path (K and V through tensor descriptors). None: where `tma_unavailable` finds nothing
+            against it (contiguous 16-bit inputs on compute capability >= 9, block size a multiple of 64);
+            True: that path or a ValueError saying why not; False: the pointer kernel.
+        warp_specialize: on the Hopper path, split the unmasked loop into producer and consumer warps.
     Returns:
         (B, G, S, D) in q's dtype, equal to `spec_reference_attention(q, k, v, spec, scale)`.
     """
     _check_inputs(q, k, v, spec)
+    if tma is not False:
+        reason = tma_unavailable(q, k, v, spec, check_device=not (tma and INTERPRET))
+        if tma and reason:
+            raise ValueError(f"tma=True, but the Hopper path cannot run these inputs: {reason}. Pass tma=None.")
+        tma = reason is None
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # the kernel assumes unit D stride
     B, G, S, D = q.shape
     scale = D**-0.5 if scale is None else scale
@@ -299,6 +471,21 @@ def triton_sparse_attention(
     # Triton's interpreter (3.x) multiplies bfloat16 tiles as their raw 16-bit integers; it gets float32 operands
     upcast = INTERPRET and q.dtype == torch.bfloat16
     out = torch.empty((B, G, S, D), dtype=q.dtype, device=q.device)
+    if tma:
+        grid = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * G)  # noqa: E731
+        # block shapes are placeholders: each config's pre-hook sets its own key tile
+        desc_k, desc_v = (TensorDescriptor.from_tensor(t.view(B * G * S, D), [min(TMA_TILES), D]) for t in (k, v))
+        _sparse_attn_fwd_tma[grid](
+            q, k, v, out, desc_k, desc_v,
+            full_index, full_count, partial_index, partial_count,
+            scale,
+            full_index.stride(0), full_index.stride(1), full_count.stride(0),
+            partial_index.stride(0), partial_index.stride(1), partial_count.stride(0),
+            G, S, spec.axis_start, spec.axis_end, spec.radius,
+            HEAD_DIM=D, BLOCK_SIZE=spec.block_size, MODE=MODE_IDS[spec.mode],
+            DOT_FP32=upcast, WARP_SPECIALIZE=warp_specialize,
+        )
+        return out
     grid = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * G)  # noqa: E731
     _sparse_attn_fwd[grid](
         q, k, v, out,

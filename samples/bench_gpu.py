@@ -47,6 +47,13 @@ CHECK_LAYOUT = "text:32+video:4x16x16"  # 1056 tokens: text first, ragged last b
 CHECK_PATTERNS = ["diagonal_w1", "multi_diagonal_w8", "vertical_stripe_f1", "topk_blocks_k0.25"]
 DENSITIES = (0.1, 0.25, 0.5)
 CHECK_TOLERANCE = 2e-2  # max abs error allowed in bf16 against the float32 reference
+# The Triton kernel's variants, each timed side by side: the pointer kernel, the Hopper path (K/V through TMA
+# descriptors), and the Hopper path with warp specialisation. On a GPU below compute capability 9 only the first.
+VARIANTS = {
+    "triton": {"tma": False},
+    "tma": {"tma": True},
+    "tma_ws": {"tma": True, "warp_specialize": True},
+}
 
 
 def use_checkout() -> None:
@@ -165,10 +172,19 @@ def correctness(args, flex) -> list[dict]:
     for name in CHECK_PATTERNS:
         spec = make_spec(name, layout, args.block_size, args.heads)
         expect = spec_reference_attention(q, k, v, spec).float()
-        row = {"pattern": name, "triton": (triton_sparse_attention(q, k, v, spec).float() - expect).abs().max().item()}
+        row = {"pattern": name}
+        for variant in list(args.variants):
+            try:
+                out = triton_sparse_attention(q, k, v, spec, **VARIANTS[variant])
+            except Exception as error:  # noqa: BLE001  (a variant this Triton cannot build: drop it, say why)
+                args.variants.remove(variant)
+                args.variant_errors[variant] = f"{type(error).__name__}: {str(error)[:400]}"
+                print(f"  variant {variant} dropped: {args.variant_errors[variant]}", file=sys.stderr)
+                continue
+            row[variant] = (out.float() - expect).abs().max().item()
         if flex is not None:
             row["flex"] = (flex(q, k, v, spec, compiled=False).float() - expect).abs().max().item()
-        row["ok"] = all(row[key] <= CHECK_TOLERANCE for key in ("triton", "flex") if key in row)
+        row["ok"] = all(row[key] <= CHECK_TOLERANCE for key in (*VARIANTS, "flex") if key in row)
         rows.append(row)
     return rows
 
@@ -226,6 +242,8 @@ def benchmark(args, deadline: Deadline) -> tuple[list[dict], dict, list[torch.Te
     rows, specs = [], {}
     # the kernel with every block computed (a band wider than the clip): its cost per block, against dense
     cases = [*bench_cases(layout), (f"diagonal_w{layout.frames}", 1.0)]
+    # in order of value, should the deadline stop the run: every block, then density 0.25 (the targets' density)
+    cases.sort(key=lambda case: (case[1] != 1.0, case[1] != 0.25))
     for name, target in cases:
         if not deadline.allows(f"triton {name}"):
             continue
@@ -233,15 +251,29 @@ def benchmark(args, deadline: Deadline) -> tuple[list[dict], dict, list[torch.Te
         spec = specs[name] = make_spec(name, layout, args.block_size, args.heads)
         build_s = time.perf_counter() - start
         density = block_density(spec.block_mask, layout, args.block_size)
-        triton_ms = time_ms(lambda: triton_sparse_attention(q, k, v, spec), args.warmup, args.reps)
-        rows.append({
-            "pattern": name, "target_density": target, "density": density, "spec_build_s": build_s,
-            "dense_backend": best, "dense_ms": dense_ms, "triton_ms": triton_ms,
-            "speedup": dense_ms / triton_ms, "efficiency": dense_ms / triton_ms * density,
-        })
-        print(f"  {name}: density {density:.3f}, triton {triton_ms:.2f} ms ({dense_ms / triton_ms:.2f}x), "
-              f"spec {build_s:.1f} s", file=sys.stderr)
+        row = {"pattern": name, "target_density": target, "density": density, "spec_build_s": build_s,
+               "dense_backend": best, "dense_ms": dense_ms}
+        for variant in args.variants:
+            ms = time_ms(lambda: triton_sparse_attention(q, k, v, spec, **VARIANTS[variant]), args.warmup, args.reps)
+            row[f"{variant}_ms"] = ms
+            row[f"{variant}_speedup"] = dense_ms / ms
+            row[f"{variant}_efficiency"] = dense_ms / ms * density
+            row[f"{variant}_config"] = best_config(variant)
+        if "triton_ms" in row:  # the keys earlier reports used for the pointer kernel
+            row["speedup"], row["efficiency"] = row["triton_speedup"], row["triton_efficiency"]
+        rows.append(row)
+        times = ", ".join(f"{v} {row[f'{v}_ms']:.2f} ms ({row[f'{v}_speedup']:.2f}x)" for v in args.variants)
+        print(f"  {name}: density {density:.3f}, {times}, spec {build_s:.1f} s", file=sys.stderr)
     return rows, specs, [q, k, v]
+
+
+def best_config(variant: str) -> str | None:
+    """The autotuner's pick for the last call of this variant (tiles, warps, stages)."""
+    from sparsediff.kernels import triton_sparse
+
+    kernel = triton_sparse._sparse_attn_fwd if variant == "triton" else triton_sparse._sparse_attn_fwd_tma
+    config = getattr(kernel, "best_config", None)
+    return None if config is None else f"{config.kwargs} w{config.num_warps} s{config.num_stages}"
 
 
 def benchmark_flex(args, flex, rows: list[dict], specs: dict, qkv: list[torch.Tensor], deadline: Deadline) -> None:
@@ -286,17 +318,18 @@ def benchmark_mixed(args) -> dict:
             "speedup": dense_ms / sparse_ms, "efficiency": dense_ms / sparse_ms * density}
 
 
-def print_table(rows: list[dict]) -> None:
+def print_table(rows: list[dict], variants: list[str]) -> None:
     flex = "flex_ms" in rows[0]
-    head = f"{'pattern':<26}{'density':>8}{'dense ms':>10}{'triton ms':>11}{'speedup':>9}{'effic.':>8}"
+    head = f"{'pattern':<26}{'density':>8}{'dense ms':>10}"
+    for variant in variants:
+        head += f"{variant + ' ms':>12}{'speedup':>9}{'effic.':>8}"
     if flex:
         head += f"{'flex ms':>9}{'speedup':>9}{'effic.':>8}{'|tri-flex|':>11}"
     print(head)
     for r in rows:
-        line = (
-            f"{r['pattern']:<26}{r['density']:>8.3f}{r['dense_ms']:>10.2f}{r['triton_ms']:>11.2f}"
-            f"{r['speedup']:>9.2f}{r['efficiency']:>8.2f}"
-        )
+        line = f"{r['pattern']:<26}{r['density']:>8.3f}{r['dense_ms']:>10.2f}"
+        for variant in variants:
+            line += f"{r[f'{variant}_ms']:>12.2f}{r[f'{variant}_speedup']:>9.2f}{r[f'{variant}_efficiency']:>8.2f}"
         if flex:
             line += (
                 f"{r['flex_ms']:>9.2f}{r['flex_speedup']:>9.2f}{r['flex_efficiency']:>8.2f}"
@@ -305,6 +338,8 @@ def print_table(rows: list[dict]) -> None:
         print(line)
     print(f"dense = fastest SDPA backend ({rows[0].get('dense_backend', '?')}); "
           "the last row computes every block, so its speedup is the kernel's per-block cost against dense")
+    print("triton = pointer kernel; tma = Hopper path (K/V through TMA descriptors); tma_ws = it with warp "
+          "specialisation")
     print("speedup = dense ms / sparse ms; efficiency = speedup x density (1.0: time proportional to computed blocks)")
 
 
@@ -320,6 +355,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per kernel, compiles included (default 3)")
     parser.add_argument("--reps", type=int, default=20, help="timed calls per kernel; reports the median (default 20)")
     parser.add_argument("--deadline-s", type=float, default=400, help="start no new stage or case after this (default 400)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"Triton variants to time, comma-separated, from {', '.join(VARIANTS)} (default all)")
+    parser.add_argument("--no-mixed", action="store_true", help="skip the mixed-pattern layer through the runtime")
     parser.add_argument("--no-tests", action="store_true", help="skip the pytest run")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compiles take about a minute)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke test on the interpreter")
@@ -336,6 +374,11 @@ def write_report(report: dict) -> None:
 def main(argv=None) -> int:
     global DEVICE
     args = parse_args(argv)
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variants {','.join(unknown)}: unknown; choose from {', '.join(VARIANTS)}.")
+    args.variant_errors = {}
     deadline = Deadline(args.deadline_s)
     DEVICE = args.device
     use_checkout()
@@ -352,6 +395,10 @@ def main(argv=None) -> int:
     if DEVICE == "cuda" and not torch.cuda.is_available():
         print("bench_gpu.py needs a CUDA device; run it on a GPU machine (--dry-run checks the setup).", file=sys.stderr)
         return 2
+    if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        dropped = [v for v in args.variants if VARIANTS[v].get("tma")]
+        args.variants = [v for v in args.variants if v not in dropped]
+        args.variant_errors.update({v: "needs compute capability >= 9" for v in dropped})
     import triton
 
     device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (Triton interpreter: timings meaningless)"
@@ -368,11 +415,14 @@ def main(argv=None) -> int:
             print(f"FlexAttention column skipped: {error}.", file=sys.stderr)
 
     report["correctness"] = correctness(args, flex)
+    report["variants"], report["variant_errors"] = args.variants, args.variant_errors
     print(f"\ncorrectness on {args.check_layout}, bf16, D={args.head_dim}, block {args.block_size}: "
           f"max abs error vs the dense masked reference (tolerance {CHECK_TOLERANCE})")
     for row in report["correctness"]:
-        flex_error = f"  flex (eager) {row['flex']:.2e}" if "flex" in row else ""
-        print(f"  {row['pattern']:<22} triton {row['triton']:.2e}{flex_error}  {'ok' if row['ok'] else 'FAIL'}")
+        errors = "  ".join(f"{key} {row[key]:.2e}" for key in (*VARIANTS, "flex") if key in row)
+        print(f"  {row['pattern']:<22} {errors}  {'ok' if row['ok'] else 'FAIL'}")
+    for variant, error in args.variant_errors.items():
+        print(f"  variant {variant} not run: {error}")
     write_report(report)
 
     layout = TokenLayout.parse(args.layout)
@@ -381,7 +431,7 @@ def main(argv=None) -> int:
     report["results"], specs, qkv = benchmark(args, deadline)
     report["dense_backends_ms"] = args.dense_backends_ms
     write_report(report)
-    if deadline.allows("mixed layer"):
+    if not args.no_mixed and deadline.allows("mixed layer"):
         try:
             report["mixed"] = benchmark_mixed(args)
         except Exception as error:  # noqa: BLE001  (report it; the other stages still run)
@@ -395,7 +445,7 @@ def main(argv=None) -> int:
             print(f"FlexAttention column failed: {error!r}", file=sys.stderr)
         write_report(report)
     if report["results"]:
-        print_table(report["results"])
+        print_table(report["results"], args.variants)
     mixed = report.get("mixed", {})
     if "speedup" in mixed:
         print(f"mixed layer {mixed['patterns']}: density {mixed['density']:.3f}, dense {mixed['dense_ms']:.2f} ms, "

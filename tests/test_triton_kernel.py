@@ -36,10 +36,10 @@ def qkv(B: int, G: int, S: int, D: int, dtype=torch.float32, seed: int = 0) -> l
     return [torch.randn(B, G, S, D, generator=g).to(DEVICE, dtype) for _ in range(3)]
 
 
-def check(spec: SparseSpec, B=2, G=2, D=64, dtype=torch.float32, seed=0):
+def check(spec: SparseSpec, B=2, G=2, D=64, dtype=torch.float32, seed=0, **kwargs):
     """The kernel on random (B, G, S, D) inputs, taken as already in the spec's kernel order, vs the reference."""
     q, k, v = qkv(B, G, spec.seq_len, D, dtype, seed)
-    out = triton_sparse_attention(q, k, v, spec)
+    out = triton_sparse_attention(q, k, v, spec, **kwargs)
     expect = spec_reference_attention(q, k, v, spec)
     assert out.shape == q.shape and out.dtype == dtype
     atol, rtol = TOLERANCE[dtype]
@@ -176,6 +176,55 @@ def test_bad_inputs_raise_with_the_fix():
         triton_sparse_attention(q, k, v, per_head)
 
 
+# ---- the Hopper path (TMA descriptors), run by the interpreter on the CPU -------------------------------------
+
+
+@pytest.mark.parametrize("name", PATTERNS)
+@pytest.mark.parametrize(
+    "layout",
+    ["text:32+video:2x8x16", "video:3x7x9+text:20"],  # text first / text last, both ragged at block size 64
+)
+def test_tma_path_matches_reference(name, layout, monkeypatch):
+    monkeypatch.setattr(triton_sparse, "_sparse_attn_fwd", None)  # the pointer kernel must not be what runs
+    check(make_spec(name, layout, block_size=64, heads=2), B=2, G=2, D=32, dtype=torch.float16, tma=True)
+
+
+@pytest.mark.parametrize("name", ["diagonal_w1", "topk_blocks_k0.5"])
+def test_tma_path_bfloat16_block_128_head_dim_64(name):
+    check(make_spec(name, "video:2x8x16", block_size=128, heads=1), B=1, G=2, D=64, dtype=torch.bfloat16, tma=True)
+
+
+def test_tma_path_is_chosen_only_where_it_can_run():
+    spec = make_spec("diagonal_w1", "video:2x8x8", block_size=64, heads=1)
+    q, k, v = qkv(1, 1, 128, 32, torch.float16)
+    assert triton_sparse.tma_unavailable(q, k, v, spec) is not None  # the CPU is no Hopper GPU: auto = pointers
+    assert triton_sparse.tma_unavailable(q, k, v, spec, check_device=False) is None
+    with pytest.raises(ValueError, match=r"tma=True.*dtype torch.float32.*Pass tma=None"):
+        triton_sparse_attention(q.float(), k.float(), v.float(), spec, tma=True)
+    with pytest.raises(ValueError, match="not contiguous"):
+        triton_sparse_attention(q.transpose(2, 3).contiguous().transpose(2, 3), k, v, spec, tma=True)
+    small = make_spec("diagonal_w1", "video:2x8x8", block_size=32, heads=1)
+    with pytest.raises(ValueError, match="block_size=32 is not a multiple of 64"):
+        triton_sparse_attention(q, k, v, small, tma=True)
+
+
+@pytest.mark.parametrize("block_size", [64, 128, 192, 256])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_tma_configs_divide_the_block_size(block_size, head_dim):
+    kept = [c for c in triton_sparse._tma_configs() if triton_sparse._tma_config_fits(c, block_size, head_dim)]
+    assert 1 <= len(kept) <= 12
+    for config in kept:
+        assert block_size % config.kwargs["BLOCK_M"] == 0 and block_size % config.kwargs["BLOCK_N"] == 0
+        assert config.kwargs["BLOCK_N"] <= config.kwargs["BLOCK_M"]
+        tile = config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"]
+        assert config.num_warps == 4 or tile >= 128 * 128  # 8 warps only on 128x128 tiles
+        assert config.num_warps == 8 or tile < 128 * 128 or head_dim < 128  # D = 128 on 128x128: 8 warps
+    args = {"BLOCK_N": kept[0].kwargs["BLOCK_N"], "HEAD_DIM": head_dim}
+    args.update(desc_k=type("D", (), {})(), desc_v=type("D", (), {})())
+    kept[0].pre_hook(args)
+    assert args["desc_k"].block_shape == args["desc_v"].block_shape == [args["BLOCK_N"], head_dim]
+
+
 def test_cpu_tensors_without_the_interpreter_raise(monkeypatch):
     monkeypatch.setattr(triton_sparse, "INTERPRET", False)
     spec = make_spec("diagonal_w1", "video:97x1x1", block_size=32, heads=1)
@@ -197,6 +246,17 @@ def test_gpu_long_sequence_bf16_head_dim_128(name):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gpu_ragged_long_sequence(dtype):
     check(make_spec("diagonal_w0.5", "text:77+video:7x30x45", block_size=64, heads=1), B=2, G=2, D=64, dtype=dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("warp_specialize", [False, True])
+@pytest.mark.parametrize("name", ["diagonal_w1", "vertical_stripe_f1", "topk_blocks_k0.25"])
+def test_gpu_tma_path_long_sequence(name, warp_specialize):
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA path needs compute capability >= 9")
+    spec = make_spec(name, "text:64+video:8x32x32", block_size=128, heads=2)
+    check(spec, B=1, G=2, D=128, dtype=torch.bfloat16, tma=True, warp_specialize=warp_specialize)
+    check(spec, B=1, G=2, D=128, dtype=torch.bfloat16, tma=False)
 
 
 @pytest.mark.gpu
