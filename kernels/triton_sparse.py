@@ -226,7 +226,7 @@ def _sparse_attn_fwd(
 # Why a second kernel: on an H200 the pointer kernel above computes every block at 1.47x cuDNN's time
 # (BENCHMARKS section 1b). There the unmasked loop, the bulk of the work, is bound by how K and V tiles reach
 # shared memory. Here they come through TMA (tensor descriptors: one bulk copy per tile, issued ahead by the
-# software pipeliner, optionally by a producer warp group with warp specialisation), the softmax takes the
+# software pipeliner), the softmax takes the
 # scale after the row max (one multiply-add per score, as in Triton's fused-attention tutorial) and needs no
 # -inf guard (every key of a full block is allowed, so the running max is finite after the first tile). The
 # masked loop (band edges, stripe ends, the ragged tail) is the pointer kernel's own: it is a small share of
@@ -237,22 +237,42 @@ def _sparse_attn_fwd(
 def _attn_fwd_inner_tma(
     acc, l_i, m_i, q, desc_k, desc_v,
     row0, block_index, block_count, qk_scale,  # row0: this (batch, head)'s first row in the (B*G*S, D) view
-    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_FP32: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    offs_m, S, axis_start, axis_end, radius,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, MODE: tl.constexpr, MASKED: tl.constexpr,
+    CONTIGUOUS: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """Online softmax over the listed full blocks (no mask), K and V tiles loaded through descriptors."""
+    """Online softmax over the listed blocks, K and V tiles loaded through descriptors. MASKED applies the token
+    rule (only called so when S is a multiple of the block size: no tile crosses into the next head's rows).
+    CONTIGUOUS: this table's blocks are consecutive in every row, so the loop reads only the first index and
+    walks keys from there, with no index load inside the loop."""
     SUB_TILES: tl.constexpr = BLOCK_SIZE // BLOCK_N
-    for i in tl.range(0, block_count * SUB_TILES, warp_specialize=WARP_SPECIALIZE):
-        row = row0 + tl.load(block_index + i // SUB_TILES) * BLOCK_SIZE + (i % SUB_TILES) * BLOCK_N
-        k = desc_k.load([row, 0])
+    first = tl.load(block_index) * BLOCK_SIZE  # a row with count 0 reads its -1 padding and never uses it
+    # Not warp-specialised: tl.range(..., warp_specialize=True) fails to compile this loop for sm_90 on Triton
+    # 3.6 (an assertion in its WSLowerToken pass; BENCHMARKS section 1b), so the pipeliner alone overlaps loads.
+    for i in tl.range(0, block_count * SUB_TILES):
+        if CONTIGUOUS:
+            start_n = first + i * BLOCK_N
+        else:
+            start_n = tl.load(block_index + i // SUB_TILES) * BLOCK_SIZE + (i % SUB_TILES) * BLOCK_N
+        k = desc_k.load([row0 + start_n, 0])
         if DOT_FP32:
             k = k.to(tl.float32)
         qk = tl.dot(q, tl.trans(k))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)  # 0 on the first tile, where m_i = -inf
+        if MASKED:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            allowed = _allowed(offs_m, offs_n, S, axis_start, axis_end, radius, MODE)
+            qk = tl.where(allowed, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # no allowed key yet: exp2 gives 0, not NaN
+            p = tl.math.exp2(qk - m_shift[:, None])
+            alpha = tl.math.exp2(m_i - m_shift)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)  # 0 on the first tile, where m_i = -inf
         l_ij = tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v = desc_v.load([row, 0])
+        v = desc_v.load([row0 + start_n, 0])
         if DOT_FP32:
             v = v.to(tl.float32)
         acc = tl.dot(p.to(v.dtype), v, acc)
@@ -272,17 +292,18 @@ def _tma_configs() -> list[triton.Config]:
 
 
 def _set_tma_block_shapes(nargs: dict) -> None:
-    """The descriptors' tile shape is the config's key tile: set it before each launch of that config."""
+    """The descriptors' tile shapes are the config's tiles: set them before each launch of that config."""
     for name in ("desc_k", "desc_v"):
         nargs[name].block_shape = [nargs["BLOCK_N"], nargs["HEAD_DIM"]]
+    for name in ("desc_q", "desc_o"):
+        nargs[name].block_shape = [nargs["BLOCK_M"], nargs["HEAD_DIM"]]
 
 
 def _tma_config_fits(config: triton.Config, block_size: int, head_dim: int) -> bool:
-    """Tiles divide the block size, key tiles no taller than query tiles; 8 warps only on 128x128 tiles (on
-    Hopper smaller tiles leave 8 warps idle, as the fused-attention tutorial prunes), and 128-row tiles at
-    D = 128 only with 8 warps (4 would spill)."""
+    """Tiles divide the block size; 8 warps only on 128x128 tiles (on Hopper smaller tiles leave 8 warps idle,
+    as the fused-attention tutorial prunes), and 128x128 tiles at D = 128 only with 8 warps (4 would spill)."""
     m, n, w = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps
-    if block_size % m or block_size % n or n > m:
+    if block_size % m or block_size % n:
         return False
     if w == 8 and m * n < 128 * 128:
         return False
@@ -301,22 +322,25 @@ def _prune_tma_configs(configs: list[triton.Config], named_args: dict, **kwargs)
 @triton.autotune(
     configs=_tma_configs(),
     # MODE only changes the masked loop, a small share of the work: one tuning per shape serves all modes
-    key=["S", "HEAD_DIM", "BLOCK_SIZE", "WARP_SPECIALIZE"],
+    key=["S", "HEAD_DIM", "BLOCK_SIZE", "EVEN", "CONTIGUOUS"],
     prune_configs_by={"early_config_prune": _prune_tma_configs},
 )
 @triton.jit
 def _sparse_attn_fwd_tma(
-    Q, K, V, Out, desc_k, desc_v,
+    Q, K, V, Out, desc_q, desc_k, desc_v, desc_o,
     FULL_INDEX, FULL_COUNT, PARTIAL_INDEX, PARTIAL_COUNT,
     sm_scale,
     stride_fih, stride_fim, stride_fch,
     stride_pih, stride_pim, stride_pch,
     G, S, axis_start, axis_end, radius,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, MODE: tl.constexpr,
-    DOT_FP32: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    EVEN: tl.constexpr,  # S is a multiple of BLOCK_SIZE: every tile lies inside its head's rows
+    CONTIGUOUS: tl.constexpr,  # every row of the full table is one run of consecutive blocks
+    DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """As `_sparse_attn_fwd`, for contiguous (B, G, S, D) 16-bit inputs: q, k, v, out share one layout."""
+    """As `_sparse_attn_fwd`, for contiguous (B, G, S, D) 16-bit inputs: q, k, v, out share one layout. Q and
+    the output go through descriptors too when EVEN; otherwise they and the masked loop use masked pointers."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     h = pid_bh % G
@@ -325,7 +349,10 @@ def _sparse_attn_fwd_tma(
     offs_d = tl.arange(0, HEAD_DIM)
     row0 = pid_bh * S  # int32: descriptor coordinates are 32-bit
     head = pid_bh.to(tl.int64) * S * HEAD_DIM
-    q = tl.load(Q + head + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=(offs_m < S)[:, None], other=0.0)
+    if EVEN:
+        q = desc_q.load([row0 + pid_m * BLOCK_M, 0])
+    else:
+        q = tl.load(Q + head + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=(offs_m < S)[:, None], other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
 
@@ -337,18 +364,29 @@ def _sparse_attn_fwd_tma(
     acc, l_i, m_i = _attn_fwd_inner_tma(
         acc, l_i, m_i, q, desc_k, desc_v, row0,
         FULL_INDEX + h * stride_fih + q_block * stride_fim, tl.load(FULL_COUNT + h * stride_fch + q_block),
-        qk_scale, BLOCK_N, BLOCK_SIZE, DOT_FP32, WARP_SPECIALIZE,
+        qk_scale, offs_m, S, axis_start, axis_end, radius,
+        BLOCK_N, BLOCK_SIZE, MODE, False, CONTIGUOUS, DOT_FP32,
     )
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, K + head, V + head, HEAD_DIM, HEAD_DIM,
-        PARTIAL_INDEX + h * stride_pih + q_block * stride_pim, tl.load(PARTIAL_COUNT + h * stride_pch + q_block),
-        offs_m, offs_d, qk_scale, S, axis_start, axis_end, radius,
-        BLOCK_N, BLOCK_SIZE, MODE, True, "ieee" if DOT_FP32 else "tf32", DOT_FP32,
-    )
+    partial_index = PARTIAL_INDEX + h * stride_pih + q_block * stride_pim
+    partial_count = tl.load(PARTIAL_COUNT + h * stride_pch + q_block)
+    if EVEN:
+        acc, l_i, m_i = _attn_fwd_inner_tma(
+            acc, l_i, m_i, q, desc_k, desc_v, row0, partial_index, partial_count,
+            qk_scale, offs_m, S, axis_start, axis_end, radius,
+            BLOCK_N, BLOCK_SIZE, MODE, True, False, DOT_FP32,
+        )
+    else:  # tiles may cross S: the pointer loop masks the loads
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, K + head, V + head, HEAD_DIM, HEAD_DIM, partial_index, partial_count,
+            offs_m, offs_d, qk_scale, S, axis_start, axis_end, radius,
+            BLOCK_N, BLOCK_SIZE, MODE, True, "ieee" if DOT_FP32 else "tf32", DOT_FP32,
+        )
 
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(Out + head + offs_m[:, None] * HEAD_DIM + offs_d[None, :], out.to(Out.dtype.element_ty),
-             mask=(offs_m < S)[:, None])
+    out = (acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]).to(Out.dtype.element_ty)
+    if EVEN:
+        desc_o.store([row0 + pid_m * BLOCK_M, 0], out)
+    else:
+        tl.store(Out + head + offs_m[:, None] * HEAD_DIM + offs_d[None, :], out, mask=(offs_m < S)[:, None])
 
 
 # ---- block tables -----------------------------------------------------------------------------------------
@@ -361,6 +399,22 @@ def full_and_partial_blocks(spec: SparseSpec) -> tuple[torch.Tensor, torch.Tenso
     if spec.seq_len % spec.block_size:
         full[..., -1] = False
     return full, spec.block_mask & ~full
+
+
+def runs_are_contiguous(index: torch.Tensor, count: torch.Tensor) -> bool:
+    """Whether every row of a block table (index (G, nq, max_k) padded with -1, count (G, nq)) lists one run of
+    consecutive blocks: bands and stripes over a video axis do, top-k selections and text columns usually not."""
+    steps = torch.arange(index.shape[-1], device=index.device)
+    valid = steps < count[..., None]
+    return bool(((index == index[..., :1] + steps) | ~valid).all())
+
+
+def _full_table_is_contiguous(spec: SparseSpec, device: torch.device) -> bool:
+    flag = spec.cached(
+        "triton_full_contiguous", torch.device("cpu"),
+        lambda: torch.tensor(runs_are_contiguous(*block_table(full_and_partial_blocks(spec)[0]))),
+    )
+    return bool(flag)
 
 
 def _block_tables(spec: SparseSpec, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -441,7 +495,6 @@ def triton_sparse_attention(
     scale: float | None = None,
     *,
     tma: bool | None = None,
-    warp_specialize: bool = False,
 ) -> torch.Tensor:
     """Sparse attention for one head group with the Triton kernel.
 
@@ -452,7 +505,6 @@ def triton_sparse_attention(
         tma: the Hopper path (K and V through tensor descriptors). None: where `tma_unavailable` finds nothing
             against it (contiguous 16-bit inputs on compute capability >= 9, block size a multiple of 64);
             True: that path or a ValueError saying why not; False: the pointer kernel.
-        warp_specialize: on the Hopper path, split the unmasked loop into producer and consumer warps.
     Returns:
         (B, G, S, D) in q's dtype, equal to `spec_reference_attention(q, k, v, spec, scale)`.
     """
@@ -473,17 +525,20 @@ def triton_sparse_attention(
     out = torch.empty((B, G, S, D), dtype=q.dtype, device=q.device)
     if tma:
         grid = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * G)  # noqa: E731
-        # block shapes are placeholders: each config's pre-hook sets its own key tile
-        desc_k, desc_v = (TensorDescriptor.from_tensor(t.view(B * G * S, D), [min(TMA_TILES), D]) for t in (k, v))
+        # block shapes are placeholders: each config's pre-hook sets its own tiles
+        desc_q, desc_k, desc_v, desc_o = (
+            TensorDescriptor.from_tensor(t.view(B * G * S, D), [min(TMA_TILES), D]) for t in (q, k, v, out)
+        )
         _sparse_attn_fwd_tma[grid](
-            q, k, v, out, desc_k, desc_v,
+            q, k, v, out, desc_q, desc_k, desc_v, desc_o,
             full_index, full_count, partial_index, partial_count,
             scale,
             full_index.stride(0), full_index.stride(1), full_count.stride(0),
             partial_index.stride(0), partial_index.stride(1), partial_count.stride(0),
             G, S, spec.axis_start, spec.axis_end, spec.radius,
             HEAD_DIM=D, BLOCK_SIZE=spec.block_size, MODE=MODE_IDS[spec.mode],
-            DOT_FP32=upcast, WARP_SPECIALIZE=warp_specialize,
+            EVEN=S % spec.block_size == 0, CONTIGUOUS=_full_table_is_contiguous(spec, q.device),
+            DOT_FP32=upcast,
         )
         return out
     grid = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * G)  # noqa: E731

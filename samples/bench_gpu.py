@@ -47,12 +47,11 @@ CHECK_LAYOUT = "text:32+video:4x16x16"  # 1056 tokens: text first, ragged last b
 CHECK_PATTERNS = ["diagonal_w1", "multi_diagonal_w8", "vertical_stripe_f1", "topk_blocks_k0.25"]
 DENSITIES = (0.1, 0.25, 0.5)
 CHECK_TOLERANCE = 2e-2  # max abs error allowed in bf16 against the float32 reference
-# The Triton kernel's variants, each timed side by side: the pointer kernel, the Hopper path (K/V through TMA
-# descriptors), and the Hopper path with warp specialisation. On a GPU below compute capability 9 only the first.
+# The Triton kernel's variants, each timed side by side: the pointer kernel and the Hopper path (Q/K/V/out through
+# TMA descriptors). On a GPU below compute capability 9 only the first.
 VARIANTS = {
     "triton": {"tma": False},
     "tma": {"tma": True},
-    "tma_ws": {"tma": True, "warp_specialize": True},
 }
 
 
@@ -338,8 +337,7 @@ def print_table(rows: list[dict], variants: list[str]) -> None:
         print(line)
     print(f"dense = fastest SDPA backend ({rows[0].get('dense_backend', '?')}); "
           "the last row computes every block, so its speedup is the kernel's per-block cost against dense")
-    print("triton = pointer kernel; tma = Hopper path (K/V through TMA descriptors); tma_ws = it with warp "
-          "specialisation")
+    print("triton = pointer kernel; tma = Hopper path (tiles through TMA descriptors)")
     print("speedup = dense ms / sparse ms; efficiency = speedup x density (1.0: time proportional to computed blocks)")
 
 
