@@ -56,6 +56,18 @@ def test_extract_mesh_threshold_and_offset_centre():
     assert np.linalg.norm(vertices - [0.1, 0.0, -0.05], axis=1).mean() == pytest.approx(0.2, abs=1e-3)
 
 
+def test_a_shape_reaching_the_box_faces_still_gives_a_closed_mesh():
+    """A bad sample often fills the box to its faces; the mesh must stay closed (else it has no inside and
+    containment crawls): the half-box x < 0.1 becomes a closed box of the right volume, and IoU against its labels
+    is exact up to the grid."""
+    vertices, faces = extract_mesh(lambda p: 0.1 - p[:, 0], resolution=33)
+    mesh = trimesh.Trimesh(vertices, faces, process=False)
+    assert mesh.is_watertight
+    assert mesh.volume == pytest.approx(0.6, rel=0.02)  # x in [-0.5, 0.1] of the unit box, faces wound outward
+    points = box_points()
+    assert mesh_iou(vertices, faces, points, points[:, 0] < 0.1) > 0.97
+
+
 def test_extract_mesh_refuses_an_empty_level_set():
     with pytest.raises(ValueError, match="all 32768 grid points are outside"):
         extract_mesh(lambda p: -np.ones(len(p)), resolution=32)

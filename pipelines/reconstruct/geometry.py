@@ -39,8 +39,9 @@ def extract_mesh(
 
     `occupancy_logits_fn` maps float32 (M, 3) points to (M,) values; it is called on a resolution^3 grid (corners
     on the box faces, no padding) in batches of at most `batch` points. Returns float32 vertices (V, 3) in box
-    coordinates and int64 faces (F, 3) with outward normals. A shape must not touch the box faces to come out
-    closed (every SynthDeform4D frame stays within [-0.45, 0.45]^3).
+    coordinates and int64 faces (F, 3) with outward normals. The grid is padded with one layer of outside
+    values, so the mesh is closed even where the shape reaches the box faces (a model's bad sample often does):
+    an open mesh has no inside, and trimesh's containment test on one can run for many minutes.
     """
     if resolution < 2:
         raise ValueError(f"resolution={resolution!r} gives no grid cells; pass resolution=64, for example.")
@@ -64,15 +65,13 @@ def extract_mesh(
             f"The field has no level set at threshold={threshold}: all {len(grid)} grid points are {where} "
             f"(values in [{values.min():.4g}, {values.max():.4g}]); check the model output or the threshold."
         )
-    spacing = (1.0 / (resolution - 1),) * 3
+    step = 1.0 / (resolution - 1)
+    # far below the level: the closing faces land on the box faces (interpolated ~1e-6 of a step outside them)
+    outside = threshold - 1e6 * (abs(float(values.max()) - threshold) + 1.0)
+    padded = np.pad(values.reshape(resolution, resolution, resolution), 1, constant_values=outside)
     # gradient_direction="ascent": the inside holds the larger values, and the faces wind outward.
-    vertices, faces, _, _ = marching_cubes(
-        values.reshape(resolution, resolution, resolution),
-        level=threshold,
-        spacing=spacing,
-        gradient_direction="ascent",
-    )
-    return (vertices - 0.5).astype(np.float32), faces.astype(np.int64)
+    vertices, faces, _, _ = marching_cubes(padded, level=threshold, spacing=(step,) * 3, gradient_direction="ascent")
+    return (vertices - 0.5 - step).astype(np.float32), faces.astype(np.int64)  # the pad shifted the grid by a step
 
 
 @functools.lru_cache(maxsize=1)
