@@ -3,8 +3,9 @@
     python samples/train_embedded_text.py --out runs/embedded_text --minutes 60
     python samples/train_embedded_text.py --out runs/embedded_text --minutes 0 --ship   # copy the result into the package
 
-Writes `OUT/checkpoint.pt`, `OUT/pipeline/` (a saved LLaDA2Pipeline) and the loss curve
-`samples/embedded_text_loss.png`; `--ship` copies the pipeline into `pipelines/assets/embedded_text/`.
+Writes `OUT/checkpoint.pt`, `OUT/pipeline/` (a saved LLaDA2Pipeline) and the loss curve (`--loss-png`, default
+`OUT/loss.png`, so an experiment never overwrites the committed `samples/embedded_text_loss.png`; pass that path for a
+run whose curve belongs in the repo); `--ship` copies the pipeline into `pipelines/assets/embedded_text/`.
 """
 
 import argparse
@@ -22,6 +23,7 @@ def main() -> int:
     parser.add_argument("--out", default="runs/embedded_text", help="checkpoint and output folder (resumes from it)")
     parser.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of this run")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--loss-png", type=Path, default=None, help="where to draw the loss curve (default OUT/loss.png)")
     parser.add_argument("--ship", action="store_true", help="copy the trained pipeline into the package assets")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a TrainConfig field, e.g. --set lr=2e-3 (the checkpoint records the configuration)")
@@ -36,7 +38,7 @@ def main() -> int:
         changes[name] = type(getattr(TrainConfig(), name))(value)
     history = train(out, TrainConfig(**changes), args.minutes, threads=args.threads,
                     log=lambda line: print(line, file=sys.stderr, flush=True))
-    plot_loss(history, Path(__file__).parent / "embedded_text_loss.png")
+    plot_loss(history, args.loss_png or out / "loss.png")
     if args.ship:
         target = embedded_text_path()
         if target.exists():
