@@ -62,7 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", required=True, choices=(*train.STAGES, *train.REGRESSOR_STAGES, "all", "export", "eval"))
+    parser.add_argument("--stage", required=True, choices=(*train.STAGES, *train.REGRESSOR_STAGES, *train.ABLATION_STAGES, "all", "export", "eval"))
     parser.add_argument("--minutes", type=float, default=10.0, help="wall minutes of this call (for 'all': of the four stages together)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "reconstruct", help="work folder: data, checkpoints, stage models")
     parser.add_argument("--resume", action="store_true", help="continue the stages' checkpoints in --out")

@@ -339,9 +339,10 @@ def test_training_resumes_exactly(tmp_path):
 def fit_one_sequence(folder, stage, steps, seed=0):
     """An autoencoder (M=32, width 64, one decoder block) trained `steps` steps on sequence 0 of the train split (a
     sphere), batch 8, peak learning rate 2e-3; returns the model, the data, the config and the step losses."""
+    recipe = train.SAME_RECIPE.get(stage, stage)  # the ablation trains with the shape AE's hyperparameters
     config = train.TrainConfig(
         model=ReconstructModelConfig(num_latents=32, ae_width=64, ae_blocks=1), seed=seed, train_sequences=1,
-        surface_points=512, ae_input_points=256, query_points=512, batch_size={stage: 8}, lr={stage: 2e-3},
+        surface_points=512, ae_input_points=256, query_points=512, batch_size={recipe: 8}, lr={recipe: 2e-3},
     )
     dataset = {key: torch.from_numpy(value) for key, value in train.build_dataset("train", 1, config, "sparse").items()}
     trainer = train.StageTrainer(stage, config, folder, dataset, dataset)
@@ -362,10 +363,24 @@ def occupancy_iou(model, dataset, config):
     return ((predicted & truth).sum() / (predicted | truth).sum()).item()
 
 
-@pytest.mark.parametrize("stage", ["shape_ae", "deform_ae"])
+@pytest.mark.parametrize("stage", ["shape_ae", "deform_ae", "shape_ae_global"])
 def test_autoencoder_losses_fall_on_one_sequence(tmp_path, stage):
     _, _, _, losses = fit_one_sequence(tmp_path, stage, 40)
     assert np.mean(losses[-5:]) < 0.5 * losses[0]
+
+
+def test_global_latent_ablation_has_one_latent_of_the_sets_size_and_saves(tmp_path):
+    model, dataset, config, _ = fit_one_sequence(tmp_path, "shape_ae_global", 5)
+    surface = dataset["surface"][:, 0, : config.ae_input_points]
+    posterior = model.encode(surface)
+    assert posterior.mean.shape == (1, 1, config.model.num_latents * config.model.shape_channels)
+    hidden = model.decode(posterior.mean)
+    logits = model.occupancy(hidden, dataset["occupancy_points"][:, 0])
+    assert logits.shape == dataset["occupancy_points"].shape[:1] + dataset["occupancy_points"].shape[2:3]
+    assert logits.std() > 0  # one code, yet a different value per point (unlike a cross-attention over one token)
+    model.save_pretrained(tmp_path / "shape_ae_global" / "model")
+    loaded = train.load_stage_model(tmp_path, "shape_ae_global")
+    torch.testing.assert_close(loaded.occupancy(loaded.decode(posterior.mean), dataset["occupancy_points"][:, 0]), logits)
 
 
 @pytest.mark.slow

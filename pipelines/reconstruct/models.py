@@ -246,6 +246,81 @@ class ShapeAutoencoder(ModelMixin, ConfigMixin):
         return self.occupancy(self.decode(posterior.sample(generator)), queries), posterior.kl()
 
 
+class ConditionedPointBlock(nn.Module):
+    """A residual MLP block over query points that adds the shape code at its input (OccNet's decoder, with
+    addition in place of conditional batch norm)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.code = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+        self.ff = FeedForward(width, mult=2, activation_fn="geglu")
+
+    def forward(self, x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+        return x + self.ff(self.norm(x + self.code(code)))
+
+
+class GlobalShapeAutoencoder(ModelMixin, ConfigMixin):
+    """The ablation of the latent *set*: one global latent vector for the whole shape (as OccNet / OFlow have),
+    with the set autoencoder's point embedding and cross-attention encoder (one learned query instead of M FPS
+    points) and the same number of latent floats (M x C as one vector). Its occupancy decoder cannot be the set's
+    cross-attention head — over one token that returns the same feature for every point — so the code conditions
+    an MLP over each query point's Fourier embedding instead.
+
+    Args:
+        latent_size (int, defaults to 512): floats of the global latent (the set's M x C = 64 x 8).
+        width (int, defaults to 128): feature width.
+        num_decoder_blocks (int, defaults to 4): code MLP blocks and conditioned point blocks each.
+        num_freqs (int, defaults to 8): Fourier frequencies of `PointEmbed`.
+
+    >>> ae = GlobalShapeAutoencoder(latent_size=16, width=32, num_decoder_blocks=1)
+    >>> ae(torch.rand(2, 64, 3) - 0.5, torch.rand(2, 10, 3) - 0.5)[0].shape
+    torch.Size([2, 10])
+    """
+
+    @register_to_config
+    def __init__(self, latent_size: int = 512, width: int = 128, num_decoder_blocks: int = 4, num_freqs: int = 8):
+        super().__init__()
+        self.point_embed = PointEmbed(width, num_freqs)
+        self.query = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        self.encoder = CrossAttentionBlock(width, "encoder")
+        self.to_moments = nn.Linear(width, 2 * latent_size)
+        self.from_latents = nn.Linear(latent_size, width)
+        self.code_blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(width), FeedForward(width, mult=4, activation_fn="geglu")) for _ in range(num_decoder_blocks)
+        )
+        self.query_embed = PointEmbed(width, num_freqs)
+        self.point_blocks = nn.ModuleList(ConditionedPointBlock(width) for _ in range(num_decoder_blocks))
+        self.out_norm = nn.LayerNorm(width)
+        self.to_logit = nn.Linear(width, 1)
+
+    def encode(self, points: torch.Tensor) -> LatentPosterior:
+        """Posterior (B, 1, latent_size) of surface clouds (B, N, 3)."""
+        tokens = self.point_embed(points)
+        pooled = self.encoder(self.query.expand(len(points), -1, -1), tokens)
+        mean, logvar = self.to_moments(pooled).chunk(2, dim=-1)
+        return LatentPosterior(mean, logvar.clamp(-30.0, 20.0))
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The shape code (B, 1, W) of latents (B, 1, latent_size)."""
+        hidden = self.from_latents(latents)
+        for block in self.code_blocks:
+            hidden = hidden + block(hidden)
+        return hidden
+
+    def occupancy(self, hidden: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """Occupancy logits (B, Q) of points (B, Q, 3) given the code (B, 1, W)."""
+        x = self.query_embed(points)
+        for block in self.point_blocks:
+            x = block(x, hidden)
+        return self.to_logit(self.out_norm(x)).squeeze(-1)
+
+    def forward(self, points: torch.Tensor, queries: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Occupancy logits (B, Q) of `queries` from surface `points` through a posterior sample, and the KL (B,)."""
+        posterior = self.encode(points)
+        return self.occupancy(self.decode(posterior.sample(generator)), queries), posterior.kl()
+
+
 class DeformationAutoencoder(ModelMixin, ConfigMixin):
     """The deformation vector-set KL autoencoder (`de_kl_d512_m512_l32` in Motion2VecSets, here small).
 

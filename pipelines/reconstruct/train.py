@@ -45,6 +45,7 @@ from . import data
 from .geometry import NoSurfaceError, extract_mesh, sequence_metrics
 from .models import (
     DeformationAutoencoder,
+    GlobalShapeAutoencoder,
     DeformationDenoiser,
     LatentPosterior,
     ShapeAutoencoder,
@@ -61,6 +62,12 @@ REGRESSES = {"shape_reg": "shape_dm", "deform_reg": "deform_dm"}  # the diffusio
 STAGE_SHARE = {"shape_ae": 0.22, "deform_ae": 0.2, "shape_dm": 0.2, "deform_dm": 0.38}  # of --minutes for "all"
 MODEL_CLASSES = {"shape_ae": ShapeAutoencoder, "deform_ae": DeformationAutoencoder, "shape_dm": ShapeDenoiser, "deform_dm": DeformationDenoiser}
 MODEL_CLASSES.update({reg: MODEL_CLASSES[dm] for reg, dm in REGRESSES.items()})
+# The ablation of the latent set: the shape autoencoder with one global latent (the same floats as the set), trained
+# like the shape AE (its loss, data, batch, learning rate and KL price per latent float) and compared on its
+# reconstructions (`samples/eval_reconstruct_baselines.py --global-ae DIR`).
+ABLATION_STAGES = ("shape_ae_global",)
+MODEL_CLASSES["shape_ae_global"] = GlobalShapeAutoencoder
+SAME_RECIPE = {**REGRESSES, "shape_ae_global": "shape_ae"}  # a stage whose hyperparameters are another stage's
 SIGMA_MAX = 80.0  # the sampler's (EDMEulerScheduler's) largest noise level
 
 
@@ -239,9 +246,10 @@ def deform_dm_loss(model: DeformationDenoiser, dataset: dict, config: TrainConfi
 
 STAGE_LOSS = {
     "shape_ae": shape_ae_loss, "deform_ae": deform_ae_loss, "shape_dm": shape_dm_loss, "deform_dm": deform_dm_loss,
+    "shape_ae_global": shape_ae_loss,
     "shape_reg": functools.partial(shape_dm_loss, fixed_sigma=SIGMA_MAX), "deform_reg": functools.partial(deform_dm_loss, fixed_sigma=SIGMA_MAX),
 }
-STAGE_INDEX = {stage: i for i, stage in enumerate(STAGES + REGRESSOR_STAGES)}  # seeds each stage's weights and steps
+STAGE_INDEX = {stage: i for i, stage in enumerate(STAGES + REGRESSOR_STAGES + ABLATION_STAGES)}  # seeds each stage's weights and steps
 
 
 # Posterior caches of the frozen autoencoders and validation figures.
@@ -313,10 +321,15 @@ class StageTrainer:
         self.stage, self.config, self.dataset, self.val_dataset, self.plot_dir = stage, config, dataset, val_dataset, plot_dir
         self.folder = Path(work_dir) / stage
         self.folder.mkdir(parents=True, exist_ok=True)
-        pipe = build_pipeline(config.model, seed=config.seed + STAGE_INDEX[stage])  # all four, seeded; keep one
-        self.model = {"shape_ae": pipe.shape_autoencoder, "deform_ae": pipe.deformation_autoencoder, "shape_dm": pipe.shape_denoiser, "deform_dm": pipe.deformation_denoiser}[REGRESSES.get(stage, stage)]
+        if stage == "shape_ae_global":
+            torch.manual_seed(config.seed + STAGE_INDEX[stage])
+            m = config.model
+            self.model = GlobalShapeAutoencoder(latent_size=m.num_latents * m.shape_channels, width=m.ae_width, num_decoder_blocks=m.ae_blocks)
+        else:
+            pipe = build_pipeline(config.model, seed=config.seed + STAGE_INDEX[stage])  # all four, seeded; keep one
+            self.model = {"shape_ae": pipe.shape_autoencoder, "deform_ae": pipe.deformation_autoencoder, "shape_dm": pipe.shape_denoiser, "deform_dm": pipe.deformation_denoiser}[REGRESSES.get(stage, stage)]
         self.model.train()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr[REGRESSES.get(stage, stage)], weight_decay=0.01)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr[SAME_RECIPE.get(stage, stage)], weight_decay=0.01)
         self.ema = EMAModel(self.model.parameters(), decay=config.ema_decay)
         self.lr_scheduler = None
         self.planned_steps = 0
@@ -384,7 +397,7 @@ class StageTrainer:
     def validate(self) -> dict:
         """The stage's validation figure with the EMA weights."""
         model = self.ema_model()
-        if self.stage == "shape_ae":
+        if self.stage in ("shape_ae", "shape_ae_global"):
             return {"val_iou": shape_ae_iou(model, self.val_dataset, self.config)}
         if self.stage == "deform_ae":
             return {"val_l2": deform_ae_l2(model, self.val_dataset, self.config)}
