@@ -4,7 +4,9 @@ Each program owns a BLOCK_M tile of queries of one (batch, head) and walks only 
 query block, in BLOCK_N sub-tiles, with an online softmax accumulated in float32. Fully masked blocks are never
 read. The listed blocks come in two tables, walked by two flat loops: "full" blocks, where every token pair is
 allowed, run without any mask; "partial" blocks (the band's edges, the stripe's last block, the ragged tail of
-the sequence) apply the exact token rule of `sparsediff.kernels.spec`.
+the sequence) apply the exact token rule of `sparsediff.kernels.spec`. Two kernels do this: a portable one that
+loads tiles through pointers, and on Hopper and later GPUs one that loads them through TMA tensor descriptors
+(chosen automatically; see `triton_sparse_attention`'s `tma`).
 
 Triton runs on CUDA devices, or on the CPU through its interpreter (slow; for tests): set TRITON_INTERPRET=1
 before this module is imported, because Triton reads it when the kernels below are decorated.
@@ -221,16 +223,17 @@ def _sparse_attn_fwd(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m < S)[:, None])
 
 
-# ---- Hopper path: K and V through tensor descriptors (TMA) ---------------------------------------------------
+# ---- Hopper path: tiles through tensor descriptors (TMA) -----------------------------------------------------
 #
-# Why a second kernel: on an H200 the pointer kernel above computes every block at 1.47x cuDNN's time
-# (BENCHMARKS section 1b). There the unmasked loop, the bulk of the work, is bound by how K and V tiles reach
-# shared memory. Here they come through TMA (tensor descriptors: one bulk copy per tile, issued ahead by the
-# software pipeliner), the softmax takes the
-# scale after the row max (one multiply-add per score, as in Triton's fused-attention tutorial) and needs no
-# -inf guard (every key of a full block is allowed, so the running max is finite after the first tile). The
-# masked loop (band edges, stripe ends, the ragged tail) is the pointer kernel's own: it is a small share of
-# the blocks, and its tiles may cross the sequence end, which a descriptor over all heads would not mask.
+# Why a second kernel: on an H200 the pointer kernel above computes every block at 1.37-1.47x cuDNN's time
+# (BENCHMARKS section 1b), bound by how tiles reach shared memory. Here K and V tiles come through TMA (tensor
+# descriptors: one bulk copy per tile, issued ahead by the software pipeliner), and so do Q, the output and the
+# masked loop's tiles when S is a multiple of the block size (otherwise those use the pointer kernel's masked loads,
+# since a tile crossing S would read the next head's rows). The unmasked loop takes the softmax scale after the row
+# max (one multiply-add per score, as in Triton's fused-attention tutorial) and needs no -inf guard (every key of a
+# full block is allowed, so the running max is finite after the first tile); a table whose rows are single runs of
+# consecutive blocks (bands and stripes over a video axis) is walked with no index load inside the loop. Measured
+# on an H200: every block at 1.17x cuDNN's time (BENCHMARKS section 1b-i).
 
 
 @triton.jit
@@ -502,7 +505,7 @@ def triton_sparse_attention(
         q, k, v: (B, G, S, D) in the spec's kernel order; float16, bfloat16 or float32; D in 16..128.
         spec: the group's `SparseSpec` (block_mask with 1 or G heads; block_size a multiple of 16).
         scale: softmax scale, 1/sqrt(D) by default.
-        tma: the Hopper path (K and V through tensor descriptors). None: where `tma_unavailable` finds nothing
+        tma: the Hopper path (tiles through TMA tensor descriptors). None: where `tma_unavailable` finds nothing
             against it (contiguous 16-bit inputs on compute capability >= 9, block size a multiple of 64);
             True: that path or a ValueError saying why not; False: the pointer kernel.
     Returns:
