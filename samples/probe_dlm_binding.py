@@ -6,6 +6,8 @@
     python samples/probe_dlm_binding.py --minutes 8 --init-range 0.02            # Llama's default initialisation
     python samples/probe_dlm_binding.py --minutes 10 --qk-init 0.02              # a softer start for attention only
     python samples/probe_dlm_binding.py --minutes 9 --layers 2                   # the smallest model that can bind
+    python samples/probe_dlm_binding.py --minutes 40 --layers 2                  # ~10k steps: a late phase change?
+    python samples/probe_dlm_binding.py --minutes 25 --layers 2 --plain-embeddings  # no shared class direction
 
 Each step is a batch of short prompts (1..--pairs `kA = vB ;` pairs among up to 4 filler words per pair, then
 `? kA ->`), all 8 answer slots masked, cross-entropy on them (the LLaDA loss with every slot masked). Every 50
@@ -57,11 +59,16 @@ def main() -> int:
     parser.add_argument("--rope-theta", type=float, default=M.MODEL_CONFIG["rope_theta"])
     parser.add_argument("--layers", type=int, default=M.MODEL_CONFIG["num_hidden_layers"], help="transformer layers (the shipped model has 4)")
     parser.add_argument("--qk-init", type=float, default=None, help="re-initialise the query and key projections with this std (a softer start for attention)")
+    parser.add_argument("--plain-embeddings", action="store_true", help="re-draw the token embeddings without the shared per-class direction build_model adds")
+    parser.add_argument("--save", default=None, help="save the trained model to this folder (for inspection)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
     M.MODEL_CONFIG.update(initializer_range=args.init_range, rope_theta=args.rope_theta, num_hidden_layers=args.layers)
     model = M.build_model(args.seed).train()
+    if args.plain_embeddings:
+        with torch.no_grad():
+            torch.nn.init.normal_(model.get_input_embeddings().weight, std=args.init_range, generator=torch.Generator().manual_seed(args.seed))
     if args.qk_init is not None:
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
@@ -121,6 +128,8 @@ def main() -> int:
                 word = VOCAB[pick]
                 picks["asked" if word == answer[0] else "nearer value" if word == values[1] else "farther value" if word == values[0] else "other"] += 1
     print("2-pair picks:", {k: round(v / 256, 2) for k, v in picks.items()}, flush=True)
+    if args.save:
+        model.save_pretrained(args.save)
     return 0
 
 
