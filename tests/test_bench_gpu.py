@@ -16,18 +16,21 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow  # Triton interpreter in a subprocess
 def test_bench_gpu_runs_end_to_end_on_the_interpreter(tmp_path):
     command = [
-        sys.executable, "samples/bench_gpu.py", "--device", "cpu", "--layout", "video:2x4x8", "--heads", "8",
-        "--head-dim", "16", "--block-size", "16", "--check-layout", "text:8+video:2x4x8", "--reps", "1",
+        sys.executable, "samples/bench_gpu.py", "--device", "cpu", "--layout", "video:2x8x16", "--heads", "2",
+        "--head-dim", "16", "--block-size", "64", "--check-layout", "text:8+video:2x4x8", "--reps", "1",
         "--warmup", "0", "--no-tests", "--no-flex",
     ]
     env = {"OUT": str(tmp_path), "TRITON_INTERPRET": "1", "PATH": "/usr/bin:/bin"}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "bench_gpu.json").read_text())
+    assert report["variants"] == ["triton", "tma"] and report["variant_errors"] == {}  # the interpreter runs both
     assert [row["ok"] for row in report["correctness"]] == [True] * 4
+    assert all(row["tma"] <= 2e-2 for row in report["correctness"])
     patterns = [row["pattern"] for row in report["results"]]
-    assert len(patterns) == 11 and patterns[-1] == "diagonal_w2"  # every case, and the every-block row last
-    assert report["results"][-1]["density"] == 1.0
+    assert len(patterns) == 11 and patterns[0] == "diagonal_w2"  # every case; the every-block row first
+    assert report["results"][0]["density"] == 1.0
+    assert all(row["tma_ms"] > 0 and row["triton_ms"] > 0 for row in report["results"])
     assert 0 < report["mixed"]["density"] < 1 and report["mixed"]["triton_runtime_ms"] > 0
     assert report["skipped_by_deadline"] == []
     assert "speedup = dense ms / sparse ms" in done.stdout
