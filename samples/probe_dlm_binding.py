@@ -8,6 +8,7 @@
     python samples/probe_dlm_binding.py --minutes 9 --layers 2                   # the smallest model that can bind
     python samples/probe_dlm_binding.py --minutes 40 --layers 2                  # ~10k steps: a late phase change?
     python samples/probe_dlm_binding.py --minutes 25 --layers 2 --plain-embeddings  # no shared class direction
+    python samples/probe_dlm_binding.py --minutes 20 --layers 2 --weight-decay 0.1   # decay what the lookup does not use
 
 Each step is a batch of short prompts (1..--pairs `kA = vB ;` pairs among up to 4 filler words per pair, then
 `? kA ->`), all 8 answer slots masked, cross-entropy on them (the LLaDA loss with every slot masked). Every 50
@@ -50,6 +51,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=8.0)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (the repo trainer uses 0.01)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--pairs", type=int, default=4, help="at most this many pairs per training prompt")
     parser.add_argument("--echo-share", type=float, default=0.0)
@@ -73,7 +75,7 @@ def main() -> int:
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
                 torch.nn.init.normal_(proj.weight, std=args.qk_init)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     rng = np.random.default_rng(args.seed)
     is_value = torch.zeros(len(VOCAB), dtype=torch.bool)
     is_value[[VOCAB.index(v) for v in VALUES]] = True
