@@ -9,7 +9,8 @@ Stages (each resumable with --resume; a DM stage needs the autoencoders it encod
     export                                     the four EMA models as one float16 pipeline in --export-to
     eval                                       end-to-end metrics and timings of the exported pipeline
 
-Loss curves go to samples/reconstruct_loss_<stage>.png; checkpoints, data and models to --out (runs/ is gitignored).
+Loss curves go to samples/reconstruct_loss_<stage>.png (a DM stage for partial input or the joint block adds
+_partial / _joint); checkpoints, data and models to --out (runs/ is gitignored).
 The shipped pipeline (pipelines/assets/reconstruct) was trained with (2-core CPU shared with another training job,
 one thread; 32.5 + 12 wall minutes; the figures it reached are below):
 

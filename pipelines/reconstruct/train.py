@@ -338,6 +338,15 @@ class StageTrainer:
         self.history: list[dict] = []
 
     @property
+    def variant(self) -> str:
+        """"" for the shipped configuration, else the suffix naming its input type and space-time block (a DM stage
+        trained for partial input must not draw over the shipped stage's loss curve)."""
+        if self.stage not in ("shape_dm", "deform_dm", "shape_reg", "deform_reg"):
+            return ""
+        m = self.config.model
+        return ("" if m.input_type == "sparse" else f"_{m.input_type}") + ("" if m.space_time == "interleaved" else f"_{m.space_time}")
+
+    @property
     def checkpoint_path(self) -> Path:
         return self.folder / "checkpoint.pt"
 
@@ -421,7 +430,7 @@ class StageTrainer:
         os.replace(self.checkpoint_path.with_suffix(".tmp"), self.checkpoint_path)
         (self.folder / "history.json").write_text(json.dumps(self.history, indent=1))
         if self.plot_dir is not None:
-            plot_history(self.history, self.stage, Path(self.plot_dir) / f"reconstruct_loss_{self.stage}.png")
+            plot_history(self.history, self.stage, Path(self.plot_dir) / f"reconstruct_loss_{self.stage}{self.variant}.png")
 
     def resume(self) -> bool:
         if not self.checkpoint_path.exists():
