@@ -9,6 +9,10 @@
     python samples/probe_dlm_binding.py --minutes 40 --layers 2                  # ~10k steps: a late phase change?
     python samples/probe_dlm_binding.py --minutes 25 --layers 2 --plain-embeddings  # no shared class direction
     python samples/probe_dlm_binding.py --minutes 20 --layers 2 --weight-decay 0.1   # decay what the lookup does not use
+    python samples/probe_dlm_binding.py --minutes 15 --layers 2 --aux-weight 1 --aux-layer 1 --echo-share 0.3 --save runs/probe_model_aux_l2
+    python samples/probe_dlm_attention.py --model runs/probe_model_aux_l2           # where the answer slot attends
+    python samples/probe_dlm_binding.py --minutes 10 --layers 2 --aux-weight 1 --aux-layer 1 --echo-share 0.3 \
+        --reinit-qk-at 400 --save runs/probe_model_reinit_l2                      # layer 1's attention re-drawn at step 400
 
 Each step is a batch of short prompts (1..--pairs `kA = vB ;` pairs among up to 4 filler words per pair, then
 `? kA ->`), all 8 answer slots masked, cross-entropy on them (the LLaDA loss with every slot masked). Every 50
@@ -62,6 +66,8 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=M.MODEL_CONFIG["num_hidden_layers"], help="transformer layers (the shipped model has 4)")
     parser.add_argument("--qk-init", type=float, default=None, help="re-initialise the query and key projections with this std (a softer start for attention)")
     parser.add_argument("--plain-embeddings", action="store_true", help="re-draw the token embeddings without the shared per-class direction build_model adds")
+    parser.add_argument("--reinit-qk-at", type=int, default=None, help="at this step, re-draw the q/k projections of the layers from --reinit-from on (std --qk-init or 0.02): do saturated attention sinks block a matching layer?")
+    parser.add_argument("--reinit-from", type=int, default=1, help="first layer --reinit-qk-at re-draws")
     parser.add_argument("--save", default=None, help="save the trained model to this folder (for inspection)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -83,6 +89,13 @@ def main() -> int:
     step = 0
     while time.monotonic() - start < args.minutes * 60:
         step += 1
+        if step == args.reinit_qk_at:
+            with torch.no_grad():
+                for layer in model.model.layers[args.reinit_from:]:
+                    for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                        torch.nn.init.normal_(proj.weight, std=args.qk_init or 0.02)
+            opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)  # fresh moments
+            print(f"step {step}: q/k of layers {args.reinit_from}.. re-drawn", flush=True)
         pairs = int(rng.integers(1, args.pairs + 1))
         filler = int(rng.integers(0, 4 * args.pairs + 1))
         rows = [prompt(rng, pairs, filler, echo=rng.uniform() < args.echo_share) for _ in range(args.batch)]
