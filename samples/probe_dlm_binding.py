@@ -13,6 +13,7 @@
     python samples/probe_dlm_attention.py --model runs/probe_model_aux_l2           # where the answer slot attends
     python samples/probe_dlm_binding.py --minutes 10 --layers 2 --aux-weight 1 --aux-layer 1 --echo-share 0.3 \
         --reinit-qk-at 400 --save runs/probe_model_reinit_l2                      # layer 1's attention re-drawn at step 400
+    python samples/probe_dlm_binding.py --minutes 12 --layers 2 --arch qwen3 --save runs/probe_model_qwen3_l2  # QK-norm
 
 Each step is a batch of short prompts (1..--pairs `kA = vB ;` pairs among up to 4 filler words per pair, then
 `? kA ->`), all 8 answer slots masked, cross-entropy on them (the LLaDA loss with every slot masked). Every 50
@@ -65,6 +66,7 @@ def main() -> int:
     parser.add_argument("--rope-theta", type=float, default=M.MODEL_CONFIG["rope_theta"])
     parser.add_argument("--layers", type=int, default=M.MODEL_CONFIG["num_hidden_layers"], help="transformer layers (the shipped model has 4)")
     parser.add_argument("--qk-init", type=float, default=None, help="re-initialise the query and key projections with this std (a softer start for attention)")
+    parser.add_argument("--arch", default="llama", choices=("llama", "qwen3"), help="qwen3: the same sizes with QK-norm (q and k RMS-normalised per head)")
     parser.add_argument("--plain-embeddings", action="store_true", help="re-draw the token embeddings without the shared per-class direction build_model adds")
     parser.add_argument("--reinit-qk-at", type=int, default=None, help="at this step, re-draw the q/k projections of the layers from --reinit-from on (std --qk-init or 0.02): do saturated attention sinks block a matching layer?")
     parser.add_argument("--reinit-from", type=int, default=1, help="first layer --reinit-qk-at re-draws")
@@ -73,7 +75,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)
     M.MODEL_CONFIG.update(initializer_range=args.init_range, rope_theta=args.rope_theta, num_hidden_layers=args.layers)
-    model = M.build_model(args.seed).train()
+    model = M.build_model(args.seed, args.arch).train()
     if args.plain_embeddings:
         with torch.no_grad():
             torch.nn.init.normal_(model.get_input_embeddings().weight, std=args.init_range, generator=torch.Generator().manual_seed(args.seed))

@@ -144,3 +144,20 @@ def test_recall_sequences_hold_every_value_many_times_and_ask_about_one():
     assert target[0] == binding[words[-2]] and target[1:] == ["<eos>"] * 7
     ids, supervised = batch(TrainConfig(recall_share=1.0, min_len=64, max_len=64, curriculum=0), np.random.default_rng(1))
     assert (supervised.sum(1) > 8).all()  # the values as well as the answer slots
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_models_attend_both_ways_and_qwen3_normalises_q_and_k(arch):
+    """The DLM (and the QK-norm variant the binding probe tries) is bidirectional: the first position's output
+    changes when only the last token does."""
+    from sparsediff.pipelines.embedded_text.model import build_model
+
+    model = build_model(0, arch).eval()
+    assert hasattr(model.model.layers[0].self_attn, "q_norm") == (arch == "qwen3")
+    x = torch.randint(0, len(T.VOCAB), (1, 12), generator=torch.Generator().manual_seed(0))
+    y = x.clone()
+    y[0, -1] = (y[0, -1] + 1) % len(T.VOCAB)
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=x).logits[0, 0], model(input_ids=y).logits[0, 0])
+    with pytest.raises(ValueError, match="arch='gpt2'; choose one of llama, qwen3"):
+        build_model(0, "gpt2")

@@ -46,16 +46,23 @@ def build_tokenizer():
                                    mask_token="<mask>")
 
 
-def build_model(seed: int = 0):
-    """A freshly initialised bidirectional Llama over the task vocabulary."""
+def build_model(seed: int = 0, arch: str = "llama"):
+    """A freshly initialised bidirectional Llama over the task vocabulary. `arch="qwen3"` builds the same sizes as a
+    Qwen3 model instead, whose attention normalises q and k per head (QK-norm): an experiment of
+    `samples/probe_dlm_binding.py --arch qwen3` against attention that saturates early (BENCHMARKS section 7)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+    if arch not in classes:
+        raise ValueError(f"arch={arch!r}; choose one of {', '.join(classes)}.")
+    config_class, model_class = classes[arch]
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(VOCAB), pad_token_id=VOCAB.index("<pad>"), eos_token_id=VOCAB.index("<eos>"),
-                         bos_token_id=None, attn_implementation="sdpa", **MODEL_CONFIG)
+    extra = {"head_dim": MODEL_CONFIG["hidden_size"] // MODEL_CONFIG["num_attention_heads"]} if arch == "qwen3" else {}
+    config = config_class(vocab_size=len(VOCAB), pad_token_id=VOCAB.index("<pad>"), eos_token_id=VOCAB.index("<eos>"),
+                          bos_token_id=None, attn_implementation="sdpa", **MODEL_CONFIG, **extra)
     config.is_causal = False  # a masked diffusion LM attends both ways
-    model = LlamaForCausalLM(config)
+    model = model_class(config)
     # Token classes (keys, values, filler, marks) start with a shared direction each, as type embeddings would give:
     # a head can then find "the value tokens" from the first step, instead of discovering the class of 128 random
     # vectors first (without it a run of 600 steps never learned to copy even the only value in a 64-token text).
