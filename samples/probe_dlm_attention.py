@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 import torch
-from transformers import LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from sparsediff.pipelines.embedded_text.tasks import ANSWER_SLOTS
 from sparsediff.pipelines.embedded_text.train import MASK, encode
@@ -51,7 +51,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model = LlamaForCausalLM.from_pretrained(args.model, attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="eager").eval()
     rng = np.random.default_rng(args.seed)
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
     slot = np.zeros((layers, heads, len(KINDS)))
