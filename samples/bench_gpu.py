@@ -1,7 +1,9 @@
-"""GPU benchmark of the Triton block-sparse kernel: dense SDPA (flash) vs Triton vs FlexAttention, side by side.
+"""GPU benchmark of the Triton block-sparse kernels: dense SDPA (fastest backend) vs Triton vs FlexAttention.
 
 One question: at S = 32768 (video 8x64x64), bf16, D = 128, 8 heads, how much faster than dense attention is the
-Triton kernel for each pattern and density, and how close to proportional (efficiency = speedup x density)?
+Triton kernel for each pattern and density, and how close to proportional (efficiency = speedup x density)? Both
+Triton kernels are timed side by side (`--variants`): the portable pointer kernel ("triton") and, on compute
+capability >= 9, the Hopper path through TMA descriptors ("tma"), which the runtime picks there by itself.
 
 For a CUDA machine whose Python has torch and triton but not diffusers or optuna, with sparsediff NOT installed:
 `sparsediff` and `sparsediff.kernels` are imported from this checkout. In order it (1) runs the Triton tests,
