@@ -45,8 +45,8 @@ from . import data
 from .geometry import NoSurfaceError, extract_mesh, sequence_metrics
 from .models import (
     DeformationAutoencoder,
-    GlobalShapeAutoencoder,
     DeformationDenoiser,
+    GlobalShapeAutoencoder,
     LatentPosterior,
     ShapeAutoencoder,
     ShapeDenoiser,
@@ -64,7 +64,7 @@ MODEL_CLASSES = {"shape_ae": ShapeAutoencoder, "deform_ae": DeformationAutoencod
 MODEL_CLASSES.update({reg: MODEL_CLASSES[dm] for reg, dm in REGRESSES.items()})
 # The ablation of the latent set: the shape autoencoder with one global latent (the same floats as the set), trained
 # like the shape AE (its loss, data, batch, learning rate and KL price per latent float) and compared on its
-# reconstructions (`samples/eval_reconstruct_baselines.py --global-ae DIR`).
+# reconstructions (`samples/eval_reconstruct_ablation.py --global-ae DIR`).
 ABLATION_STAGES = ("shape_ae_global",)
 MODEL_CLASSES["shape_ae_global"] = GlobalShapeAutoencoder
 SAME_RECIPE = {**REGRESSES, "shape_ae_global": "shape_ae"}  # a stage whose hyperparameters are another stage's
@@ -341,7 +341,7 @@ class StageTrainer:
     def variant(self) -> str:
         """"" for the shipped configuration, else the suffix naming its input type and space-time block (a DM stage
         trained for partial input must not draw over the shipped stage's loss curve)."""
-        if self.stage not in ("shape_dm", "deform_dm", "shape_reg", "deform_reg"):
+        if REGRESSES.get(self.stage, self.stage) not in ("shape_dm", "deform_dm"):
             return ""
         m = self.config.model
         return ("" if m.input_type == "sparse" else f"_{m.input_type}") + ("" if m.space_time == "interleaved" else f"_{m.space_time}")
