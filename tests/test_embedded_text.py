@@ -57,10 +57,11 @@ def test_tokenizer_maps_words_to_the_vocabulary_and_back():
     assert (tok.mask_token_id, tok.pad_token_id, tok.eos_token_id) == (1, 0, 2)
 
 
-def test_training_resumes_exactly_where_it_stopped(tmp_path):
+@pytest.mark.parametrize("recipe", [{}, {"aux_weight": 1.0, "aux_layer": 2, "redraw_attention_at": 2}])
+def test_training_resumes_exactly_where_it_stopped(tmp_path, recipe):
     from sparsediff.pipelines.embedded_text.train import TrainConfig, train
 
-    cfg = TrainConfig(steps=4, tokens_per_batch=256, min_len=64, max_len=64, eval_every=1000)
+    cfg = TrainConfig(steps=4, tokens_per_batch=256, min_len=64, max_len=64, eval_every=1000, **recipe)
     whole = train(tmp_path / "whole", cfg, minutes=10, log=lambda _: None)
     half = train(tmp_path / "split", cfg, minutes=10, log=lambda _: None, until_step=2)
     assert torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)["step"] == 2 and half["loss"] == []
@@ -161,3 +162,40 @@ def test_models_attend_both_ways_and_qwen3_normalises_q_and_k(arch):
         assert not torch.allclose(model(input_ids=x).logits[0, 0], model(input_ids=y).logits[0, 0])
     with pytest.raises(ValueError, match="arch='gpt2'; choose one of llama, qwen3"):
         build_model(0, "gpt2")
+
+
+def test_aux_targets_name_each_visible_values_key_and_the_asked_key():
+    from sparsediff.pipelines.embedded_text import train as TR
+
+    words, positions, target = TR.recall_sequence(60, 3, np.random.default_rng(0))
+    ids = torch.tensor([TR.encode(words + target)])
+    rows, cols, keys = TR.aux_targets(ids, ids)
+    first = ids.shape[1] - T.ANSWER_SLOTS
+    assert cols.tolist() == positions + [first]
+    assert [T.VOCAB[k] for k in keys] == [words[p - 2] for p in positions] + [words[-2]]
+    x = ids.clone()
+    x[0, positions[0] - 2] = TR.MASK  # the first value's key hidden: it names nothing
+    x[0, positions[1]] = TR.MASK  # the second value hidden: nothing to name it from
+    assert TR.aux_targets(ids, x)[1].tolist() == positions[2:] + [first]
+
+
+def test_redraw_attention_replaces_upper_layers_q_and_k_only():
+    from sparsediff.pipelines.embedded_text import train as TR
+    from sparsediff.pipelines.embedded_text.model import build_model
+
+    model = build_model(0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters())
+    model(input_ids=torch.ones((1, 8), dtype=torch.long)).logits.sum().backward()
+    opt.step()
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    TR.redraw_attention(model, 2, seed=5, opt=opt)
+    for name, value in model.state_dict().items():
+        redrawn = any(f"layers.{i}.self_attn.{p}_proj" in name for i in (2, 3) for p in "qk")
+        assert torch.equal(value, snapshot[name]) != redrawn, name
+        if redrawn:
+            assert abs(value.std().item() - 0.02) < 0.002 and not torch.equal(value, before[name])
+            assert dict(model.named_parameters())[name] not in opt.state
+    again = build_model(0)
+    TR.redraw_attention(again, 2, seed=5)
+    assert torch.equal(again.model.layers[3].self_attn.q_proj.weight, model.model.layers[3].self_attn.q_proj.weight)

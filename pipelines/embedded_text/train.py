@@ -41,6 +41,16 @@ class TrainConfig:
     curriculum: int = 400  # steps per doubling of the longest context, from min_len up to max_len (0: no curriculum)
     recall_share: float = 0.5  # batches of dense recall sequences (see `recall_sequence`)
     recall_bindings: int = 4  # at most this many key -> value bindings per recall sequence (at least 2)
+    # The binding recipe the short-context probes found (BENCHMARKS section 7; off by default, not yet run at length):
+    # an auxiliary loss makes the output of layer `aux_layer` name, at every visible value, the key two tokens before
+    # it and, at the first answer slot, the asked key (read through the final norm and the tied head), so the offset
+    # features a lookup needs exist; at step `redraw_attention_at` the q/k projections of the layers from
+    # `aux_layer` on are re-drawn (their optimiser moments dropped), because by then they have collapsed onto an
+    # attention sink that passes no gradient to the values. In the 4-layer probe 4-pair lookups went from chance to
+    # 0.97-1.00 within 200 steps of the re-draw.
+    aux_weight: float = 0.0
+    aux_layer: int = 2
+    redraw_attention_at: int = 0  # 0: never
 
 
 def encode(words: list[str]) -> list[int]:
@@ -106,9 +116,39 @@ def batch(cfg: TrainConfig, rng: np.random.Generator, step: int = 10**9) -> tupl
     return ids, supervised
 
 
-def loss_of(model, ids: torch.Tensor, supervised: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+IS_KEY = torch.zeros(len(VOCAB), dtype=torch.bool)
+IS_KEY[[INDEX[k] for k in KEYS]] = True
+IS_VALUE = torch.zeros(len(VOCAB), dtype=torch.bool)
+IS_VALUE[[INDEX[v] for v in VALUES]] = True
+
+
+def aux_targets(ids: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, cols, key ids) of the auxiliary objective on a batch `ids` as the model sees it (`x`, masks applied):
+    every visible value written `kX = v` whose key is visible too names kX; the first answer slot names the asked
+    key where the prompt ends `? kX ->`."""
+    where = torch.zeros_like(ids, dtype=torch.bool)
+    where[:, 2:] = IS_VALUE[x[:, 2:]] & IS_KEY[x[:, :-2]] & (x[:, 1:-1] == INDEX["="])
+    first = ids.shape[1] - ANSWER_SLOTS
+    where[:, first] = IS_KEY[x[:, first - 2]] & (x[:, first - 3] == INDEX["?"])
+    rows, cols = where.nonzero(as_tuple=True)
+    return rows, cols, x[rows, cols - 2]
+
+
+def redraw_attention(model, from_layer: int, seed: int, opt: torch.optim.Optimizer | None = None) -> None:
+    """Re-draw the q/k projections of layers `from_layer`.. (std 0.02, seeded) and drop their optimiser moments."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.model.layers[from_layer:]:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                proj.weight.copy_(torch.randn(proj.weight.shape, generator=gen) * 0.02)
+                if opt is not None:
+                    opt.state.pop(proj.weight, None)
+
+
+def loss_of(model, ids: torch.Tensor, supervised: torch.Tensor, rng: np.random.Generator,
+            aux_weight: float = 0.0, aux_layer: int = 2) -> torch.Tensor:
     """The LLaDA loss on the supervised positions: mask each with probability t, cross-entropy on the masked ones / t,
-    averaged over the supervised positions."""
+    averaged over the supervised positions; plus `aux_weight` times the auxiliary objective (`aux_targets`)."""
     B = ids.shape[0]
     # t below 1/ANSWER_SLOTS masks about one slot either way; clamping there keeps the 1/t weight (and the gradient
     # noise of a small batch) bounded
@@ -116,11 +156,17 @@ def loss_of(model, ids: torch.Tensor, supervised: torch.Tensor, rng: np.random.G
     masked = supervised & (torch.from_numpy(rng.uniform(size=tuple(ids.shape))).float() < t)
     masked[:, -ANSWER_SLOTS] |= ~masked.any(dim=1)  # at least one position to learn from
     x = ids.masked_fill(masked, MASK)
-    hidden = model.model(input_ids=x).last_hidden_state  # (B, S, W)
-    logits = model.lm_head(hidden[masked])  # (N, V): only the masked positions
+    out = model.model(input_ids=x, output_hidden_states=aux_weight > 0)
+    logits = model.lm_head(out.last_hidden_state[masked])  # (N, V): only the masked positions
     ce = F.cross_entropy(logits.float(), ids[masked], reduction="none")
     weights = (1.0 / t).expand_as(ids)[masked]
-    return (ce * weights).sum() / supervised.sum()
+    loss = (ce * weights).sum() / supervised.sum()
+    if aux_weight > 0:
+        rows, cols, keys = aux_targets(ids, x)
+        if len(rows):
+            mid = model.model.norm(out.hidden_states[aux_layer][rows, cols])
+            loss = loss + aux_weight * F.cross_entropy(model.lm_head(mid).float(), keys)
+    return loss
 
 
 @torch.no_grad()
@@ -179,8 +225,11 @@ def train(out: Path, cfg: TrainConfig, minutes: float, threads: int | None = Non
     running = []
     last = cfg.steps if until_step is None else min(until_step, cfg.steps)
     while step < last and time.monotonic() - start < minutes * 60:
+        if cfg.redraw_attention_at and step == cfg.redraw_attention_at:
+            redraw_attention(model, cfg.aux_layer, cfg.seed + step, opt)
+            log(f"step {step}: q/k of layers {cfg.aux_layer}.. re-drawn")
         ids, supervised = batch(cfg, rng, step)
-        loss = loss_of(model, ids, supervised, rng)
+        loss = loss_of(model, ids, supervised, rng, cfg.aux_weight, cfg.aux_layer)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
