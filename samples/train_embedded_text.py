@@ -3,6 +3,12 @@
     python samples/train_embedded_text.py --out runs/embedded_text --minutes 60
     python samples/train_embedded_text.py --out runs/embedded_text --minutes 0 --ship   # copy the result into the package
 
+The binding recipe the probes found (BENCHMARKS section 7; being tried at length, not yet shipped):
+
+    python samples/train_embedded_text.py --out runs/text_D --minutes 45 --threads 1 --set curriculum=1500 \
+        --set recall_share=0.8 --set lr=2e-3 --set eval_every=100 --set aux_weight=1.0 --set aux_layer=2 \
+        --set redraw_attention_at=400
+
 Writes `OUT/checkpoint.pt`, `OUT/pipeline/` (a saved LLaDA2Pipeline) and the loss curve (`--loss-png`, default
 `OUT/loss.png`, so an experiment never overwrites the committed `samples/embedded_text_loss.png`; pass that path for a
 run whose curve belongs in the repo); `--ship` copies the pipeline into `pipelines/assets/embedded_text/`.
