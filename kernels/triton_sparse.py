@@ -412,17 +412,22 @@ def runs_are_contiguous(index: torch.Tensor, count: torch.Tensor) -> bool:
     return bool(((index == index[..., :1] + steps) | ~valid).all())
 
 
-def _full_table_is_contiguous(spec: SparseSpec, device: torch.device) -> bool:
+def _full_and_partial(spec: SparseSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """`full_and_partial_blocks(spec)`, built once per spec (on the CPU) for the tables and the contiguity flag."""
+    return spec.cached("triton_full_partial", torch.device("cpu"), lambda: full_and_partial_blocks(spec))
+
+
+def _full_table_is_contiguous(spec: SparseSpec) -> bool:
     flag = spec.cached(
         "triton_full_contiguous", torch.device("cpu"),
-        lambda: torch.tensor(runs_are_contiguous(*block_table(full_and_partial_blocks(spec)[0]))),
+        lambda: torch.tensor(runs_are_contiguous(*block_table(_full_and_partial(spec)[0]))),
     )
     return bool(flag)
 
 
 def _block_tables(spec: SparseSpec, device: torch.device) -> tuple[torch.Tensor, ...]:
     """(full index, full count, partial index, partial count) on `device`, built once per spec and device."""
-    full, partial = spec.cached("triton_full_partial", torch.device("cpu"), lambda: full_and_partial_blocks(spec))
+    full, partial = _full_and_partial(spec)
     return (
         *spec.cached("triton_full_table", device, lambda: block_table(full)),
         *spec.cached("triton_partial_table", device, lambda: block_table(partial)),
@@ -540,7 +545,7 @@ def triton_sparse_attention(
             partial_index.stride(0), partial_index.stride(1), partial_count.stride(0),
             G, S, spec.axis_start, spec.axis_end, spec.radius,
             HEAD_DIM=D, BLOCK_SIZE=spec.block_size, MODE=MODE_IDS[spec.mode],
-            EVEN=S % spec.block_size == 0, CONTIGUOUS=_full_table_is_contiguous(spec, q.device),
+            EVEN=S % spec.block_size == 0, CONTIGUOUS=_full_table_is_contiguous(spec),
             DOT_FP32=upcast,
         )
         return out
