@@ -33,25 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from sparsediff.pipelines.embedded_text import model as M
-from sparsediff.pipelines.embedded_text.tasks import ANSWER_SLOTS, FILLER, KEYS, VALUES, VOCAB
+from sparsediff.pipelines.embedded_text.tasks import ANSWER_SLOTS, VALUES, VOCAB
+from sparsediff.pipelines.embedded_text.tasks import short_prompt as prompt
 from sparsediff.pipelines.embedded_text.train import MASK, encode
-
-
-def prompt(rng, pairs: int, filler: int, echo: bool = False) -> tuple[list[str], list[str]]:
-    keys = rng.choice(len(KEYS), pairs, replace=False)
-    values = rng.integers(len(VALUES), size=pairs)
-    chunks = [[KEYS[k], "=", VALUES[v], ";"] for k, v in zip(keys, values)]
-    words_filler = [FILLER[i] for i in rng.integers(len(FILLER), size=filler)]
-    cuts = np.sort(rng.integers(0, filler + 1, size=pairs))
-    words, last = [], 0
-    for cut, chunk in zip(cuts, chunks):
-        words += words_filler[last:cut] + chunk
-        last = cut
-    words += words_filler[last:]
-    asked = chunks[int(rng.integers(pairs))]
-    if echo:  # "; kA ->" asks for the token two before the first slot: the offset a lookup needs
-        return words + [";", asked[0], "->"], [asked[0]] + ["<eos>"] * (ANSWER_SLOTS - 1)
-    return words + ["?", asked[0], "->"], [asked[2]] + ["<eos>"] * (ANSWER_SLOTS - 1)
 
 
 def main() -> int:

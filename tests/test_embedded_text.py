@@ -199,3 +199,64 @@ def test_redraw_attention_replaces_upper_layers_q_and_k_only():
     again = build_model(0)
     TR.redraw_attention(again, 2, seed=5)
     assert torch.equal(again.model.layers[3].self_attn.q_proj.weight, model.model.layers[3].self_attn.q_proj.weight)
+
+
+def test_short_prompts_ask_one_of_their_pairs_or_echo_the_key():
+    rng = np.random.default_rng(3)
+    words, target = T.short_prompt(rng, 3, 5)
+    text = " ".join(words)
+    assert len(words) == 3 * 4 + 5 + 3 and words[-3] == "?" and words[-1] == "->"
+    assert f"{words[-2]} = {target[0]} ;" in text and target[1:] == ["<eos>"] * (T.ANSWER_SLOTS - 1)
+    words, target = T.short_prompt(rng, 3, 5, echo=True)
+    assert words[-3] == ";" and target[0] == words[-2] and f"{words[-2]} =" in " ".join(words)
+
+
+def test_short_phase_batches_then_a_share_of_short_batches_with_more_pairs():
+    from sparsediff.pipelines.embedded_text.train import TrainConfig, short_batch
+
+    cfg = TrainConfig(short_steps=10, short_batch=6, short_pairs=2, short_pairs_late=16, echo_share=0.0)
+
+    def pairs(ids):
+        return int((ids[0] == T.VOCAB.index("=")).sum())
+
+    rng = np.random.default_rng(0)
+    early = [short_batch(cfg, rng, step=5) for _ in range(20)]
+    late = [short_batch(cfg, rng, step=10) for _ in range(20)]
+    for ids, supervised in early + late:
+        assert ids.shape[0] == 6 and supervised.sum() == 6 * T.ANSWER_SLOTS and supervised[:, -T.ANSWER_SLOTS:].all()
+    assert max(pairs(ids) for ids, _ in early) <= 2 < max(pairs(ids) for ids, _ in late) <= 16
+
+
+def test_the_all_masked_loss_is_the_mean_cross_entropy_of_every_slot_masked():
+    import torch.nn.functional as F
+    from sparsediff.pipelines.embedded_text import train as TR
+    from sparsediff.pipelines.embedded_text.model import build_model
+
+    model = build_model(0).eval()
+    ids, supervised = TR.short_batch(TR.TrainConfig(short_steps=1, short_batch=3), np.random.default_rng(0), 0)
+    with torch.no_grad():
+        loss = TR.loss_of(model, ids, supervised, np.random.default_rng(1), all_masked=True)
+        x = ids.masked_fill(supervised, TR.MASK)
+        logits = model(input_ids=x).logits[:, -T.ANSWER_SLOTS:]
+        expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, -T.ANSWER_SLOTS:].reshape(-1))
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+        # the LLaDA loss masks a random share: another value
+        assert not torch.allclose(TR.loss_of(model, ids, supervised, np.random.default_rng(1)), expected)
+
+
+def test_a_run_starts_from_a_saved_model_and_a_wrong_folder_is_named(tmp_path):
+    from sparsediff.pipelines.embedded_text import train as TR
+    from sparsediff.pipelines.embedded_text.model import build_model
+
+    start = build_model(7)
+    start.save_pretrained(tmp_path / "start")
+    cfg = TR.TrainConfig(steps=1, tokens_per_batch=128, min_len=64, max_len=64, eval_every=1000, seed=0,
+                         init_from=str(tmp_path / "start"))
+    TR.train(tmp_path / "run0", cfg, minutes=1, log=lambda _: None, until_step=0)  # no step taken: the start itself
+    saved = torch.load(tmp_path / "run0" / "checkpoint.pt", weights_only=False)["model"]
+    for name, value in start.state_dict().items():
+        assert torch.equal(saved[name], value), name
+    assert not torch.equal(build_model(0).model.embed_tokens.weight, start.model.embed_tokens.weight)
+    cfg = TR.TrainConfig(steps=1, tokens_per_batch=128, min_len=64, max_len=64, eval_every=1000, init_from=str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="nowhere.*holds no model.safetensors.*--save DIR"):
+        TR.train(tmp_path / "run", cfg, minutes=1, log=lambda _: None)

@@ -109,6 +109,28 @@ TRAIN_SEED = 0
 EVAL_SEED = 10_000
 
 
+def short_prompt(rng: np.random.Generator, pairs: int, filler: int, echo: bool = False) -> tuple[list[str], list[str]]:
+    """A short lookup prompt and its answer-slot target: `pairs` `kA = vB ;` pairs among `filler` filler words, then
+    `? kA ->` asking for one pair's value. With `echo`, `; kA ->` asks for kA itself, the token two before the first
+    answer slot: the offset feature a lookup needs, learned first. The binding probe's prompts (BENCHMARKS section 7),
+    used by the trainer's short phase. Prompts are not aligned: training does not go through the pipeline."""
+    keys = rng.choice(len(KEYS), pairs, replace=False)
+    values = rng.integers(len(VALUES), size=pairs)
+    chunks = [[KEYS[k], "=", VALUES[v], ";"] for k, v in zip(keys, values)]
+    words_filler = [FILLER[i] for i in rng.integers(len(FILLER), size=filler)]
+    cuts = np.sort(rng.integers(0, filler + 1, size=pairs))
+    words: list[str] = []
+    last = 0
+    for cut, chunk in zip(cuts, chunks):
+        words += words_filler[last:cut] + chunk
+        last = cut
+    words += words_filler[last:]
+    asked = chunks[int(rng.integers(pairs))]
+    if echo:
+        return words + [";", asked[0], "->"], [asked[0]] + ["<eos>"] * (ANSWER_SLOTS - 1)
+    return words + ["?", asked[0], "->"], [asked[2]] + ["<eos>"] * (ANSWER_SLOTS - 1)
+
+
 def answer_correct(generated: str, task: Task) -> bool:
     """Exact match: the generated words before the first end token are the answer."""
     words = generated.replace("<eos>", " ").split()

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import build_model, build_pipeline, build_tokenizer, save_pipeline
-from .tasks import ANSWER_SLOTS, FILLER, KEYS, KINDS, TRAIN_SEED, VALUES, VOCAB, make_task, task_set
+from .tasks import ANSWER_SLOTS, FILLER, KEYS, KINDS, TRAIN_SEED, VALUES, VOCAB, make_task, short_prompt, task_set
 
 MASK = VOCAB.index("<mask>")
 INDEX = {w: i for i, w in enumerate(VOCAB)}
@@ -51,6 +51,20 @@ class TrainConfig:
     aux_weight: float = 0.0
     aux_layer: int = 2
     redraw_attention_at: int = 0  # 0: never
+    # The probe's conditions, which the recipe needs (BENCHMARKS section 7): for the first `short_steps` steps every
+    # batch is `short_batch` short lookup prompts among at most `short_pairs` pairs (`tasks.short_prompt`), a share
+    # `echo_share` of them echo prompts; afterwards a share `short_share` of batches stay short, with up to
+    # `short_pairs_late` pairs, so lookups among many pairs keep being trained while the contexts lengthen. The
+    # length curriculum counts from the end of the short phase.
+    short_steps: int = 0
+    # Start from a saved model (a folder `save_pretrained` wrote, e.g. a binding probe's `--save`) instead of a fresh
+    # draw: the shipped model's second stage starts from the 4-layer probe that bound keys to values (section 7).
+    init_from: str = ""
+    short_share: float = 0.0
+    short_batch: int = 128
+    short_pairs: int = 4
+    short_pairs_late: int = 16
+    echo_share: float = 0.0
 
 
 def encode(words: list[str]) -> list[int]:
@@ -88,7 +102,20 @@ def longest(cfg: TrainConfig, step: int) -> int:
     diluted over hundreds of others, so retrieval is found early; then doubling every `curriculum` steps."""
     if not cfg.curriculum:
         return cfg.max_len
-    return min(cfg.max_len, cfg.min_len * 2 ** (step // cfg.curriculum))
+    return min(cfg.max_len, cfg.min_len * 2 ** (max(0, step - cfg.short_steps) // cfg.curriculum))
+
+
+def short_batch(cfg: TrainConfig, rng: np.random.Generator, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of `cfg.short_batch` short lookup prompts of one shape (pairs and filler drawn once per batch), with
+    the answer slots to learn; see `TrainConfig.short_steps`."""
+    most = cfg.short_pairs if step < cfg.short_steps else cfg.short_pairs_late
+    pairs = int(rng.integers(1, most + 1))
+    filler = int(rng.integers(0, 4 * pairs + 1))
+    rows = [short_prompt(rng, pairs, filler, echo=rng.uniform() < cfg.echo_share) for _ in range(cfg.short_batch)]
+    ids = torch.tensor([encode(p + a) for p, a in rows])
+    supervised = torch.zeros_like(ids, dtype=torch.bool)
+    supervised[:, -ANSWER_SLOTS:] = True
+    return ids, supervised
 
 
 def batch(cfg: TrainConfig, rng: np.random.Generator, step: int = 10**9) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,14 +173,19 @@ def redraw_attention(model, from_layer: int, seed: int, opt: torch.optim.Optimiz
 
 
 def loss_of(model, ids: torch.Tensor, supervised: torch.Tensor, rng: np.random.Generator,
-            aux_weight: float = 0.0, aux_layer: int = 2) -> torch.Tensor:
+            aux_weight: float = 0.0, aux_layer: int = 2, all_masked: bool = False) -> torch.Tensor:
     """The LLaDA loss on the supervised positions: mask each with probability t, cross-entropy on the masked ones / t,
-    averaged over the supervised positions; plus `aux_weight` times the auxiliary objective (`aux_targets`)."""
+    averaged over the supervised positions; plus `aux_weight` times the auxiliary objective (`aux_targets`).
+    `all_masked` takes t = 1 for every row (every supervised position masked): the short phase's condition, where
+    each prompt's answer is learned at every step instead of half of them."""
     B = ids.shape[0]
     # t below 1/ANSWER_SLOTS masks about one slot either way; clamping there keeps the 1/t weight (and the gradient
     # noise of a small batch) bounded
-    t = torch.from_numpy(rng.uniform(0.0, 1.0, size=(B, 1))).float().clamp_min(1.0 / ANSWER_SLOTS)
-    masked = supervised & (torch.from_numpy(rng.uniform(size=tuple(ids.shape))).float() < t)
+    if all_masked:
+        t = torch.ones(B, 1)
+    else:
+        t = torch.from_numpy(rng.uniform(0.0, 1.0, size=(B, 1))).float().clamp_min(1.0 / ANSWER_SLOTS)
+    masked = supervised.clone() if all_masked else supervised & (torch.from_numpy(rng.uniform(size=tuple(ids.shape))).float() < t)
     masked[:, -ANSWER_SLOTS] |= ~masked.any(dim=1)  # at least one position to learn from
     x = ids.masked_fill(masked, MASK)
     out = model.model(input_ids=x, output_hidden_states=aux_weight > 0)
@@ -183,6 +215,37 @@ def quick_accuracy(model, length: int, n: int = 12, seed: int = 123_457, kinds: 
     return float((pred == ids[:, -ANSWER_SLOTS:]).all(dim=1).float().mean())
 
 
+@torch.no_grad()
+def short_accuracy(model, n: int = 64, seed: int = 123_458) -> dict[str, float]:
+    """First-slot accuracy on fresh short lookups among 4 and 16 pairs (the probe's measure of binding)."""
+    model.eval()
+    rng = np.random.default_rng(seed)
+    acc = {}
+    for pairs in (4, 16):
+        rows = [short_prompt(rng, pairs, 4 * pairs) for _ in range(n)]
+        ids = torch.tensor([encode(p + a) for p, a in rows])
+        x = ids.clone()
+        x[:, -ANSWER_SLOTS:] = MASK
+        first = model(input_ids=x, logits_to_keep=ANSWER_SLOTS).logits[:, 0].argmax(-1)
+        acc[f"short{pairs}"] = float((first == ids[:, -ANSWER_SLOTS]).float().mean())
+    model.train()
+    return acc
+
+
+def load_weights(folder: Path) -> dict:
+    """The state dict of a model saved in `folder` (safetensors), checked against the embedded DLM's shapes."""
+    from safetensors.torch import load_file
+
+    path = folder / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from={str(folder)!r} holds no model.safetensors; give a folder that "
+                                "`save_pretrained` wrote (e.g. samples/probe_dlm_binding.py --save DIR).")
+    state = load_file(str(path))
+    if "lm_head.weight" not in state:  # tied weights are saved once
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    return state
+
+
 def train(out: Path, cfg: TrainConfig, minutes: float, threads: int | None = None, log=print,
           until_step: int | None = None) -> dict:
     """Train for at most `minutes` (resuming from `out/checkpoint.pt`; stopping at `until_step` when given), then
@@ -194,6 +257,8 @@ def train(out: Path, cfg: TrainConfig, minutes: float, threads: int | None = Non
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
     model = build_model(cfg.seed)
+    if cfg.init_from:
+        model.load_state_dict(load_weights(Path(cfg.init_from)))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     sched = get_cosine_schedule_with_warmup(opt, cfg.warmup, cfg.steps)
@@ -228,8 +293,9 @@ def train(out: Path, cfg: TrainConfig, minutes: float, threads: int | None = Non
         if cfg.redraw_attention_at and step == cfg.redraw_attention_at:
             redraw_attention(model, cfg.aux_layer, cfg.seed + step, opt)
             log(f"step {step}: q/k of layers {cfg.aux_layer}.. re-drawn")
-        ids, supervised = batch(cfg, rng, step)
-        loss = loss_of(model, ids, supervised, rng, cfg.aux_weight, cfg.aux_layer)
+        short = step < cfg.short_steps or (cfg.short_share > 0 and rng.uniform() < cfg.short_share)
+        ids, supervised = short_batch(cfg, rng, step) if short else batch(cfg, rng, step)
+        loss = loss_of(model, ids, supervised, rng, cfg.aux_weight, cfg.aux_layer, all_masked=short)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -243,6 +309,8 @@ def train(out: Path, cfg: TrainConfig, minutes: float, threads: int | None = Non
             running = []
         if step % cfg.eval_every == 0:
             acc = {f"{kind}@{n}": quick_accuracy(model, n, kinds=(kind,)) for n in (256, 1024) for kind in KINDS}
+            if cfg.short_steps or cfg.short_share:
+                acc.update(short_accuracy(model))
             history["eval"].append({"step": step, **{str(k): v for k, v in acc.items()}})
             log(f"step {step} loss {history['loss'][-1]:.4f} quick accuracy {acc} "
                 f"({seconds0 + time.monotonic() - start:.0f} s)")
