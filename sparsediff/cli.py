@@ -338,7 +338,7 @@ def _cmd_generate_text(args: argparse.Namespace) -> int:
         defaults = call_arguments()
     else:
         defaults = {"num_inference_steps": 32, "gen_length": 128}
-    call = {"num_inference_steps": args.steps or defaults["num_inference_steps"],
+    call = {**defaults, "num_inference_steps": args.steps or defaults["num_inference_steps"],
             "gen_length": args.gen_length or defaults["gen_length"]}
     if args.block_length or "block_length" in defaults:
         call["block_length"] = args.block_length or defaults["block_length"]

@@ -177,6 +177,10 @@ def test_aux_targets_name_each_visible_values_key_and_the_asked_key():
     x[0, positions[0] - 2] = TR.MASK  # the first value's key hidden: it names nothing
     x[0, positions[1]] = TR.MASK  # the second value hidden: nothing to name it from
     assert TR.aux_targets(ids, x)[1].tolist() == positions[2:] + [first]
+    words = ["k1", "=", "k2", ";", "the", "k2", "=", "v3", ";", "?", "k1", "->"] + ["<mask>"] * T.ANSWER_SLOTS
+    ids = torch.tensor([TR.encode(words)])
+    rows, cols, keys = TR.aux_targets(ids, ids)  # a hops chain: the key bound to a key names its key too
+    assert cols.tolist() == [2, 7, 12] and [T.VOCAB[k] for k in keys] == ["k1", "k2", "k1"]
 
 
 def test_redraw_attention_replaces_upper_layers_q_and_k_only():
@@ -209,6 +213,9 @@ def test_short_prompts_ask_one_of_their_pairs_or_echo_the_key():
     assert f"{words[-2]} = {target[0]} ;" in text and target[1:] == ["<eos>"] * (T.ANSWER_SLOTS - 1)
     words, target = T.short_prompt(rng, 3, 5, echo=True)
     assert words[-3] == ";" and target[0] == words[-2] and f"{words[-2]} =" in " ".join(words)
+    answers = [w for prompt in (T.short_prompt(rng, 4, 0, key_values=0.5)[0] for _ in range(20)) for w in prompt[2:-3:4]]
+    assert {a[0] for a in answers} == {"k", "v"}  # some pairs bind a key to a key
+    assert T.short_prompt(np.random.default_rng(9), 3, 5) == T.short_prompt(np.random.default_rng(9), 3, 5, key_values=0.0)
 
 
 def test_short_phase_batches_then_a_share_of_short_batches_with_more_pairs():

@@ -109,14 +109,22 @@ TRAIN_SEED = 0
 EVAL_SEED = 10_000
 
 
-def short_prompt(rng: np.random.Generator, pairs: int, filler: int, echo: bool = False) -> tuple[list[str], list[str]]:
+def short_prompt(rng: np.random.Generator, pairs: int, filler: int, echo: bool = False,
+                 key_values: float = 0.0) -> tuple[list[str], list[str]]:
     """A short lookup prompt and its answer-slot target: `pairs` `kA = vB ;` pairs among `filler` filler words, then
     `? kA ->` asking for one pair's value. With `echo`, `; kA ->` asks for kA itself, the token two before the first
     answer slot: the offset feature a lookup needs, learned first. The binding probe's prompts (BENCHMARKS section 7),
-    used by the trainer's short phase. Prompts are not aligned: training does not go through the pipeline."""
-    keys = rng.choice(len(KEYS), pairs, replace=False)
+    used by the trainer's short phase. With `key_values` > 0 that share of pairs (drawn when > 0 only, so the draws
+    are unchanged otherwise) binds a key to another key, `kA = kC ;`, as the first link of a `hops` chain does:
+    a lookup must return whatever follows the asked key, not only a value token. Prompts are not aligned: training
+    does not go through the pipeline."""
+    keys = rng.choice(len(KEYS), 2 * pairs if key_values > 0 else pairs, replace=False)
     values = rng.integers(len(VALUES), size=pairs)
-    chunks = [[KEYS[k], "=", VALUES[v], ";"] for k, v in zip(keys, values)]
+    answers = [VALUES[v] for v in values]
+    if key_values > 0:
+        answers = [KEYS[keys[pairs + i]] if u < key_values else a
+                   for i, (a, u) in enumerate(zip(answers, rng.uniform(size=pairs)))]
+    chunks = [[KEYS[k], "=", a, ";"] for k, a in zip(keys[:pairs], answers)]
     words_filler = [FILLER[i] for i in rng.integers(len(FILLER), size=filler)]
     cuts = np.sort(rng.integers(0, filler + 1, size=pairs))
     words: list[str] = []

@@ -65,6 +65,7 @@ class TrainConfig:
     short_pairs: int = 4
     short_pairs_late: int = 16
     echo_share: float = 0.0
+    short_key_values: float = 0.0  # share of short prompts' pairs that bind a key to a key (hops' first link)
 
 
 def encode(words: list[str]) -> list[int]:
@@ -111,7 +112,8 @@ def short_batch(cfg: TrainConfig, rng: np.random.Generator, step: int) -> tuple[
     most = cfg.short_pairs if step < cfg.short_steps else cfg.short_pairs_late
     pairs = int(rng.integers(1, most + 1))
     filler = int(rng.integers(0, 4 * pairs + 1))
-    rows = [short_prompt(rng, pairs, filler, echo=rng.uniform() < cfg.echo_share) for _ in range(cfg.short_batch)]
+    rows = [short_prompt(rng, pairs, filler, echo=rng.uniform() < cfg.echo_share, key_values=cfg.short_key_values)
+            for _ in range(cfg.short_batch)]
     ids = torch.tensor([encode(p + a) for p, a in rows])
     supervised = torch.zeros_like(ids, dtype=torch.bool)
     supervised[:, -ANSWER_SLOTS:] = True
@@ -151,10 +153,11 @@ IS_VALUE[[INDEX[v] for v in VALUES]] = True
 
 def aux_targets(ids: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows, cols, key ids) of the auxiliary objective on a batch `ids` as the model sees it (`x`, masks applied):
-    every visible value written `kX = v` whose key is visible too names kX; the first answer slot names the asked
-    key where the prompt ends `? kX ->`."""
+    every visible value written `kX = v` whose key is visible too names kX, and so does a key bound to a key
+    (`kX = kY`, a hops chain's first link); the first answer slot names the asked key where the prompt ends
+    `? kX ->`."""
     where = torch.zeros_like(ids, dtype=torch.bool)
-    where[:, 2:] = IS_VALUE[x[:, 2:]] & IS_KEY[x[:, :-2]] & (x[:, 1:-1] == INDEX["="])
+    where[:, 2:] = (IS_VALUE | IS_KEY)[x[:, 2:]] & IS_KEY[x[:, :-2]] & (x[:, 1:-1] == INDEX["="])
     first = ids.shape[1] - ANSWER_SLOTS
     where[:, first] = IS_KEY[x[:, first - 2]] & (x[:, first - 3] == INDEX["?"])
     rows, cols = where.nonzero(as_tuple=True)
