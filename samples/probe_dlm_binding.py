@@ -25,8 +25,10 @@ chance within 20 minutes (`--seed 1 --minutes 20`). One thread, seeded.
 """
 
 import argparse
+import re
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,6 +38,36 @@ from sparsediff.pipelines.embedded_text import model as M
 from sparsediff.pipelines.embedded_text.tasks import ANSWER_SLOTS, VALUES, VOCAB
 from sparsediff.pipelines.embedded_text.tasks import short_prompt as prompt
 from sparsediff.pipelines.embedded_text.train import MASK, encode
+
+
+LINE = re.compile(r"step (\d+) loss ([\d.]+) aux ([\d.]+) accuracy echo@4 ([\d.]+) lookup@1 ([\d.]+) @4 ([\d.]+) @16 ([\d.]+)")
+
+
+def plot_log(log: Path, png: Path) -> None:
+    """Draw a probe's printed log (loss, auxiliary loss, accuracies every 50 steps) as a small PNG: stage 1 of the
+    shipped DLM's recipe keeps its curve this way (`--plot-log LOG --loss-png PNG`)."""
+    from matplotlib.figure import Figure
+
+    rows = [tuple(float(g) for g in m.groups()) for m in map(LINE.search, log.read_text().splitlines()) if m]
+    if not rows:
+        raise SystemExit(f"{log} holds no probe progress lines ('step N loss ... @16 ...'); give a probe's log.")
+    cols = list(zip(*rows))
+    fig = Figure(figsize=(6, 3), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(cols[0], [max(v, 1e-4) for v in cols[1]], lw=1, label="answer-slot loss (one batch)")
+    ax.plot(cols[0], [max(v, 1e-4) for v in cols[2]], lw=1, label="auxiliary loss")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.legend(loc="upper right", fontsize=7)
+    acc = ax.twinx()
+    for i, name in ((5, "lookups among 4 pairs"), (6, "among 16 (never trained)")):
+        acc.plot(cols[0], cols[i], "--", lw=1, label=name)
+    acc.set_ylim(0, 1)
+    acc.set_ylabel("first-slot accuracy")
+    acc.legend(loc="center right", fontsize=7)
+    ax.set_title(f"binding probe ({log.name}), {int(cols[0][-1])} steps", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png)
 
 
 def main() -> int:
@@ -58,7 +90,14 @@ def main() -> int:
     parser.add_argument("--reinit-from", type=int, default=1, help="first layer --reinit-qk-at re-draws")
     parser.add_argument("--save", default=None, help="save the trained model to this folder (for inspection)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot-log", type=Path, default=None, help="do not train: draw this probe log as --loss-png")
+    parser.add_argument("--loss-png", type=Path, default=None, help="with --plot-log: the PNG to write")
     args = parser.parse_args()
+    if args.plot_log:
+        if args.loss_png is None:
+            parser.error("--plot-log needs --loss-png PNG (where to draw it)")
+        plot_log(args.plot_log, args.loss_png)
+        return 0
     torch.set_num_threads(1)
     M.MODEL_CONFIG.update(initializer_range=args.init_range, rope_theta=args.rope_theta, num_hidden_layers=args.layers)
     model = M.build_model(args.seed, args.arch).train()
