@@ -53,9 +53,9 @@ def main() -> int:
         if name not in fields:
             parser.error(f"--set {item!r}: TrainConfig has no field {name!r}; fields: {', '.join(fields)}")
         changes[name] = type(getattr(TrainConfig(), name))(value)
-    history = train(out, TrainConfig(**changes), args.minutes, threads=args.threads,
-                    log=lambda line: print(line, file=sys.stderr, flush=True))
-    plot_loss(history, args.loss_png or out / "loss.png")
+    cfg = TrainConfig(**changes)
+    history = train(out, cfg, args.minutes, threads=args.threads, log=lambda line: print(line, file=sys.stderr, flush=True))
+    plot_loss(history, args.loss_png or out / "loss.png", start=cfg.init_from)
     if args.ship:
         target = embedded_text_path()
         if target.exists():

@@ -329,8 +329,8 @@ def train(out: Path, cfg: TrainConfig, minutes: float, threads: int | None = Non
     return history
 
 
-def plot_loss(history: dict, path: Path) -> None:
-    """The loss curve (and the quick accuracy) as a small PNG."""
+def plot_loss(history: dict, path: Path, start: str = "") -> None:
+    """The loss curve (and the quick accuracy) as a small PNG; `start` names the model the run started from."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6, 3), dpi=100)
@@ -346,8 +346,9 @@ def plot_loss(history: dict, path: Path) -> None:
                      label=f"one-pass accuracy {key}")
         acc.set_ylim(0, 1)
         acc.set_ylabel("accuracy")
-        acc.legend(loc="center right", fontsize=7)
+        acc.legend(loc="lower center", fontsize=6, ncol=2)
     ax.legend(loc="upper right", fontsize=7)
-    ax.set_title(f"embedded DLM, {history['seconds'] / 60:.0f} CPU minutes", fontsize=9)
+    origin = f" from {Path(start).name}" if start else ""
+    ax.set_title(f"embedded DLM{origin}, {history['seconds'] / 60:.0f} CPU minutes", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
