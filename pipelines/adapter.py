@@ -46,6 +46,9 @@ class Adapter:
     quality_name: ClassVar[str] = "PSNR"  # what `quality` returns (higher is better), for messages and reports
     quality_unit: ClassVar[str] = "dB"
     profile_output_type: ClassVar[str] = "latent"  # what a profiling run asks the pipeline for (nothing decoded)
+    # Whether quality at an intermediate step bounds the final one, so a search may prune a trial as soon as a step
+    # falls below the floor (true of a video trajectory, whose errors only accumulate).
+    prune_on_steps: ClassVar[bool] = True
 
     def matches(self, pipe_or_model: Any) -> bool:
         raise NotImplementedError

@@ -81,7 +81,8 @@ class PipelineEvaluator:
                     if i >= len(ref_steps):
                         return
                     per_step[i] = min(per_step[i], self.adapter.quality(latents, ref_steps[i]))
-                    report(i, per_step[i])
+                    if getattr(self.adapter, "prune_on_steps", True):
+                        report(i, per_step[i])
 
                 _, final = self._run(call, on_step)
                 finals.append(self.adapter.quality(final, ref_final))

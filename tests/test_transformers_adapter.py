@@ -202,6 +202,25 @@ def test_profile_and_search_a_plan_on_a_llada2_pipeline(tmp_path, monkeypatch):
     assert sparsediff_out.shape == (1, 16)  # the generated tokens
 
 
+def test_text_trials_are_judged_on_the_final_tokens_not_pruned_at_a_step():
+    """A sparse text run may commit slots in another order and still end with the dense tokens: the evaluator records
+    each step's agreement but never prunes on it; a video adapter does."""
+    import sparsediff
+    from sparsediff.pipelines.adapter import Adapter, adapter_for
+    from sparsediff.plan import SparsePlan
+    from sparsediff.search.quality import PipelineEvaluator
+
+    assert Adapter.prune_on_steps and not adapter_for(bidirectional_llama()).prune_on_steps
+    pipe, call = llada2(bidirectional_llama())
+    evaluator = PipelineEvaluator(pipe, [dict(call, seed=0)], apply=lambda p, pl: sparsediff.accelerate(p, pl, backend="torch"),
+                                  adapter=adapter_for(pipe))
+    reports = []
+    plan = SparsePlan.uniform(fingerprint(pipe.model), "skip", block_size=8)
+    result = evaluator(plan, lambda step, value: reports.append(step))
+    # (on this random tiny model the steps' agreement dipped to 0.5 and the final tokens agreed: the case in point)
+    assert reports == [] and len(result.step_psnr) >= 2 and all(0.0 <= q <= 1.0 for q in result.step_psnr)
+
+
 def saved_llada2(path):
     """A LLaDA2Pipeline with a word-level tokenizer (mask, pad and end tokens), saved like a user's pipeline."""
     from diffusers import BlockRefinementScheduler, LLaDA2Pipeline
