@@ -57,15 +57,15 @@ class TrainConfig:
     # `short_pairs_late` pairs, so lookups among many pairs keep being trained while the contexts lengthen. The
     # length curriculum counts from the end of the short phase.
     short_steps: int = 0
-    # Start from a saved model (a folder `save_pretrained` wrote, e.g. a binding probe's `--save`) instead of a fresh
-    # draw: the shipped model's second stage starts from the 4-layer probe that bound keys to values (section 7).
-    init_from: str = ""
     short_share: float = 0.0
     short_batch: int = 128
     short_pairs: int = 4
     short_pairs_late: int = 16
     echo_share: float = 0.0
     short_key_values: float = 0.0  # share of short prompts' pairs that bind a key to a key (hops' first link)
+    # Start from a saved model (a folder `save_pretrained` wrote, e.g. a binding probe's `--save`) instead of a fresh
+    # draw: the shipped model's second stage starts from the 4-layer probe that bound keys to values (section 7).
+    init_from: str = ""
 
 
 def encode(words: list[str]) -> list[int]:
@@ -236,17 +236,13 @@ def short_accuracy(model, n: int = 64, seed: int = 123_458) -> dict[str, float]:
 
 
 def load_weights(folder: Path) -> dict:
-    """The state dict of a model saved in `folder` (safetensors), checked against the embedded DLM's shapes."""
-    from safetensors.torch import load_file
+    """The state dict of a model `save_pretrained` wrote to `folder` (loaded by transformers, tied weights and all)."""
+    from transformers import AutoModelForCausalLM
 
-    path = folder / "model.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"init_from={str(folder)!r} holds no model.safetensors; give a folder that "
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"init_from={str(folder)!r} holds no saved model (config.json); give a folder that "
                                 "`save_pretrained` wrote (e.g. samples/probe_dlm_binding.py --save DIR).")
-    state = load_file(str(path))
-    if "lm_head.weight" not in state:  # tied weights are saved once
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    return state
+    return AutoModelForCausalLM.from_pretrained(folder).state_dict()
 
 
 def train(out: Path, cfg: TrainConfig, minutes: float, threads: int | None = None, log=print,
