@@ -14,6 +14,10 @@
     python samples/probe_dlm_binding.py --minutes 10 --layers 2 --aux-weight 1 --aux-layer 1 --echo-share 0.3 \
         --reinit-qk-at 400 --save runs/probe_model_reinit_l2                      # layer 1's attention re-drawn at step 400
     python samples/probe_dlm_binding.py --minutes 12 --layers 2 --arch qwen3 --save runs/probe_model_qwen3_l2  # QK-norm
+    python samples/probe_dlm_binding.py --minutes 25 --layers 4 --aux-weight 1 --aux-layer 2 --echo-share 0.3 \
+        --reinit-qk-at 400 --reinit-from 2 --seed 1 --save runs/probe_model_reinit_l4 > runs/probe_reinit_l4.log
+                                                # stage 1 of the shipped DLM (samples/train_embedded_text.py)
+    python samples/probe_dlm_binding.py --plot-log runs/probe_reinit_l4.log --loss-png samples/embedded_text_loss_stage1.png
 
 Each step is a batch of short prompts (1..--pairs `kA = vB ;` pairs among up to 4 filler words per pair, then
 `? kA ->`), all 8 answer slots masked, cross-entropy on them (the LLaDA loss with every slot masked). Every 50
