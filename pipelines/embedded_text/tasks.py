@@ -57,6 +57,16 @@ class Task:
         return self.answer + ["<eos>"] * (ANSWER_SLOTS - len(self.answer))
 
 
+def place(filler: list[str], chunks: list[list[str]], cuts) -> list[str]:
+    """The filler words with each chunk inserted at its (sorted) cut."""
+    words: list[str] = []
+    last = 0
+    for cut, chunk in zip(cuts, chunks):
+        words += filler[last:cut] + chunk
+        last = cut
+    return words + filler[last:]
+
+
 def make_task(kind: str, length: int, rng: np.random.Generator) -> Task:
     """A task of `kind` whose prompt has `length` tokens (rounded up to a multiple of `ALIGN`)."""
     if kind not in KINDS:
@@ -88,12 +98,7 @@ def make_task(kind: str, length: int, rng: np.random.Generator) -> Task:
     # pairs go at random filler offsets (sorted, so a chain's order in the text is random but fixed)
     cuts = np.sort(rng.integers(0, room + 1, size=len(pairs)))
     filler = [FILLER[i] for i in rng.integers(len(FILLER), size=room)]
-    words: list[str] = []
-    last = 0
-    for cut, p in zip(cuts, order):
-        words += filler[last:cut] + pairs[p]
-        last = cut
-    words += filler[last:] + ["?", asked, "->"]
+    words = place(filler, [pairs[p] for p in order], cuts) + ["?", asked, "->"]
     assert len(words) == length
     return Task(kind, words, answer)
 
@@ -127,12 +132,7 @@ def short_prompt(rng: np.random.Generator, pairs: int, filler: int, echo: bool =
     chunks = [[KEYS[k], "=", a, ";"] for k, a in zip(keys[:pairs], answers)]
     words_filler = [FILLER[i] for i in rng.integers(len(FILLER), size=filler)]
     cuts = np.sort(rng.integers(0, filler + 1, size=pairs))
-    words: list[str] = []
-    last = 0
-    for cut, chunk in zip(cuts, chunks):
-        words += words_filler[last:cut] + chunk
-        last = cut
-    words += words_filler[last:]
+    words = place(words_filler, chunks, cuts)
     asked = chunks[int(rng.integers(pairs))]
     if echo:
         return words + [";", asked[0], "->"], [asked[0]] + ["<eos>"] * (ANSWER_SLOTS - 1)
