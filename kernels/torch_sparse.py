@@ -4,14 +4,14 @@ Each mode avoids materialising S x S masks and gathers K/V only where the patter
 
 - `stripe`: the stripe is a contiguous key range, so the axis queries run one SDPA call against
   [text keys, first `radius` axis keys]; no mask at all.
-- `band`: the axis queries run in windows of `BAND_ROWS` rows. The band of a window whose keys stay inside the
-  sequence splits into three shift-invariant pieces: the middle keys every row of the window sees (no mask) and the
-  two edge triangles (a small cached mask each), so every interior window runs in three batched calls of
-  `aten::_scaled_dot_product_flash_attention_for_cpu` over overlapping strided views of K and V (no copy, no
-  gather) and the pieces are merged through their log-sum-exps. It computes the band at the block granularity of
-  `BAND_ROWS` with no mask on the bulk; the windows at the sequence ends, other devices and calls that need
-  gradients run the chunked form instead: chunks of `band_chunk(radius)` rows, each over the contiguous key range
-  its band touches (plus text keys) with an additive mask for the band's edges.
+- `band`: when every axis query runs (and on the CPU, without gradients), `_band_exact`: the rows whose band lies
+  inside the axis run in windows of `BAND_ROWS` rows, all in one call of
+  `aten::_scaled_dot_product_flash_attention_for_cpu` over overlapping strided views of K and V (no copy, no gather)
+  with one shared (rows, 2 * radius + rows) mask; the first and last `radius` rows run as an unmasked call plus a
+  causal one (SDPA skips the causal tiles it does not need); text keys and the pieces of one row merge through their
+  log-sum-exps. Otherwise (other devices, gradients, only the last queries of a canvas) the chunked form: chunks of
+  `band_chunk(radius)` rows, each over the contiguous key range its band touches (plus text keys) with an additive
+  mask for the band's edges.
 - `blocks`: per query block, its key blocks are gathered (`index_select` on the block table) and attended in
   batches of query blocks; query blocks whose row is dense (text queries) run one dense call.
 
@@ -38,10 +38,10 @@ def band_chunk(radius: int) -> int:
     return int(min(BAND_CHUNK_MAX, max(BAND_CHUNK_MIN, round(radius / 3 / 64) * 64)))
 
 
-# Query rows per window of the batched band: the smaller, the less of the edge triangles is computed and masked
-# (the band is exact to this many rows), the larger, the faster each window's calls run. Swept at S = 8192, 8 heads
-# x 64, float32, radii 384-2304, on one core of a 2-core AMD EPYC (64 / 128 / 256 / 384 rows): 64 was best or within
-# the run-to-run noise (+-0.05 efficiency) of the best everywhere.
+# Query rows per window of the exact band: the smaller, the less outside the band is computed (2R + BAND_ROWS keys
+# per row for a band of 2R + 1), the larger, the faster each window runs. At S = 8192, 8 heads x 64, float32, radii
+# 192-2304, two threads of a 2-core AMD EPYC: 64 rows beat 128 at every radius (by 1-8%), and beat the three-piece
+# windows of the previous kernel (an unmasked middle and two masked triangles, merged) by 3-20%.
 BAND_ROWS = 64
 # Gathered K bytes per batch of query blocks in `blocks` mode: bounds memory at long sequences and keeps
 # the gathered blocks in cache while SDPA reads them (measured: 16 MiB is near the best on a 2-core CPU).
@@ -100,17 +100,11 @@ def _band_mask(spec: SparseSpec, c0: int, c1: int, k0: int, k1: int, dtype, devi
 def _band(q, k, v, spec, scale, out, q0):
     a0, n, R = spec.axis_start, spec.axis_end - spec.axis_start, spec.radius
     first = max(0, q0 - a0)  # the first axis query that runs
-    C = BAND_ROWS
-    lo, hi = max(-(-first // C), -(-R // C)), (n - R - C) // C + 1  # interior windows: keys inside the axis
     differentiable = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    if q.device.type != "cpu" or differentiable or 2 * R < C or hi - lo < 2:
+    if q.device.type != "cpu" or differentiable or first > 0 or n < 2 * R + 2 * BAND_ROWS:
         _band_chunked(q, k, v, spec, scale, out, q0, first, n)
         return
-    _band_windows(q, k, v, spec, scale, out, q0, C, lo, hi)
-    if lo * C > first:
-        _band_chunked(q, k, v, spec, scale, out, q0, first, lo * C)
-    if hi * C < n:
-        _band_chunked(q, k, v, spec, scale, out, q0, hi * C, n)
+    _band_exact(q, k, v, spec, scale, out, q0, BAND_ROWS)
 
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # SDPA's CPU kernel, with its log-sum-exp
@@ -123,41 +117,68 @@ def _windows(x: torch.Tensor, start: int, count: int, length: int, stride: int) 
     return flat.as_strided((B * G, count, length, D), (S * D, stride * D, D, 1), flat.storage_offset() + start * D)
 
 
-def _band_windows(q, k, v, spec, scale, out, q0, C, lo, hi):
-    """Axis queries [lo * C, hi * C) (windows of C rows whose band keys are all axis keys): middle keys without a
-    mask, the two edge triangles with one, text keys in a fourth piece, merged by their log-sum-exps."""
-    B, G, Sq, D = q.shape
-    a0, a1, R = spec.axis_start, spec.axis_end, spec.radius
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    m = hi - lo
-    start = a0 + lo * C  # the first query's token
-    qw = q.view(B * G, Sq, D)[:, start - q0 : start - q0 + m * C].view(B * G, m, C, D)
-    left, right = spec.cached(f"band_triangles_{C}_{q.dtype}", q.device, lambda: _triangles(C, q.dtype))
-    pieces = [  # each (out (BG, m, C, D), lse (BG, m, C)); window i: rows [s, s + C) with s = start + i * C
-        _flash_cpu(qw, _windows(k, start - R, m, C, C), _windows(v, start - R, m, C, C), attn_mask=left, scale=scale),
-        _flash_cpu(qw, _windows(k, start + R, m, C, C), _windows(v, start + R, m, C, C), attn_mask=right, scale=scale),
-    ]
-    if 2 * R > C:  # keys [s + C - R, s + R) are within R of every row of the window
-        pieces.append(_flash_cpu(qw, _windows(k, start + C - R, m, 2 * R - C, C), _windows(v, start + C - R, m, 2 * R - C, C), scale=scale))
-    if spec.text_before or spec.text_after:
-        kt, vt = (torch.cat([x[:, :, :a0], x[:, :, a1:]], dim=2) for x in (k, v))
-        o, lse = _flash_cpu(qw.reshape(B, G, m * C, D), kt, vt, scale=scale)
-        pieces.append((o.reshape(B * G, m, C, D), lse.reshape(B * G, m, C)))
+def _merge(pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the union of disjoint key sets from each set's (out, log-sum-exp): (out, log-sum-exp)."""
     total = torch.stack([lse for _, lse in pieces]).logsumexp(dim=0)
     merged = None
     for o, lse in pieces:
         weight = (lse - total).exp_().unsqueeze(-1).to(o.dtype)
         merged = o * weight if merged is None else merged.addcmul_(o, weight)
-    out[:, :, start - q0 : start - q0 + m * C] = merged.view(B, G, m * C, D)
+    return merged, total
 
 
-def _triangles(C: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Additive (C, C) masks of a window's edge keys: the left edge (keys s - R + j) is seen by rows r <= j, the
-    right edge (keys s + R + j) by rows r >= j."""
-    r = torch.arange(C)
-    left = torch.zeros(C, C, dtype=dtype).masked_fill_(r[None, :] < r[:, None], float("-inf"))
-    right = torch.zeros(C, C, dtype=dtype).masked_fill_(r[None, :] > r[:, None], float("-inf"))
-    return left, right
+def _band_exact(q, k, v, spec, scale, out, q0, C):
+    """Every axis query of a band (2R + 2C <= n axis tokens, all of them run), exactly, in SDPA's CPU kernel:
+
+    - rows [R, n - R), whose keys [r - R, r + R] lie inside the axis, in windows of C rows: window i's keys are the
+      2R + C axis keys from its first row - R, an overlapping strided view of K and V (no copy), and the band within
+      them is the same (C, 2R + C) mask for every window, so all windows run in one call (plus one for the rows
+      left over, a window ending at n - R);
+    - rows [0, R) see keys [0, r + R]: keys [0, R) unmasked, keys [R, 2R) causal (`is_causal` skips the upper blocks);
+    - rows [n - R, n) see keys [r - R, n): keys [n - R, n) unmasked, keys [n - 2R, n - R) causal on reversed rows;
+    - text keys (if any) in one more unmasked call; pieces of one row merge through their log-sum-exps.
+
+    Computed area per row: 2R + C in the windows (the band is 2R + 1), about 1.5R plus SDPA's causal tiles at the
+    ends; no gathers, no masks beyond the one shared window mask."""
+    B, G, Sq, D = q.shape
+    a0, a1, R = spec.axis_start, spec.axis_end, spec.radius
+    n, L = a1 - a0, 2 * R + C
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    qa = q[:, :, a0 - q0 : a1 - q0]  # the axis queries (q0 <= a0 here)
+    ka, va = k[:, :, a0:a1], v[:, :, a0:a1]
+    o = q.new_empty(B, G, n, D)
+    lse = q.new_empty(B, G, n, dtype=torch.float32)
+    mask = spec.cached(f"band_window_{C}_{q.dtype}", q.device, lambda: _window_mask(C, R, q.dtype))
+    m = (n - 2 * R) // C
+    qw = _windows(q, a0 - q0 + R, m, C, C)
+    ow, lw = _flash_cpu(qw, _windows(k, a0, m, L, C), _windows(v, a0, m, L, C), attn_mask=mask, scale=scale)[:2]
+    o[:, :, R : R + m * C] = ow.view(B, G, m * C, D)
+    lse[:, :, R : R + m * C] = lw.reshape(B, G, m * C)
+    if R + m * C < n - R:  # the rows left over: one more window, ending at n - R (it recomputes some rows alike)
+        s = n - R - C
+        o[:, :, s : s + C], lse[:, :, s : s + C] = _flash_cpu(
+            qa[:, :, s : s + C], ka[:, :, s - R : s - R + L], va[:, :, s - R : s - R + L], attn_mask=mask, scale=scale
+        )[:2]
+    if R > 0:
+        head = [_flash_cpu(qa[:, :, :R], ka[:, :, :R], va[:, :, :R], scale=scale)[:2],
+                _flash_cpu(qa[:, :, :R], ka[:, :, R : 2 * R], va[:, :, R : 2 * R], is_causal=True, scale=scale)[:2]]
+        o[:, :, :R], lse[:, :, :R] = _merge(head)
+        back = _flash_cpu(qa[:, :, n - R :].flip(2), ka[:, :, n - 2 * R : n - R].flip(2), va[:, :, n - 2 * R : n - R].flip(2),
+                          is_causal=True, scale=scale)[:2]
+        tail = [_flash_cpu(qa[:, :, n - R :], ka[:, :, n - R :], va[:, :, n - R :], scale=scale)[:2],
+                (back[0].flip(2), back[1].flip(2))]
+        o[:, :, n - R :], lse[:, :, n - R :] = _merge(tail)
+    if spec.text_before or spec.text_after:
+        kt, vt = (torch.cat([x[:, :, :a0], x[:, :, a1:]], dim=2) for x in (k, v))
+        o = _merge([(o, lse), _flash_cpu(qa, kt, vt, scale=scale)[:2]])[0]
+    out[:, :, a0 - q0 : a1 - q0] = o
+
+
+def _window_mask(C: int, R: int, dtype) -> torch.Tensor:
+    """Additive (C, 2R + C) mask of a band window: row r (token s + r) sees keys s - R + j with |r - (j - R)| <= R."""
+    r = torch.arange(C)[:, None]
+    j = torch.arange(2 * R + C)[None, :]
+    return torch.zeros(C, 2 * R + C, dtype=dtype).masked_fill_((r - j + R).abs() > R, float("-inf"))
 
 
 def _band_chunked(q, k, v, spec, scale, out, q0, first, end):

@@ -38,12 +38,16 @@ def main() -> int:
     parser.add_argument("--length", type=int, default=2048, help="calibration context length in tokens")
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--tasks", type=int, default=3, help="calibration tasks, and as many held-out validation tasks")
+    parser.add_argument("--floor", type=float, default=1.0,
+                        help="least token agreement with the dense answers (1.0: every answer-slot token the same)")
+    parser.add_argument("--out", default=None, help="where to write the plan (default: MODEL/plan.json)")
     parser.add_argument("--ship", action="store_true", help="also copy the plan into the package's embedded model")
     args = parser.parse_args()
     pipe = load_pipeline(args.model, "cpu", kind="text")
     pipe.set_progress_bar_config(disable=True)
-    calls = calls_for(CALIBRATION_SEED, args.length)
-    validation = calls_for(VALIDATION_SEED, args.length)
+    calls = calls_for(CALIBRATION_SEED, args.length, args.tasks)
+    validation = calls_for(VALIDATION_SEED, args.length, args.tasks)
     work = Path("runs/embedded_text_search")
     work.mkdir(parents=True, exist_ok=True)
     inputs = [{k: v for k, v in c.items() if k != "seed"} for c in calls]
@@ -51,12 +55,12 @@ def main() -> int:
                               rows_per_block=args.block_size)
     print(f"profile: layout {prof.layout}, mean errors {json.dumps(prof.mean_errors())}", file=sys.stderr)
     plan, summary = sparsediff.search_plan(
-        pipe, prof, calls, out=work / "plan.json", min_psnr=1.0, trials=args.trials, backend="torch", force=True,
+        pipe, prof, calls, out=work / "plan.json", min_psnr=args.floor, trials=args.trials, backend="torch", force=True,
         validation_calls=validation, return_summary=True, log=lambda line: print(line, file=sys.stderr, flush=True),
     )
-    target = Path(args.model) / "plan.json"
+    target = Path(args.out) if args.out else Path(args.model) / "plan.json"
     plan.save(target)
-    shutil.copy(work / "search_report.png", Path(__file__).parent / "results" / "embedded_text" / "search_report.png")
+    shutil.copy(work / "search_report.png", Path(__file__).parent / "results" / "embedded_text" / f"search_report_{args.length}.png")
     print(json.dumps({k: summary[k] for k in ("trials", "pruned", "chosen", "dense_seconds") if k in summary}, indent=1,
                      default=str))
     if args.ship:

@@ -81,24 +81,42 @@ def test_shared_and_per_head_topk_tables():
 
 @pytest.mark.parametrize("layout_spec", ["video:4x6x8", "text:7+video:4x6x8+text:5"])
 @pytest.mark.parametrize("name", ["diagonal_w0.4", "diagonal_w1", "multi_diagonal_w2"])
-def test_batched_band_windows_match_the_reference_and_the_chunked_form(layout_spec, name):
-    """Most rows run in the batched windows here (several windows of 8 rows inside the keys); the last Sq queries
-    only (a decoder's canvas) start mid-window; with gradients the chunked form runs and agrees."""
+def test_exact_band_matches_the_reference_and_the_chunked_form(layout_spec, name, monkeypatch):
+    """Every query runs: the exact band (windows, causal ends, text keys merged) runs and matches the reference;
+    the last Sq queries only (a decoder's canvas) and calls with gradients run the chunked form and agree."""
     layout = TokenLayout.parse(layout_spec)
     spec = make_spec(name, layout, 16)
     q, k, v = qkv(layout)
     n = spec.axis_end - spec.axis_start
-    assert (n - spec.radius - 8) // 8 + 1 - -(-spec.radius // 8) >= 2  # the windows do run
+    assert n >= 2 * spec.radius + 2 * 8 and spec.radius > 0  # windows and both causal ends run
+    calls = []
+    exact = torch_sparse._band_exact
+    monkeypatch.setattr(torch_sparse, "_band_exact", lambda *a: calls.append(1) or exact(*a))
     expect = spec_reference_attention(q, k, v, spec)
     torch.testing.assert_close(torch_sparse_attention(q, k, v, spec), expect, rtol=1e-5, atol=1e-5)
-    tail = q[:, :, -61:]
-    torch.testing.assert_close(torch_sparse_attention(tail, k, v, spec), expect[:, :, -61:], rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1
     heads_last = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)]  # strided, as (B, S, H, D) storage
     torch.testing.assert_close(torch_sparse_attention(*heads_last, spec), expect, rtol=1e-5, atol=1e-5)
+    tail = q[:, :, -61:]
+    torch.testing.assert_close(torch_sparse_attention(tail, k, v, spec), expect[:, :, -61:], rtol=1e-5, atol=1e-5)
     chunked = torch_sparse_attention(q.requires_grad_(), k, v, spec)
+    assert len(calls) == 2  # the strided call ran exact too; the tail and the differentiable call did not
     torch.testing.assert_close(chunked, expect, rtol=1e-5, atol=1e-5)
     chunked.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("rows", [8, 16, 24])
+@pytest.mark.parametrize("radius", [0, 1, 7, 8, 20])
+def test_exact_band_at_every_radius_and_window(rows, radius, monkeypatch):
+    """Radii below, at and above the window size, with and without rows left over after the last full window."""
+    monkeypatch.setattr(torch_sparse, "BAND_ROWS", rows)
+    from sparsediff.kernels.spec import SparseSpec
+
+    S = 2 * radius + 2 * rows + 5
+    spec = SparseSpec("band", S, 16, 0, S, radius, torch.ones(1, -(-S // 16), -(-S // 16), dtype=torch.bool))
+    q, k, v = qkv(TokenLayout.parse(f"video:{S}x1x1"), heads=2, batch=1)
+    torch.testing.assert_close(torch_sparse_attention(q, k, v, spec), spec_reference_attention(q, k, v, spec), rtol=1e-5, atol=1e-5)
 
 
 def test_wrong_length_is_refused():
