@@ -146,7 +146,9 @@ def _band_exact(q, k, v, spec, scale, out, q0, C):
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     qa = q[:, :, a0 - q0 : a1 - q0]  # the axis queries (q0 <= a0 here)
     ka, va = k[:, :, a0:a1], v[:, :, a0:a1]
-    o = q.new_empty(B, G, n, D)
+    text = bool(spec.text_before or spec.text_after)
+    # without text keys the pieces are final: write them straight into `out` (contiguous, like q) and drop the lse
+    o = q.new_empty(B, G, n, D) if text else out[:, :, a0 - q0 : a1 - q0]
     lse = q.new_empty(B, G, n, dtype=torch.float32)
     mask = spec.cached(f"band_window_{C}_{q.dtype}", q.device, lambda: _window_mask(C, R, q.dtype))
     m = (n - 2 * R) // C
@@ -168,10 +170,9 @@ def _band_exact(q, k, v, spec, scale, out, q0, C):
         tail = [_flash_cpu(qa[:, :, n - R :], ka[:, :, n - R :], va[:, :, n - R :], scale=scale)[:2],
                 (back[0].flip(2), back[1].flip(2))]
         o[:, :, n - R :], lse[:, :, n - R :] = _merge(tail)
-    if spec.text_before or spec.text_after:
+    if text:
         kt, vt = (torch.cat([x[:, :, :a0], x[:, :, a1:]], dim=2) for x in (k, v))
-        o = _merge([(o, lse), _flash_cpu(qa, kt, vt, scale=scale)[:2]])[0]
-    out[:, :, a0 - q0 : a1 - q0] = o
+        out[:, :, a0 - q0 : a1 - q0] = _merge([(o, lse), _flash_cpu(qa, kt, vt, scale=scale)[:2]])[0]
 
 
 def _window_mask(C: int, R: int, dtype) -> torch.Tensor:
