@@ -475,9 +475,11 @@ class PlanSearch:
         reaches it. Raises, naming what was reached and the knob to loosen, when none qualifies.
 
         With a `validator` (an evaluator on held-out calls, not the calibration ones), the floor must also hold
-        there: the Pareto trials meeting it on the calibration calls are run on the held-out calls, fastest first,
-        and the first that holds it is chosen. (With `target_speedup` the chosen plan is only measured there.)
-        A few calibration prompts can overestimate others: this is the guard against it."""
+        there: every trial meeting it on the calibration calls is run on the held-out calls, fastest first, and the
+        first that holds it is chosen. (With `target_speedup` the chosen plan is only measured there.) A few
+        calibration prompts can overestimate others: this is the guard against it. Not only the Pareto trials: a
+        measure that saturates (token agreement 1.0) leaves one trial at the top of the front, and when it fails
+        the held-out calls the slower trials tied with it are the ones to try next."""
         front = self.pareto_front()
         done = [o for o in self.outcomes() if o.state == "complete"]
         validation: dict[str, Any] | None = None
@@ -504,7 +506,8 @@ class PlanSearch:
             chosen = ok[0]
             if validator is not None:
                 tried: dict[int, float] = {}
-                for o in ok:
+                meeting = sorted((o for o in done if o.psnr >= self.min_psnr), key=lambda o: (o.predicted_ms, o.number))
+                for o in meeting:
                     tried[o.number] = self.validated_psnr(o, validator, log)
                     if tried[o.number] >= self.min_psnr:
                         chosen = o

@@ -255,3 +255,31 @@ def test_a_trial_another_worker_finished_meanwhile_is_left_to_it(tmp_path):
     states = {t.number: t.state for t in search.study.trials}
     assert states[0] == optuna.trial.TrialState.COMPLETE and search.study.trials[0].values == [1.0, 20.0]
     assert sum(s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for s in states.values()) == 3
+
+
+class _Capped(SyntheticEvaluator):
+    """A quality measure that saturates, as token agreement does at 1.0: every plan at or above `cap` ties."""
+
+    def __init__(self, cap: float):
+        self.cap = cap
+
+    def __call__(self, plan, report):
+        inner = super().__call__(plan, lambda step, value: report(step, min(value, self.cap)))
+        return type(inner)(psnr=min(inner.psnr, self.cap), seconds=inner.seconds, step_psnr=inner.step_psnr)
+
+
+def test_a_saturating_measure_falls_back_to_slower_tied_trials_when_the_front_fails_held_out(tmp_path):
+    """Tied at the cap, only the fastest tied trial is on the Pareto front; when it fails the held-out calls the
+    next fastest trial meeting the floor is tried, not an error."""
+    search = PlanSearch(synthetic_profile(), {16: synthetic_cost()}, _Capped(36.0), SearchSpace(block_sizes=(16,)),
+                        min_psnr=30.0, storage=f"sqlite:///{tmp_path / 'study.db'}")
+    search.run(trials=16, progress=False)
+    front = {o.number for o in search.pareto_front()}
+    meeting = sorted((o for o in search.outcomes() if o.state == "complete" and o.psnr >= 30.0), key=lambda o: o.predicted_ms)
+    assert len([o for o in meeting if o.number in front]) < len(meeting)  # tied trials off the front exist
+    held_out = HeldOutEvaluator(penalty=20.0)
+    chosen, plan = search.choose(validator=held_out, log=lambda line: None)
+    tried = plan.search["validation"]["tried"]
+    assert tried == [o.number for o in meeting][: len(tried)]  # fastest first, off the front too
+    assert plan.search["validation"]["psnr"] >= 30.0 and tried[-1] == chosen.number
+    assert chosen.number not in front  # the front's trials failed there; a tied slower one held the floor
