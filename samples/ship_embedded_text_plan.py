@@ -4,7 +4,8 @@
 
 Calibration: one task of each kind at `--length` tokens; validation: three other held-out tasks. The quality measure is
 token agreement with the dense run (the answer slots, after every step and at the end), and the floor is 1.0: a plan
-must reproduce the dense answers exactly on calibration and validation. Costs are measured here at the model's head
+must reproduce the dense answers exactly on calibration and validation (`--floor` lowers it). A rerun at the same length reuses the
+profile (unless --reprofile) and resumes the study. Costs are measured here at the model's head
 dim and the calibration length. The plan is written to `MODEL/plan.json` (the transformers adapter's `plan="auto"`
 finds it there) and, with `--ship`, also into the package's embedded model.
 """
@@ -20,6 +21,7 @@ from sparsediff.api import load_pipeline
 from sparsediff.pipelines.embedded_text.evaluate import call_arguments
 from sparsediff.pipelines.embedded_text.model import embedded_text_path
 from sparsediff.pipelines.embedded_text.tasks import task_set
+from sparsediff.search.profile import AttentionProfile
 
 # local windows (in tokens: on a 1-D axis each token is a frame), attention sinks, and SparseD's top-k blocks with
 # separate prompt shares (the active block is the generation)
@@ -42,6 +44,7 @@ def main() -> int:
     parser.add_argument("--floor", type=float, default=1.0,
                         help="least token agreement with the dense answers (1.0: every answer-slot token the same)")
     parser.add_argument("--out", default=None, help="where to write the plan (default: MODEL/plan.json)")
+    parser.add_argument("--reprofile", action="store_true", help="profile again even when a profile at this length exists")
     parser.add_argument("--ship", action="store_true", help="also copy the plan into the package's embedded model")
     args = parser.parse_args()
     pipe = load_pipeline(args.model, "cpu", kind="text")
@@ -51,8 +54,12 @@ def main() -> int:
     work = Path("runs/embedded_text_search")
     work.mkdir(parents=True, exist_ok=True)
     inputs = [{k: v for k, v in c.items() if k != "seed"} for c in calls]
-    prof = sparsediff.profile(pipe, inputs, out=work / "profile", candidates=CANDIDATES, block_size=args.block_size,
-                              rows_per_block=args.block_size)
+    folder = work / f"profile_{args.length}"
+    if args.reprofile or not folder.is_dir():
+        prof = sparsediff.profile(pipe, inputs, out=folder, candidates=CANDIDATES, block_size=args.block_size,
+                                  rows_per_block=args.block_size)
+    else:  # the same calibration calls: the study resumes (its name holds the profile's digest)
+        prof = AttentionProfile.load(folder)
     print(f"profile: layout {prof.layout}, mean errors {json.dumps(prof.mean_errors())}", file=sys.stderr)
     plan, summary = sparsediff.search_plan(
         pipe, prof, calls, out=work / "plan.json", min_psnr=args.floor, trials=args.trials, backend="torch", force=True,

@@ -346,9 +346,14 @@ class SparseAttention:
                 og = F.scaled_dot_product_attention(qg, kg, vg, scale=scale)
             elif g.order is not None:
                 stats.heads_sparse += n
-                order = g.spec.cached("order", q.device, lambda: g.order)
-                position = g.spec.cached("position", q.device, lambda: g.position)
-                og = kernel(qg[:, :, order], kg[:, :, order], vg[:, :, order], g.spec, scale)[:, :, position]
+                shape = g.spec.cached("transpose", torch.device("cpu"), lambda: _transpose_shape(g.order, g.spec))
+                if len(shape):  # a video's frame/position swap: strided copies, about twice as fast as a gather
+                    a0, r, c = shape.tolist()
+                    og = _swap(kernel(*(_swap(x, a0, r, c) for x in (qg, kg, vg)), g.spec, scale), a0, c, r)
+                else:
+                    order = g.spec.cached("order", q.device, lambda: g.order)
+                    position = g.spec.cached("position", q.device, lambda: g.position)
+                    og = kernel(qg[:, :, order], kg[:, :, order], vg[:, :, order], g.spec, scale)[:, :, position]
             else:
                 stats.heads_sparse += n
                 og = kernel(qg, kg, vg, g.spec, scale)
@@ -359,3 +364,32 @@ class SparseAttention:
         if out is None:  # every head skipped
             out = torch.zeros_like(q)
         return out, stats
+
+
+def _transpose_shape(order: torch.Tensor, spec: SparseSpec) -> torch.Tensor:
+    """(a0, r, c) when `order` keeps the text in place and swaps the axis tokens' (r, c) grid to (c, r) (a video's
+    frame-major <-> position-major reorder), else an empty tensor: then the runtime gathers with `order`."""
+    a0, a1 = spec.axis_start, spec.axis_end
+    n = a1 - a0
+    if n < 2:
+        return torch.empty(0, dtype=torch.long)
+    c = int(order[a0 + 1]) - a0
+    if c <= 0 or n % c:
+        return torch.empty(0, dtype=torch.long)
+    r = n // c
+    expect = torch.arange(len(order))
+    expect[a0:a1] = a0 + torch.arange(n).view(r, c).t().flatten()
+    return torch.tensor([a0, r, c]) if torch.equal(order.cpu(), expect) else torch.empty(0, dtype=torch.long)
+
+
+def _swap(x: torch.Tensor, a0: int, r: int, c: int) -> torch.Tensor:
+    """x (B, G, S, D) with the (r, c) grid of tokens [a0, a0 + r * c) transposed to (c, r), contiguous; text kept."""
+    B, G, S, D = x.shape
+    a1 = a0 + r * c
+    out = torch.empty(B, G, S, D, dtype=x.dtype, device=x.device)
+    out[:, :, a0:a1].view(B, G, c, r, D).copy_(x[:, :, a0:a1].unflatten(2, (r, c)).transpose(2, 3))
+    if a0:
+        out[:, :, :a0] = x[:, :, :a0]
+    if a1 < S:
+        out[:, :, a1:] = x[:, :, a1:]
+    return out

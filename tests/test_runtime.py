@@ -133,3 +133,24 @@ def test_bad_calls_raise():
         SparseAttention()(q, k, v, layout, ["full"] * 3)
     with pytest.raises(ValueError, match="has 48 tokens but q has S=64"):
         SparseAttention()(q, k, v, TokenLayout.parse("video:3x4x4"), ["full"] * 2)
+
+
+@pytest.mark.parametrize("layout", ["text:7+video:4x5x6+text:3", "video:3x6x10+text:11", "video:8x4x4"])
+def test_a_videos_reorder_runs_as_a_transpose_and_equals_the_gather(layout, monkeypatch):
+    """multi_diagonal's position-major order on a frame-major video is a (frames, positions) transpose of the axis:
+    the runtime copies it through strided views instead of gathering, with the same output bit for bit."""
+    layout = TokenLayout.parse(layout)
+    order = layout.position_major_order
+    spec = runtime.build_spec(get_pattern("multi_diagonal_w1"), layout, 16)
+    a0, r, c = runtime._transpose_shape(order, spec).tolist()
+    assert (a0, r, c) == (spec.axis_start, layout.frames, layout.tokens_per_frame)
+    x = torch.randn(2, 3, layout.num_tokens, 8)
+    assert torch.equal(runtime._swap(x, a0, r, c), x[:, :, order])
+    assert torch.equal(runtime._swap(runtime._swap(x, a0, r, c), a0, c, r), x)
+    assert not len(runtime._transpose_shape(torch.randperm(layout.num_tokens, generator=torch.Generator().manual_seed(0)), spec))
+    patterns = ["multi_diagonal_w1", "multi_diagonal_w0.5", "full"]
+    q, k, v = qkv(layout, len(patterns))
+    swapped, _ = SparseAttention(backend="torch")(q, k, v, layout, patterns, block_size=16)
+    monkeypatch.setattr(runtime, "_transpose_shape", lambda order, spec: torch.empty(0, dtype=torch.long))
+    gathered, _ = SparseAttention(backend="torch")(q, k, v, layout, patterns, block_size=16)
+    assert torch.equal(swapped, gathered)
