@@ -1,12 +1,14 @@
 """Profile the embedded diffusion LM, search its plan on this machine, and ship it beside the weights.
 
     python samples/ship_embedded_text_plan.py --model runs/embedded_text/pipeline --trials 16
+    python samples/ship_embedded_text_plan.py --model pipelines/assets/embedded_text --trials 24 --length 8192 \
+        --tasks 3 --floor 0.95 --out runs/embedded_text_search/plan_8192.json     # the shipped plan (BENCHMARKS 7a)
 
 Calibration: one task of each kind at `--length` tokens; validation: three other held-out tasks. The quality measure is
 token agreement with the dense run (the answer slots, after every step and at the end), and the floor is 1.0: a plan
-must reproduce the dense answers exactly on calibration and validation (`--floor` lowers it). A rerun at the same length reuses the
-profile (unless --reprofile) and resumes the study. Costs are measured here at the model's head
-dim and the calibration length. The plan is written to `MODEL/plan.json` (the transformers adapter's `plan="auto"`
+must reproduce the dense answers exactly on calibration and validation (`--floor` lowers it). A rerun at the same
+length reuses the profile (unless --reprofile) and resumes the study. Costs are measured here at the model's head dim
+and the calibration length. The plan is written to `MODEL/plan.json` (the transformers adapter's `plan="auto"`
 finds it there) and, with `--ship`, also into the package's embedded model.
 """
 
