@@ -45,6 +45,9 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=3, help="calibration tasks, and as many held-out validation tasks")
     parser.add_argument("--floor", type=float, default=1.0,
                         help="least token agreement with the dense answers (1.0: every answer-slot token the same)")
+    parser.add_argument("--min-tokens", type=int, default=None,
+                        help="the plan's min_tokens: shorter calls run dense (default: half of --length, the shortest "
+                             "length the shipped plan was checked at without a changed answer)")
     parser.add_argument("--out", default=None, help="where to write the plan (default: MODEL/plan.json)")
     parser.add_argument("--reprofile", action="store_true", help="profile again even when a profile at this length exists")
     parser.add_argument("--ship", action="store_true", help="also copy the plan into the package's embedded model")
@@ -67,6 +70,7 @@ def main() -> int:
         pipe, prof, calls, out=work / "plan.json", min_psnr=args.floor, trials=args.trials, backend="torch", force=True,
         validation_calls=validation, return_summary=True, log=lambda line: print(line, file=sys.stderr, flush=True),
     )
+    plan.min_tokens = args.min_tokens if args.min_tokens is not None else args.length // 2
     target = Path(args.out) if args.out else Path(args.model) / "plan.json"
     plan.save(target)
     shutil.copy(work / "search_report.png", Path(__file__).parent / "results" / "embedded_text" / f"search_report_{args.length}.png")

@@ -92,6 +92,10 @@ class SparsePlan:
             [0, 1] is a fraction of the steps of the run.
         dense_layers (tuple[int, ...], defaults to ()): layers kept dense at every step.
         layout (str, optional): the calibration layout the plan was searched on (for summaries).
+        min_tokens (int, optional): attention calls over fewer tokens run dense (the model's own attention, exact).
+            A plan is searched and validated at one length; far below it top-k shares keep a block or two and
+            attention is a small share of the time (measured on the embedded DLM: its 8k plan lost answers at 256
+            to 2 048 tokens and ran no faster at 1 024). None applies the plan at every length.
         search (dict): metadata of the search (error budget, quality, device of the cost model).
     """
 
@@ -101,6 +105,7 @@ class SparsePlan:
     dense_steps: int | float = 0
     dense_layers: tuple[int, ...] = ()
     layout: str | None = None
+    min_tokens: int | None = None
     search: dict[str, Any] = field(default_factory=dict)
     sparsediff_version: str = __version__
     schema_version: int = SCHEMA_VERSION
@@ -151,6 +156,7 @@ class SparsePlan:
             "dense_steps": self.dense_steps,
             "dense_layers": list(self.dense_layers),
             "layout": self.layout,
+            "min_tokens": self.min_tokens,
             "ranges": [
                 {"start": r.start, "end": r.end, "layers": [[p.name for p in layer] for layer in r.layers]}
                 for r in self.ranges
@@ -245,6 +251,7 @@ class SparsePlan:
             dense_steps=data.get("dense_steps", 0),
             dense_layers=tuple(dense_layers),
             layout=layout,
+            min_tokens=data.get("min_tokens"),
             search=_expect(data.get("search", {}), dict, "search", "an object of search metadata"),
             sparsediff_version=data.get("sparsediff_version", "unknown"),
             schema_version=version,
@@ -267,6 +274,9 @@ class SparsePlan:
             raise ValueError(
                 f"Plan field 'dense_steps' is {ds!r}; give a count of leading steps (int >= 0) or a fraction in [0, 1]."
             )
+        mt = self.min_tokens
+        if mt is not None and (not isinstance(mt, int) or isinstance(mt, bool) or mt < 1):
+            raise ValueError(f"Plan field 'min_tokens' is {mt!r}; give a positive token count such as 4096, or null.")
         for layer in self.dense_layers:
             if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < m.num_layers:
                 raise ValueError(

@@ -349,3 +349,29 @@ def test_cli_profile_and_search_on_a_saved_text_pipeline(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     plan = SparsePlan.load(tmp_path / "plan.json")
     assert summary["trials"] == 3 and 0.5 <= plan.search["psnr"] <= 1.0  # token agreement, not dB
+
+
+def test_calls_shorter_than_min_tokens_run_the_models_own_attention():
+    """A plan with `min_tokens` above the call's length leaves the model exactly as it is (sparse plan or not); at or
+    below the call's length the plan runs sparse. The field round-trips through JSON."""
+    model = bidirectional_llama()
+    plan = mixed_plan(model)
+    with torch.no_grad():
+        reference = model(**inputs(padded=False)).logits
+        plan.min_tokens = 41  # the calls hold 40 tokens
+        with sparsediff.accelerate(model, SparsePlan.from_dict(plan.to_dict()), num_steps=1) as handle:
+            assert torch.equal(model(**inputs(padded=False)).logits, reference)
+            assert handle.stats and all(s.dense for s in handle.stats)
+        plan.min_tokens = 40
+        with sparsediff.accelerate(model, plan, num_steps=1) as handle:
+            sparse = model(**inputs(padded=False)).logits
+            assert not any(s.dense for s in handle.stats)
+    assert not torch.equal(sparse, reference)
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, True, "4096"])
+def test_a_bad_min_tokens_is_named_with_the_fix(value):
+    data = mixed_plan(bidirectional_llama()).to_dict()
+    data["min_tokens"] = value
+    with pytest.raises(ValueError, match=r"Plan field 'min_tokens' is .*give a positive token count"):
+        SparsePlan.from_dict(data)
