@@ -81,7 +81,7 @@ class PipelineEvaluator:
                     if i >= len(ref_steps):
                         return
                     per_step[i] = min(per_step[i], self.adapter.quality(latents, ref_steps[i]))
-                    if getattr(self.adapter, "prune_on_steps", True):
+                    if self.adapter.prune_on_steps:
                         report(i, per_step[i])
 
                 _, final = self._run(call, on_step)
