@@ -1,9 +1,14 @@
-"""The torch backend against the dense reference, for every pattern kind and layout shape."""
+"""The torch backend against the dense reference, for every pattern kind and layout shape: each test runs twice,
+through the compiled CPU kernel and through the pure-torch paths (the fallback on other dtypes, devices and
+machines without a compiler)."""
+
+import contextlib
 
 import pytest
 import torch
 
 import sparsediff.kernels.torch_sparse as torch_sparse
+from sparsediff.kernels import cpu_kernel
 from sparsediff.kernels.reference import spec_reference_attention
 from sparsediff.kernels.spec import block_order, block_table
 from sparsediff.kernels.torch_sparse import torch_sparse_attention
@@ -13,6 +18,14 @@ from sparsediff.runtime import build_spec
 
 SPARSE = ["diagonal_w0.5", "diagonal_w3", "multi_diagonal_w1", "vertical_stripe_f1", "vertical_stripe_f0.2",
           "topk_blocks_k0.3", "topk_blocks_k0.7"]
+
+
+@pytest.fixture(autouse=True, params=["compiled", "pure"])
+def path(request):
+    if request.param == "compiled" and cpu_kernel.load() is None:
+        pytest.skip(f"the compiled CPU kernel did not load here: {cpu_kernel.reason()}")
+    with cpu_kernel.disabled() if request.param == "pure" else contextlib.nullcontext():
+        yield request.param
 
 
 @pytest.fixture(autouse=True)
@@ -81,9 +94,11 @@ def test_shared_and_per_head_topk_tables():
 
 @pytest.mark.parametrize("layout_spec", ["video:4x6x8", "text:7+video:4x6x8+text:5"])
 @pytest.mark.parametrize("name", ["diagonal_w0.4", "diagonal_w1", "multi_diagonal_w2"])
-def test_exact_band_matches_the_reference_and_the_chunked_form(layout_spec, name, monkeypatch):
+def test_exact_band_matches_the_reference_and_the_chunked_form(layout_spec, name, monkeypatch, path):
     """Every query runs: the exact band (windows, causal ends, text keys merged) runs and matches the reference;
     the last Sq queries only (a decoder's canvas) and calls with gradients run the chunked form and agree."""
+    if path == "compiled":
+        pytest.skip("a test of the pure-torch band (it runs in the 'pure' parametrisation)")
     layout = TokenLayout.parse(layout_spec)
     spec = make_spec(name, layout, 16)
     q, k, v = qkv(layout)
@@ -108,7 +123,7 @@ def test_exact_band_matches_the_reference_and_the_chunked_form(layout_spec, name
 
 @pytest.mark.parametrize("rows", [8, 16, 24])
 @pytest.mark.parametrize("radius", [0, 1, 7, 8, 20])
-def test_exact_band_at_every_radius_and_window(rows, radius, monkeypatch):
+def test_exact_band_at_every_radius_and_window(rows, radius, monkeypatch, path):
     """Radii below, at and above the window size, with and without rows left over after the last full window."""
     monkeypatch.setattr(torch_sparse, "BAND_ROWS", rows)
     from sparsediff.kernels.spec import SparseSpec

@@ -1,0 +1,182 @@
+"""The compiled CPU kernel (`csrc/sparse_cpu.cpp`): sparse attention that reads K and V in place.
+
+Plain torch cannot skip blocks inside one SDPA call, so its `blocks` mode gathers each query block's key blocks
+and its bands compute whole windows. This kernel walks each query block's key *ranges* itself (a flash-attention
+loop whose small GEMMs are oneDNN's JIT micro-kernels, `at::native::cpublas::brgemm`, or torch's BLAS), so the
+gathered copies disappear and only the ranges' keys are computed.
+
+It is built on first use with `torch.utils.cpp_extension.load` (a C++ compiler and ninja; about 30 s, once per
+machine: the build directory is named by the source's hash and the CPU's capability). If the build or its
+self-check fails, `load()` returns None, says why once, and the torch backend keeps its pure-torch paths.
+`SPARSEDIFF_CPU_KERNEL=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .log import warn_once
+from .spec import SparseSpec, block_axis_ranges, block_table
+
+logger = logging.getLogger("sparsediff")
+
+ENV = "SPARSEDIFF_CPU_KERNEL"
+SOURCE = Path(__file__).with_name("csrc") / "sparse_cpu.cpp"
+RULES = {"blocks": 0, "band": 1, "stripe": 2}
+# Keys per online-softmax update (a 64-row score tile of 1024 floats is 256 KiB, in L2). Swept 128-2048 at S = 8192,
+# 8 heads x 64, float32, two threads of a 2-core AMD EPYC (top-k 0.25, bands of radius 384 and 1024; two runs):
+# 1024 best or within 2% everywhere, 512 within 3% (one run: 12% on the wide band), 128 8-15% slower.
+KV_CHUNK = 1024
+
+_state: dict = {}
+
+
+def load():
+    """The compiled module, or None (disabled, no compiler, or the self-check failed: `reason()` says which)."""
+    if "module" in _state:
+        return _state["module"]
+    module, reason = None, None
+    if os.environ.get(ENV, "1") == "0":
+        reason = f"${ENV}=0"
+    else:
+        try:
+            module = _build()
+            _state["brgemm"] = _self_check(module)
+        except Exception as exc:  # no compiler, no ninja, a failed build or a wrong result: keep the torch paths
+            module, reason = None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+            warn_once(logger, f"sparsediff: the compiled CPU kernel is unavailable ({reason}); the torch backend uses its pure-torch paths.")
+    _state["module"], _state["reason"] = module, reason
+    return module
+
+
+def reason() -> str | None:
+    """Why `load()` returned None (None when it did not, or before it was called)."""
+    return _state.get("reason")
+
+
+def uses_brgemm() -> bool:
+    """Whether the loaded kernel runs oneDNN's micro-kernels (else torch's BLAS)."""
+    return bool(_state.get("brgemm"))
+
+
+def _build():
+    from torch.utils.cpp_extension import load as load_extension
+
+    source = SOURCE.read_bytes()
+    tag = hashlib.sha256(source + torch.__version__.encode() + torch.backends.cpu.get_cpu_capability().encode()).hexdigest()[:12]
+    # -fopenmp: at::parallel_for is a header template, parallel only where the including code is built with OpenMP;
+    # -fno-trapping-math: lets GCC vectorise the exponential's floor and conversions (no FP traps are relied on)
+    flags = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
+    return load_extension(name=f"sparsediff_cpu_{tag}", sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def _self_check(module) -> bool:
+    """Run one small case through the micro-kernel path and the BLAS path against SDPA; the first that matches is
+    used. Raises if neither does (then the kernel stays off)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 80, 32, generator=g) for _ in range(3))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    ranges = torch.tensor([[[[0, 80]]] * 2], dtype=torch.int32)
+    counts = torch.ones(1, 2, dtype=torch.int32)
+    failures = []
+    for brgemm in (True, False):
+        try:
+            got = module.sparse_attention(q, k.transpose(-1, -2).contiguous(), v, ranges, counts, 64, 32**-0.5, 0, 0, 0, 80, 48, brgemm)
+        except Exception as exc:  # oneDNN's micro-kernels are missing on some builds and CPUs
+            failures.append(f"{'brgemm' if brgemm else 'BLAS'}: {exc}")
+            continue
+        if torch.allclose(got, want, atol=1e-5, rtol=1e-4):
+            return brgemm
+        failures.append(f"{'brgemm' if brgemm else 'BLAS'}: off by {(got - want).abs().max().item():.2e}")
+    raise RuntimeError("self-check failed (" + "; ".join(failures) + ")")
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Within it, `usable` says no: the torch backend runs its pure-torch paths (tests of those paths, comparisons)."""
+    before = _state.get("off", False)
+    _state["off"] = True
+    try:
+        yield
+    finally:
+        _state["off"] = before
+
+
+def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether a call can run in the compiled kernel: CPU, float32, no gradients, and the kernel loads."""
+    if _state.get("off"):
+        return False
+    if q.device.type != "cpu" or q.dtype != torch.float32 or k.dtype != torch.float32 or v.dtype != torch.float32:
+        return False
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        return False
+    return load() is not None
+
+
+def key_ranges(spec: SparseSpec, qblock: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ranges (G', nqb, max_r, 2) int32, counts (G', nqb) int32): the key ranges each query block of `qblock` rows
+    visits, ascending and disjoint. `blocks`: the block table with neighbouring blocks joined (exact); `band` and
+    `stripe`: the keys any of the block's queries may see (text keys, and the axis keys of the band or stripe; all
+    keys if the block holds a text query), the rule applied per row inside the kernel."""
+    S = spec.seq_len
+    if spec.mode == "blocks":
+        if qblock != spec.block_size:
+            raise ValueError(f"blocks mode runs query blocks of the spec's block_size={spec.block_size}; got {qblock}.")
+        mask = spec.block_mask
+        off = torch.zeros_like(mask[..., :1])
+        first = mask & ~torch.cat([off, mask[..., :-1]], dim=-1)  # a run of kept blocks starts here
+        last = mask & ~torch.cat([mask[..., 1:], off], dim=-1)  # ... and ends here
+        starts, count = block_table(first)
+        ends, _ = block_table(last)
+        ranges = torch.stack([starts * qblock, torch.clamp((ends + 1) * qblock, max=S)], dim=-1)
+        ranges[starts < 0] = 0
+        return ranges.to(torch.int32).contiguous(), count.to(torch.int32).contiguous()
+    a0, a1, R = spec.axis_start, spec.axis_end, spec.radius
+    lo, hi, _, _ = block_axis_ranges(S, a0, a1, qblock)
+    rows = []
+    for b in range(-(-S // qblock)):
+        t0, t1 = b * qblock, min((b + 1) * qblock, S)
+        if t0 < a0 or t1 > a1:  # a text query sees every key
+            rows.append([(0, S)])
+            continue
+        if spec.mode == "band":
+            axis = (max(a0, a0 + int(lo[b]) - R), min(a1, a0 + int(hi[b]) + R + 1))
+        else:
+            axis = (a0, a0 + min(R, a1 - a0))
+        rows.append(_join([(0, a0), axis, (a1, S)]))
+    ranges = torch.zeros(1, len(rows), max(len(r) for r in rows), 2, dtype=torch.int32)
+    for b, rs in enumerate(rows):
+        ranges[0, b, : len(rs)] = torch.tensor(rs, dtype=torch.int32)
+    return ranges, torch.tensor([[len(r) for r in rows]], dtype=torch.int32)
+
+
+def _join(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Ascending ranges with the empty ones dropped and touching ones joined."""
+    out: list[list[int]] = []
+    for s, e in ranges:
+        if e <= s:
+            continue
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return [(s, e) for s, e in out]
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: SparseSpec, scale: float | None, qblock: int) -> torch.Tensor:
+    """One head group under `spec` in the compiled kernel (call `usable` first); shapes as `torch_sparse_attention`."""
+    module = load()
+    ranges, counts = spec.cached(f"cpu_key_ranges_{qblock}", torch.device("cpu"), lambda: key_ranges(spec, qblock))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    kt = k.transpose(-1, -2).contiguous()  # one copy of K per call (1 / S of the attention's work), read in place after
+    return module.sparse_attention(
+        q.contiguous(), kt, v.contiguous(), ranges, counts, qblock, float(scale),
+        RULES[spec.mode], spec.radius, spec.axis_start, spec.axis_end, KV_CHUNK, uses_brgemm(),
+    )

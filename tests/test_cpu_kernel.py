@@ -1,0 +1,137 @@
+"""The compiled CPU kernel: its key ranges, every rule against the dense reference at sizes that cross its chunks,
+and when the torch backend uses it (and when it falls back to pure torch)."""
+
+import pytest
+import torch
+
+import sparsediff.kernels.torch_sparse as torch_sparse
+from sparsediff.kernels import cpu_kernel
+from sparsediff.kernels.reference import spec_reference_attention
+from sparsediff.kernels.spec import SparseSpec
+from sparsediff.kernels.torch_sparse import torch_sparse_attention
+
+
+@pytest.fixture
+def kernel():
+    if cpu_kernel.load() is None:
+        pytest.skip(f"the compiled CPU kernel did not load here: {cpu_kernel.reason()}")
+    return cpu_kernel
+
+
+def qkv(S, heads=3, batch=2, dim=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, heads, S, dim, generator=g) for _ in range(3)]
+
+
+def dense_mask(S, bs):
+    n = -(-S // bs)
+    return torch.ones(1, n, n, dtype=torch.bool)
+
+
+def test_block_ranges_join_neighbouring_blocks_and_clip_the_ragged_tail():
+    mask = torch.tensor([[[1, 1, 0, 1], [0, 0, 0, 0], [1, 0, 1, 1], [1, 1, 1, 1]]], dtype=torch.bool)
+    spec = SparseSpec("blocks", 58, 16, 0, 58, 0, mask)
+    ranges, counts = cpu_kernel.key_ranges(spec, 16)
+    assert counts.tolist() == [[2, 0, 2, 1]]
+    assert ranges[0, 0, :2].tolist() == [[0, 32], [48, 58]]
+    assert ranges[0, 2, :2].tolist() == [[0, 16], [32, 58]]
+    assert ranges[0, 3, :1].tolist() == [[0, 58]]
+    with pytest.raises(ValueError, match="block_size=16"):
+        cpu_kernel.key_ranges(spec, 32)
+
+
+def test_band_and_stripe_ranges_cover_the_rows_keys_and_text():
+    band = SparseSpec("band", 100, 10, 20, 90, 7, dense_mask(100, 10))
+    ranges, counts = cpu_kernel.key_ranges(band, 10)
+    assert ranges[0, 0, : counts[0, 0]].tolist() == [[0, 100]]  # text queries see everything
+    assert ranges[0, 4, : counts[0, 4]].tolist() == [[0, 20], [33, 57], [90, 100]]  # axis rows 40-49: keys 33-56
+    assert ranges[0, 2, : counts[0, 2]].tolist() == [[0, 37], [90, 100]]  # the band joins the text before it
+    stripe = SparseSpec("stripe", 100, 10, 20, 90, 15, dense_mask(100, 10))
+    ranges, counts = cpu_kernel.key_ranges(stripe, 10)
+    assert ranges[0, 5, : counts[0, 5]].tolist() == [[0, 35], [90, 100]]
+
+
+CASES = [
+    ("band", 13, 9, 200),  # text before and after, radius around the chunk size
+    ("band", 0, 0, 230),  # the diagonal alone
+    ("band", 120, 0, 230),  # a band wider than a chunk
+    ("stripe", 40, 17, 220),
+    ("stripe", 300, 0, 230),  # a stripe wider than the axis: dense
+]
+
+
+@pytest.mark.parametrize("mode, radius, a0, a1", CASES)
+@pytest.mark.parametrize("rows, chunk", [(16, 24), (32, 64), (64, 1024)])
+@pytest.mark.parametrize("suffix", [None, 37])
+def test_bands_and_stripes_match_the_reference(kernel, monkeypatch, mode, radius, a0, a1, rows, chunk, suffix):
+    monkeypatch.setattr(cpu_kernel, "KV_CHUNK", chunk)  # chunks cut ranges and join pieces of several ranges
+    S = 230
+    spec = SparseSpec(mode, S, 16, a0, a1, radius, dense_mask(S, 16))
+    q, k, v = qkv(S)
+    q = q if suffix is None else q[:, :, -suffix:]  # a decoder's canvas: only the last queries run
+    got = cpu_kernel.sparse_attention(q, k, v, spec, None, rows)
+    torch.testing.assert_close(got, spec_reference_attention(q, k, v, spec), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("chunk", [24, 1024])
+@pytest.mark.parametrize("suffix", [None, 50])
+def test_blocks_match_the_reference_with_empty_rows_and_a_ragged_tail(kernel, monkeypatch, per_head, chunk, suffix):
+    monkeypatch.setattr(cpu_kernel, "KV_CHUNK", chunk)
+    S, bs, heads = 203, 16, 3
+    n = -(-S // bs)
+    mask = torch.rand(heads if per_head else 1, n, n, generator=torch.Generator().manual_seed(3)) < 0.4
+    mask[:, 2] = False  # a query block with no key: its rows are zeros, as the reference's
+    mask[:, :, n - 1] |= mask[:, :, 0]  # the ragged last key block in many rows
+    spec = SparseSpec("blocks", S, bs, 0, S, 0, mask)
+    q, k, v = qkv(S, heads=heads, dim=48, seed=1)
+    q = q if suffix is None else q[:, :, -suffix:]
+    got = cpu_kernel.sparse_attention(q, k, v, spec, 0.3, bs)
+    expect = spec_reference_attention(q, k, v, spec, 0.3)
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+    if suffix is None:
+        assert torch.equal(got[:, :, 2 * bs : 3 * bs], torch.zeros_like(got[:, :, 2 * bs : 3 * bs]))
+
+
+def test_results_do_not_depend_on_the_thread_count(kernel):
+    """Each query block runs whole on one thread, in a fixed order: the same inputs give the same bits."""
+    S = 300
+    spec = SparseSpec("band", S, 16, 10, 290, 40, dense_mask(S, 16))
+    q, k, v = qkv(S)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_kernel.sparse_attention(q, k, v, spec, None, 16)
+        torch.set_num_threads(max(2, threads))
+        many = cpu_kernel.sparse_attention(q, k, v, spec, None, 16)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+def test_the_torch_backend_runs_the_kernel_where_it_can_and_pure_torch_elsewhere(kernel, monkeypatch):
+    calls = []
+    run = cpu_kernel.sparse_attention
+    monkeypatch.setattr(cpu_kernel, "sparse_attention", lambda *a: calls.append(a[3].mode) or run(*a))
+    S = 160
+    spec = SparseSpec("band", S, 16, 0, S, 20, dense_mask(S, 16))
+    q, k, v = qkv(S)
+    expect = spec_reference_attention(q, k, v, spec)
+    torch.testing.assert_close(torch_sparse_attention(q, k, v, spec), expect, rtol=1e-5, atol=1e-5)
+    assert calls == ["band"]
+    with cpu_kernel.disabled():  # the switch the pure-torch tests use
+        torch.testing.assert_close(torch_sparse_attention(q, k, v, spec), expect, rtol=1e-5, atol=1e-5)
+    out = torch_sparse_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), spec)  # other dtypes: pure torch
+    assert out.dtype == torch.bfloat16
+    grad = torch_sparse_attention(q.clone().requires_grad_(), k, v, spec)  # gradients: pure torch (differentiable)
+    grad.sum().backward()
+    assert calls == ["band"]
+
+
+def test_turned_off_by_the_environment(monkeypatch):
+    monkeypatch.setattr(cpu_kernel, "_state", {})
+    monkeypatch.setenv(cpu_kernel.ENV, "0")
+    assert cpu_kernel.load() is None
+    assert cpu_kernel.reason() == f"${cpu_kernel.ENV}=0"
+    q = torch.randn(1, 1, 32, 16)
+    assert not cpu_kernel.usable(q, q, q)
