@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,12 +70,29 @@ def uses_brgemm() -> bool:
 def _build():
     from torch.utils.cpp_extension import load as load_extension
 
-    source = SOURCE.read_bytes()
-    tag = hashlib.sha256(source + torch.__version__.encode() + torch.backends.cpu.get_cpu_capability().encode()).hexdigest()[:12]
+    if shutil.which("ninja") is None:  # the pip package's binary, when the venv's bin is not on PATH
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+    # -march=native code must not run on another CPU: the build's name hashes the source, torch and the CPU's flags
+    tag = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _cpu_identity().encode()).hexdigest()[:12]
     # -fopenmp: at::parallel_for is a header template, parallel only where the including code is built with OpenMP;
     # -fno-trapping-math: lets GCC vectorise the exponential's floor and conversions (no FP traps are relied on)
     flags = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
     return load_extension(name=f"sparsediff_cpu_{tag}", sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def _cpu_identity() -> str:
+    """The CPU's model and instruction-set flags (Linux), else torch's capability name and the platform."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [line for line in text.splitlines() if line.startswith(("model name", "flags"))][:2]  # the first CPU's
+        return "\n".join(lines) or text[:4096]
+    except OSError:
+        import platform
+
+        return torch.backends.cpu.get_cpu_capability() + platform.processor() + platform.machine()
 
 
 def _self_check(module) -> bool:
@@ -118,6 +136,25 @@ def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         return False
     return load() is not None
+
+
+def status() -> str:
+    """What the torch backend's CPU path is, for benchmark records: "brgemm", "blas" or "off (why)"."""
+    if load() is None:
+        return f"off ({reason()})"
+    return "brgemm" if uses_brgemm() else "blas"
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, qblock: int = 64) -> torch.Tensor:
+    """Dense attention through the compiled kernel (every query block over every key): the benchmarks' second
+    anchor, separating what the kernel's GEMMs gain on a machine from what the sparsity gains."""
+    S = k.shape[2]
+    nqb = -(-S // qblock)
+    ranges = torch.tensor([[0, S]], dtype=torch.int32).expand(1, nqb, 1, 2).contiguous()
+    counts = torch.ones(1, nqb, dtype=torch.int32)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return load().sparse_attention(q.contiguous(), k.transpose(-1, -2).contiguous(), v.contiguous(), ranges, counts,
+                                   qblock, float(scale), 0, 0, 0, S, KV_CHUNK, uses_brgemm())
 
 
 def key_ranges(spec: SparseSpec, qblock: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -455,6 +455,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         meta = {"layout": str(layout), "heads": args.heads, "head_dim": args.head_dim, "dtype": args.dtype,
                 "block_size": args.block_size, "batch": args.batch, "device": device_name(device),
                 "torch": torch.__version__}
+        if torch.device(device).type == "cpu":
+            from .kernels import cpu_kernel
+
+            meta["cpu_kernel"] = cpu_kernel.status()
         print(json.dumps({"config": meta, "results": [r.to_dict() for r in results]}, indent=1))
     else:
         print(bench.format_table(results, backends))

@@ -132,7 +132,10 @@ def test_probe_measures_each_head_and_the_choice_follows_it(pipe):
     assert errors[..., 0].max() < 1e-5 and errors[..., 1].min() > 1e-3
     assert all(isinstance(b.attn1.processor, WanAttnProcessor) for b in pipe.transformer.blocks)  # removed again
     assert torch.equal(forward(pipe), before)
-    assert choose_patterns(errors, ["diagonal_w8", "vertical_stripe_f0.01"], [0, 1]) == (("diagonal_w8",) * 2, ("full", "diagonal_w8"))
+    # the exact band wins everywhere; layer 1's full head is the one whose band error (rounding noise) is larger
+    worst = int(errors[1, :, 0].argmax())
+    layer1 = tuple("full" if h == worst else "diagonal_w8" for h in range(2))
+    assert choose_patterns(errors, ["diagonal_w8", "vertical_stripe_f0.01"], [0, 1]) == (("diagonal_w8",) * 2, layer1)
     with pytest.raises(ValueError, match="do not match"):
         choose_patterns(errors, ["diagonal_w8"], [0, 1])
 
