@@ -2,7 +2,8 @@
 
 For `q, k, v` of shape (B, H, S, D), a layer's per-head patterns are grouped by (pattern, parameters). Each
 group runs in one kernel call over its heads (head fusion); `skip` heads stay zero and cost nothing; `full`
-heads run dense SDPA together. A call returns its output and one `AttentionStats`; heads are named by their global
+heads run dense SDPA together (beside sparse heads on the torch backend's CPU path: dense through the compiled CPU
+kernel, the faster of the two there; a layer whose heads are all full always runs SDPA, the model's own attention). A call returns its output and one `AttentionStats`; heads are named by their global
 index in the layer, so a caller holding a slice of the heads runs exactly the plan's patterns for them. Specs (block masks, block tables) are built once per (layout, block size,
 patterns) and cached. `topk_blocks` heads take their block scores from full attention at their first call
 and reuse them until `reset()`.
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .kernels import cpu_kernel
 from .kernels.block_mass import block_attention_mass
 from .kernels.log import warn_once
 from .kernels.spec import SparseSpec
@@ -343,7 +345,10 @@ class SparseAttention:
             qg, kg, vg = (q, k, v) if n == H else (q[:, heads], k[:, heads], v[:, heads])  # (B, G, S, D)
             if g.spec is None:
                 stats.heads_full += n
-                og = F.scaled_dot_product_attention(qg, kg, vg, scale=scale)
+                if backend == "torch" and cpu_kernel.usable(qg, kg, vg):
+                    og = cpu_kernel.dense_attention(qg, kg, vg, scale)
+                else:
+                    og = F.scaled_dot_product_attention(qg, kg, vg, scale=scale)
             elif g.order is not None:
                 stats.heads_sparse += n
                 shape = g.spec.cached("transpose", torch.device("cpu"), lambda: _transpose_shape(g.order, g.spec))

@@ -135,3 +135,21 @@ def test_turned_off_by_the_environment(monkeypatch):
     assert cpu_kernel.reason() == f"${cpu_kernel.ENV}=0"
     q = torch.randn(1, 1, 32, 16)
     assert not cpu_kernel.usable(q, q, q)
+
+
+def test_full_heads_beside_sparse_heads_run_dense_in_the_kernel_and_a_dense_layer_stays_sdpa(kernel, monkeypatch):
+    from sparsediff.layout import TokenLayout
+    from sparsediff.runtime import SparseAttention
+
+    dense_calls = []
+    dense = cpu_kernel.dense_attention
+    monkeypatch.setattr(cpu_kernel, "dense_attention", lambda *a: dense_calls.append(a[0].shape[1]) or dense(*a))
+    layout = TokenLayout.parse("video:4x6x8")
+    q, k, v = qkv(layout.num_tokens, heads=3)
+    attn = SparseAttention(backend="torch")
+    out, _ = attn(q, k, v, layout, ["full", "diagonal_w1", "full"], block_size=16)
+    assert dense_calls == [2]  # the two full heads, together
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out[:, [0, 2]], sdpa[:, [0, 2]], rtol=1e-5, atol=1e-5)
+    out, _ = attn(q, k, v, layout, ["full"] * 3, block_size=16)
+    assert dense_calls == [2] and torch.equal(out, sdpa)  # a dense layer is the model's own attention, bit for bit
