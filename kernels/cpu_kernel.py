@@ -5,8 +5,9 @@ and its bands compute whole windows. This kernel walks each query block's key *r
 loop whose small GEMMs are oneDNN's JIT micro-kernels, `at::native::cpublas::brgemm`, or torch's BLAS), so the
 gathered copies disappear and only the ranges' keys are computed.
 
-It is built on first use with `torch.utils.cpp_extension.load` (a C++ compiler and ninja; about 30 s, once per
-machine: the build directory is named by the source's hash and the CPU's capability). If the build or its
+It is built on first use with `torch.utils.cpp_extension.load` (a C++ compiler and ninja; about 20 s, once per
+machine: the build is named by a hash of the source, torch's version and the CPU's model and flags, since it is
+compiled for the machine's own instruction set). If the build or its
 self-check fails, `load()` returns None, says why once, and the torch backend keeps its pure-torch paths.
 `SPARSEDIFF_CPU_KERNEL=0` turns it off.
 """
@@ -80,7 +81,8 @@ def _build():
     # -fopenmp: at::parallel_for is a header template, parallel only where the including code is built with OpenMP;
     # -fno-trapping-math: lets GCC vectorise the exponential's floor and conversions (no FP traps are relied on)
     flags = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
-    return load_extension(name=f"sparsediff_cpu_{tag}", sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+    return load_extension(name=f"sparsediff_cpu_{tag}", sources=[str(SOURCE)], extra_cflags=flags,
+                          extra_ldflags=["-fopenmp"], verbose=False)
 
 
 def _cpu_identity() -> str:
@@ -106,7 +108,8 @@ def _self_check(module) -> bool:
     failures = []
     for brgemm in (True, False):
         try:
-            got = module.sparse_attention(q, k.transpose(-1, -2).contiguous(), v, ranges, counts, 64, 32**-0.5, 0, 0, 0, 80, 48, brgemm)
+            got = module.sparse_attention(q, k.transpose(-1, -2).contiguous(), v, ranges, counts, 64, 32**-0.5,
+                                          0, 0, 0, 80, 48, brgemm)
         except Exception as exc:  # oneDNN's micro-kernels are missing on some builds and CPUs
             failures.append(f"{'brgemm' if brgemm else 'BLAS'}: {exc}")
             continue

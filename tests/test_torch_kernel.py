@@ -92,13 +92,12 @@ def test_shared_and_per_head_topk_tables():
     )
 
 
+@pytest.mark.parametrize("path", ["pure"], indirect=True)  # a test of the pure-torch band only
 @pytest.mark.parametrize("layout_spec", ["video:4x6x8", "text:7+video:4x6x8+text:5"])
 @pytest.mark.parametrize("name", ["diagonal_w0.4", "diagonal_w1", "multi_diagonal_w2"])
 def test_exact_band_matches_the_reference_and_the_chunked_form(layout_spec, name, monkeypatch, path):
     """Every query runs: the exact band (windows, causal ends, text keys merged) runs and matches the reference;
     the last Sq queries only (a decoder's canvas) and calls with gradients run the chunked form and agree."""
-    if path == "compiled":
-        pytest.skip("a test of the pure-torch band (it runs in the 'pure' parametrisation)")
     layout = TokenLayout.parse(layout_spec)
     spec = make_spec(name, layout, 16)
     q, k, v = qkv(layout)
@@ -123,7 +122,7 @@ def test_exact_band_matches_the_reference_and_the_chunked_form(layout_spec, name
 
 @pytest.mark.parametrize("rows", [8, 16, 24])
 @pytest.mark.parametrize("radius", [0, 1, 7, 8, 20])
-def test_exact_band_at_every_radius_and_window(rows, radius, monkeypatch, path):
+def test_exact_band_at_every_radius_and_window(rows, radius, monkeypatch):
     """Radii below, at and above the window size, with and without rows left over after the last full window."""
     monkeypatch.setattr(torch_sparse, "BAND_ROWS", rows)
     from sparsediff.kernels.spec import SparseSpec
