@@ -36,6 +36,10 @@ RULES = {"blocks": 0, "band": 1, "stripe": 2}
 # 8 heads x 64, float32, two threads of a 2-core AMD EPYC (top-k 0.25, bands of radius 384 and 1024; two runs):
 # 1024 best or within 2% everywhere, 512 within 3% (one run: 12% on the wide band), 128 8-15% slower.
 KV_CHUNK = 1024
+# Query rows per block for bands, stripes and dense heads (`blocks` mode uses the spec's block size). At S = 8192,
+# 8 heads x 64, float32, two threads of a 2-core AMD EPYC: 64 rows were fastest on the narrowest band (radius 384: 7%
+# ahead of 128, 19% of 256) and within 2% of the others elsewhere; dense, 64 / 128 / 256 within 1%.
+ROWS = 64
 
 _state: dict = {}
 
@@ -108,8 +112,9 @@ def _self_check(module) -> bool:
     failures = []
     for brgemm in (True, False):
         try:
-            got = module.sparse_attention(q, k.transpose(-1, -2).contiguous(), v, ranges, counts, 64, 32**-0.5,
-                                          0, 0, 0, 80, 48, brgemm)
+            got = torch.empty_like(q)
+            module.sparse_attention(q, k.transpose(-1, -2).contiguous(), v, got, torch.arange(2), ranges, counts, 64,
+                                    32**-0.5, 0, 0, 0, 80, 48, brgemm)
         except Exception as exc:  # oneDNN's micro-kernels are missing on some builds and CPUs
             failures.append(f"{'brgemm' if brgemm else 'BLAS'}: {exc}")
             continue
@@ -148,16 +153,57 @@ def status() -> str:
     return "brgemm" if uses_brgemm() else "blas"
 
 
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, qblock: int = 64) -> torch.Tensor:
-    """Dense attention through the compiled kernel (every query block over every key): the benchmarks' second
-    anchor, separating what the kernel's GEMMs gain on a machine from what the sparsity gains."""
-    S = k.shape[2]
-    nqb = -(-S // qblock)
-    ranges = torch.tensor([[0, S]], dtype=torch.int32).expand(1, nqb, 1, 2).contiguous()
-    counts = torch.ones(1, nqb, dtype=torch.int32)
+def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kt: torch.Tensor | None = None):
+    """A layer call's inputs as the kernel reads them: q and v contiguous, K transposed to (B, H, D, S) (into `kt`
+    when given: a buffer the caller reuses). Made once per call and shared by all its head groups (one copy of K:
+    1 / S of the attention's work)."""
+    if kt is None:
+        kt = k.transpose(-1, -2).contiguous()
+    else:
+        kt.copy_(k.transpose(-1, -2))
+    return q.contiguous(), kt, v.contiguous()
+
+
+def rows_for(spec: SparseSpec | None) -> int:
+    """Query rows per block: the spec's block size in `blocks` mode, else `ROWS`."""
+    return spec.block_size if spec is not None and spec.mode == "blocks" else ROWS
+
+
+def attend_into(out: torch.Tensor, prepared, heads: torch.Tensor, spec: SparseSpec | None, scale: float | None,
+                qblock: int | None = None) -> None:
+    """Write heads `heads` ((G,) int64 indices into the call's heads) of `out` ((B, H, Sq, D) float32, contiguous)
+    with their attention under `spec` (None: dense). `prepared` is `prepare(q, k, v)` of the whole call, so a layer's
+    groups run on the same tensors without slicing them or scattering their outputs."""
+    q, kt, v = prepared
+    S = v.shape[2]
+    qblock = rows_for(spec) if qblock is None else qblock
+    if spec is None:
+        nqb = -(-S // qblock)
+        ranges = torch.tensor([[0, S]], dtype=torch.int32).expand(1, nqb, 1, 2).contiguous()
+        counts = torch.ones(1, nqb, dtype=torch.int32)
+        rule = (0, 0, 0, S)
+    else:
+        ranges, counts = spec.cached(f"cpu_key_ranges_{qblock}", torch.device("cpu"), lambda: key_ranges(spec, qblock))
+        rule = (RULES[spec.mode], spec.radius, spec.axis_start, spec.axis_end)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return load().sparse_attention(q.contiguous(), k.transpose(-1, -2).contiguous(), v.contiguous(), ranges, counts,
-                                   qblock, float(scale), 0, 0, 0, S, KV_CHUNK, uses_brgemm())
+    load().sparse_attention(q, kt, v, out, heads.to(torch.int64), ranges, counts, qblock, float(scale), *rule, KV_CHUNK,
+                            uses_brgemm())
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: SparseSpec | None, scale: float | None,
+                     qblock: int | None = None) -> torch.Tensor:
+    """One head group under `spec` (None: dense) in the compiled kernel (call `usable` first); shapes as
+    `torch_sparse_attention`."""
+    out = torch.empty(q.shape, dtype=q.dtype)
+    attend_into(out, prepare(q, k, v), torch.arange(q.shape[1]), spec, scale, qblock)
+    return out
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Dense attention through the compiled kernel (every query block over every key): what full heads beside sparse
+    ones run, and the benchmarks' second anchor, separating what the kernel's GEMMs gain on a machine from what the
+    sparsity gains."""
+    return sparse_attention(q, k, v, None, scale)
 
 
 def key_ranges(spec: SparseSpec, qblock: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,15 +254,3 @@ def _join(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             out.append([s, e])
     return [(s, e) for s, e in out]
-
-
-def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: SparseSpec, scale: float | None, qblock: int) -> torch.Tensor:
-    """One head group under `spec` in the compiled kernel (call `usable` first); shapes as `torch_sparse_attention`."""
-    module = load()
-    ranges, counts = spec.cached(f"cpu_key_ranges_{qblock}", torch.device("cpu"), lambda: key_ranges(spec, qblock))
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    kt = k.transpose(-1, -2).contiguous()  # one copy of K per call (1 / S of the attention's work), read in place after
-    return module.sparse_attention(
-        q.contiguous(), kt, v.contiguous(), ranges, counts, qblock, float(scale),
-        RULES[spec.mode], spec.radius, spec.axis_start, spec.axis_end, KV_CHUNK, uses_brgemm(),
-    )

@@ -51,10 +51,6 @@ BAND_ROWS = 64
 # gathered blocks in cache while SDPA reads them. Swept at S = 8192, 8 heads x 64, keep 0.25, two threads of a 2-core
 # AMD EPYC (0.5-64 MiB, two runs): 0.5-8 MiB within 2% of each other, 16 MiB 6-10% slower, 64 MiB 20% slower.
 GATHER_BYTES = 4 << 20
-# Query rows per block of the compiled kernel for bands and stripes (`blocks` mode uses the spec's block size). At
-# S = 8192, 8 heads x 64, float32, two threads of a 2-core AMD EPYC: 64 rows were fastest on the narrowest band
-# (radius 384: 7% ahead of 128, 19% of 256) and within 2% of the others elsewhere.
-COMPILED_ROWS = 64
 
 
 def torch_sparse_attention(
@@ -67,7 +63,7 @@ def torch_sparse_attention(
     if k.shape[2] != spec.seq_len:
         raise ValueError(f"k has S={k.shape[2]} tokens but the spec was built for {spec.seq_len}; rebuild it for this layout.")
     if cpu_kernel.usable(q, k, v):
-        return cpu_kernel.sparse_attention(q, k, v, spec, scale, spec.block_size if spec.mode == "blocks" else COMPILED_ROWS)
+        return cpu_kernel.sparse_attention(q, k, v, spec, scale)
     q0 = spec.seq_len - q.shape[2]  # the first query's token
     out = torch.empty_like(q)
     if spec.mode == "blocks":  # text query blocks are dense rows of the block mask

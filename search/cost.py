@@ -32,6 +32,16 @@ from sparsediff.runtime import SparseAttention, group_heads, resolve_backend
 from sparsediff.timing import device_name, median_ms
 
 COST_SCHEMA = 2
+# Full heads in a layer that has other groups: on the torch backend's compiled CPU path they run dense through the
+# compiled kernel (a layer of full heads alone runs SDPA, the model's own attention); timed as their own curve.
+FULL_BESIDE = "full beside sparse"
+
+
+def compiled_full(backend: str, device: "torch.device | str", dtype: torch.dtype) -> bool:
+    """Whether full heads beside sparse ones run through the compiled CPU kernel in this setting."""
+    from sparsediff.kernels import cpu_kernel
+
+    return backend == "torch" and torch.device(device).type == "cpu" and dtype == torch.float32 and cpu_kernel.load() is not None
 
 
 def cache_dir() -> Path:
@@ -82,8 +92,12 @@ class CostModel:
         return interpolate(self.points[p.name], heads)
 
     def layer_time(self, patterns: Sequence["Pattern | str"]) -> float:
-        """Predicted ms of one layer call: the sum over its fused groups."""
-        return sum(self.group_time(p, len(h)) for p, h in group_heads([get_pattern(x) for x in patterns]))
+        """Predicted ms of one layer call: the sum over its fused groups (full heads beside other groups on their
+        own curve where one was measured)."""
+        groups = group_heads([get_pattern(x) for x in patterns])
+        beside = len(groups) > 1 and FULL_BESIDE in self.points
+        return sum(interpolate(self.points[FULL_BESIDE], len(h)) if beside and p.kind == "full" else self.group_time(p, len(h))
+                   for p, h in groups)
 
     def dense_layer_time(self) -> float:
         return self.group_time("full", self.key.num_heads)
@@ -128,6 +142,15 @@ class CostModel:
                     fn = lambda: runtime(qs, ks, vs, layout, [pattern] * n, block_size)  # noqa: E731
                 points.append((n, median_ms({name: fn}, repeats, dev)[name]))
             model.points[name] = points
+        if compiled_full(backend, dev, dtype):
+            from sparsediff.kernels import cpu_kernel
+
+            points = []
+            for n in sizes:
+                qs, ks, vs = q[:, :n].contiguous(), k[:, :n].contiguous(), v[:, :n].contiguous()
+                fn = lambda: cpu_kernel.dense_attention(qs, ks, vs)  # noqa: E731
+                points.append((n, median_ms({FULL_BESIDE: fn}, repeats, dev)[FULL_BESIDE]))
+            model.points[FULL_BESIDE] = points
         model.points = monotone_in_density(model.points, layout, block_size)
         return model
 
@@ -138,6 +161,8 @@ class CostModel:
         key = CostKey.for_setting(layout, num_heads, head_dim, **setting)
         path = cache_dir() / f"{key.digest()}.json"
         wanted = {get_pattern(c).name for c in candidates if get_pattern(c).kind != "skip"} | {"full"}
+        if compiled_full(key.backend, kwargs.get("device", "cpu"), kwargs.get("dtype", torch.float32)):
+            wanted.add(FULL_BESIDE)
         if path.is_file():
             cached = cls.load(path)
             if cached.key == key and wanted <= set(cached.points):
@@ -193,6 +218,8 @@ def monotone_in_density(
     out = dict(points)
     by_kind: dict[str, list[tuple[float, str]]] = {}
     for name in points:
+        if name == FULL_BESIDE:
+            continue
         p = get_pattern(name)
         if p.kind not in ("full", "skip"):
             by_kind.setdefault(p.kind, []).append((p.estimated_density(layout, block_size), name))

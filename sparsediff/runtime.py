@@ -249,6 +249,9 @@ class SparseAttention:
     backend: str | None = None
     rows_per_block: int | None = None
     _groups: dict[tuple, list[HeadGroup]] = field(default_factory=dict, repr=False)
+    # the compiled CPU path's K^T buffer, reused while the shape stays: a fresh 16 MB tensor per call costs its page
+    # faults every call (glibc returns large blocks to the system), about 5% of a layer at S = 8192, 8 heads x 64
+    _kt: torch.Tensor | None = field(default=None, repr=False)
 
     def reset(self) -> None:
         """Forget cached groups and top-k scores (call between pipeline runs)."""
@@ -334,7 +337,17 @@ class SparseAttention:
             return out, AttentionStats(1.0, 0, 0, H, True, 1, backend, tuple(groups))
         kernel = _kernel(backend)
         stats = AttentionStats(0.0, 0, 0, 0, False, 1, backend, tuple(groups))
-        out = None if len(groups) == 1 else torch.zeros_like(q)  # one group writes its own output
+        # The torch backend's compiled CPU path: every group but a reordered one writes its heads straight into one
+        # output from the call's own q, K^T, v (no per-group slices, no scatter)
+        prepared = None
+        if backend == "torch" and cpu_kernel.usable(q, k, v):
+            kt_shape = (*k.shape[:2], k.shape[3], k.shape[2])
+            if self._kt is None or self._kt.shape != kt_shape:
+                self._kt = torch.empty(kt_shape, dtype=torch.float32)
+            prepared = cpu_kernel.prepare(q, k, v, kt=self._kt)
+            out = torch.zeros(q.shape, dtype=q.dtype)
+        else:
+            out = None if len(groups) == 1 else torch.zeros_like(q)  # one group writes its own output
         for g in groups:
             n = len(g.heads)
             stats.density += g.density * n / H
@@ -342,15 +355,24 @@ class SparseAttention:
                 stats.heads_skipped += n
                 continue
             heads = g.spec.cached("heads", q.device, lambda: g.local) if g.spec else g.local.to(q.device)
-            qg, kg, vg = (q, k, v) if n == H else (q[:, heads], k[:, heads], v[:, heads])  # (B, G, S, D)
             if g.spec is None:
                 stats.heads_full += n
-                if backend == "torch" and cpu_kernel.usable(qg, kg, vg):
-                    og = cpu_kernel.dense_attention(qg, kg, vg, scale)
-                else:
-                    og = F.scaled_dot_product_attention(qg, kg, vg, scale=scale)
-            elif g.order is not None:
+            else:
                 stats.heads_sparse += n
+            if prepared is not None and g.order is None:
+                cpu_kernel.attend_into(out, prepared, heads, g.spec, scale)
+                continue
+            if prepared is not None:  # a reordered group: its heads' swapped copies in, its output swapped back in place
+                shape = g.spec.cached("transpose", torch.device("cpu"), lambda: _transpose_shape(g.order, g.spec))
+                if len(shape):
+                    a0, r, c = shape.tolist()
+                    og = kernel(*(_swap(x, a0, r, c, heads) for x in (q, k, v)), g.spec, scale)
+                    _unswap_into(out, heads, og, a0, r, c)
+                    continue
+            qg, kg, vg = (q, k, v) if n == H else (q[:, heads], k[:, heads], v[:, heads])  # (B, G, S, D)
+            if g.spec is None:
+                og = F.scaled_dot_product_attention(qg, kg, vg, scale=scale)
+            elif g.order is not None:
                 shape = g.spec.cached("transpose", torch.device("cpu"), lambda: _transpose_shape(g.order, g.spec))
                 if len(shape):  # a video's frame/position swap: strided copies, about twice as fast as a gather
                     a0, r, c = shape.tolist()
@@ -360,7 +382,6 @@ class SparseAttention:
                     position = g.spec.cached("position", q.device, lambda: g.position)
                     og = kernel(qg[:, :, order], kg[:, :, order], vg[:, :, order], g.spec, scale)[:, :, position]
             else:
-                stats.heads_sparse += n
                 og = kernel(qg, kg, vg, g.spec, scale)
             if out is None:
                 out = og
@@ -387,14 +408,34 @@ def _transpose_shape(order: torch.Tensor, spec: SparseSpec) -> torch.Tensor:
     return torch.tensor([a0, r, c]) if torch.equal(order.cpu(), expect) else torch.empty(0, dtype=torch.long)
 
 
-def _swap(x: torch.Tensor, a0: int, r: int, c: int) -> torch.Tensor:
-    """x (B, G, S, D) with the (r, c) grid of tokens [a0, a0 + r * c) transposed to (c, r), contiguous; text kept."""
-    B, G, S, D = x.shape
+def _swap(x: torch.Tensor, a0: int, r: int, c: int, heads: torch.Tensor | None = None) -> torch.Tensor:
+    """x (B, H, S, D) with the (r, c) grid of tokens [a0, a0 + r * c) transposed to (c, r), contiguous; text kept.
+    With `heads`, only those heads, in that order (one copy each, no slice of x first)."""
+    B, H, S, D = x.shape
     a1 = a0 + r * c
-    out = torch.empty(B, G, S, D, dtype=x.dtype, device=x.device)
-    out[:, :, a0:a1].view(B, G, c, r, D).copy_(x[:, :, a0:a1].unflatten(2, (r, c)).transpose(2, 3))
-    if a0:
-        out[:, :, :a0] = x[:, :, :a0]
-    if a1 < S:
-        out[:, :, a1:] = x[:, :, a1:]
+    if heads is None:
+        out = torch.empty(B, H, S, D, dtype=x.dtype, device=x.device)
+        pairs = [(slice(None), slice(None))]
+    else:
+        out = torch.empty(B, len(heads), S, D, dtype=x.dtype, device=x.device)
+        pairs = [(i, h) for i, h in enumerate(heads.tolist())]
+    for i, h in pairs:
+        dst, src = out[:, i], x[:, h]  # (B, [G,] S, D)
+        dst[..., a0:a1, :].unflatten(-2, (c, r)).copy_(src[..., a0:a1, :].unflatten(-2, (r, c)).transpose(-3, -2))
+        if a0:
+            dst[..., :a0, :] = src[..., :a0, :]
+        if a1 < S:
+            dst[..., a1:, :] = src[..., a1:, :]
     return out
+
+
+def _unswap_into(out: torch.Tensor, heads: torch.Tensor, og: torch.Tensor, a0: int, r: int, c: int) -> None:
+    """Write og (B, G, S, D), whose tokens [a0, a0 + r * c) are the (c, r) transpose of the layout's (r, c) grid, back
+    into heads `heads` of out (B, H, S, D) in the layout's order."""
+    a1 = a0 + r * c
+    for i, h in enumerate(heads.tolist()):
+        out[:, h, a0:a1].unflatten(1, (r, c)).copy_(og[:, i, a0:a1].unflatten(1, (c, r)).transpose(1, 2))
+        if a0:
+            out[:, h, :a0] = og[:, i, :a0]
+        if a1 < out.shape[2]:
+            out[:, h, a1:] = og[:, i, a1:]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sparsediff.layout import TokenLayout
-from sparsediff.search.cost import CostKey, CostModel, cache_dir, interpolate, monotone_in_density
+from sparsediff.search.cost import FULL_BESIDE, CostKey, CostModel, cache_dir, compiled_full, interpolate, monotone_in_density
 
 LAYOUT = TokenLayout.parse("video:4x16x16")  # 1024 tokens: big enough that density shows in the time
 
@@ -42,7 +42,11 @@ def test_noisy_inversions_are_pooled():
 
 def test_layer_time_is_the_sum_over_fused_groups(model):
     mixed = ["diagonal_w1", "full", "diagonal_w1", "skip"]
-    assert model.layer_time(mixed) == pytest.approx(model.group_time("diagonal_w1", 2) + model.group_time("full", 1))
+    # full heads beside other groups take their own curve where the compiled CPU kernel runs them (measured then)
+    full = interpolate(model.points[FULL_BESIDE], 1) if FULL_BESIDE in model.points else model.group_time("full", 1)
+    assert model.layer_time(mixed) == pytest.approx(model.group_time("diagonal_w1", 2) + full)
+    assert model.layer_time(["full"] * 4) == pytest.approx(model.dense_layer_time())  # a dense layer: SDPA
+    assert (FULL_BESIDE in model.points) == compiled_full(model.key.backend, "cpu", torch.float32)
 
 
 def test_unmeasured_pattern_is_refused(model):

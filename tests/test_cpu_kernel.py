@@ -137,19 +137,32 @@ def test_turned_off_by_the_environment(monkeypatch):
     assert not cpu_kernel.usable(q, q, q)
 
 
-def test_full_heads_beside_sparse_heads_run_dense_in_the_kernel_and_a_dense_layer_stays_sdpa(kernel, monkeypatch):
+def test_a_layers_groups_write_into_one_output_and_a_dense_layer_stays_sdpa(kernel, monkeypatch):
+    """On the compiled path every group of a layer (full heads too) runs from the call's own q, K^T, v into one
+    output; a reordered group (multi_diagonal) takes its own copies; a layer of full heads is SDPA, bit for bit."""
+    from sparsediff.kernels.reference import reference_attention
     from sparsediff.layout import TokenLayout
     from sparsediff.runtime import SparseAttention
 
-    dense_calls = []
-    dense = cpu_kernel.dense_attention
-    monkeypatch.setattr(cpu_kernel, "dense_attention", lambda *a: dense_calls.append(a[0].shape[1]) or dense(*a))
-    layout = TokenLayout.parse("video:4x6x8")
-    q, k, v = qkv(layout.num_tokens, heads=3)
+    calls = []
+    attend = cpu_kernel.attend_into
+    monkeypatch.setattr(cpu_kernel, "attend_into", lambda out, prep, heads, spec, *a: calls.append(
+        (heads.tolist(), None if spec is None else spec.mode)) or attend(out, prep, heads, spec, *a))
+    layout = TokenLayout.parse("text:5+video:4x6x8")
+    patterns = ["full", "diagonal_w1", "skip", "full", "topk_blocks_k0.5", "multi_diagonal_w1", "vertical_stripe_f1",
+                "multi_diagonal_w1"]
+    q, k, v = qkv(layout.num_tokens, heads=len(patterns))
     attn = SparseAttention(backend="torch")
-    out, _ = attn(q, k, v, layout, ["full", "diagonal_w1", "full"], block_size=16)
-    assert dense_calls == [2]  # the two full heads, together
+    out, stats = attn(q, k, v, layout, patterns, block_size=16)
+    # the reordered group's swapped copies of heads 5 and 7 run as a call of their own
+    assert sorted(calls, key=repr) == [([0, 1], "band"), ([0, 3], None), ([1], "band"), ([4], "blocks"), ([6], "stripe")]
+    assert stats.heads_full == 2 and stats.heads_sparse == 5 and stats.heads_skipped == 1
+    assert torch.equal(out[:, 2], torch.zeros_like(out[:, 2]))
+    with cpu_kernel.disabled():  # the same layer through pure torch (SDPA for the full heads)
+        pure, _ = SparseAttention(backend="torch")(q, k, v, layout, patterns, block_size=16)
+    torch.testing.assert_close(out, pure, rtol=1e-5, atol=1e-5)
     sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    torch.testing.assert_close(out[:, [0, 2]], sdpa[:, [0, 2]], rtol=1e-5, atol=1e-5)
-    out, _ = attn(q, k, v, layout, ["full"] * 3, block_size=16)
-    assert dense_calls == [2] and torch.equal(out, sdpa)  # a dense layer is the model's own attention, bit for bit
+    torch.testing.assert_close(out[:, [0, 3]], reference_attention(q[:, [0, 3]], k[:, [0, 3]], v[:, [0, 3]], None))
+    calls.clear()
+    out, _ = attn(q, k, v, layout, ["full"] * len(patterns), block_size=16)
+    assert calls == [] and torch.equal(out, sdpa)  # a dense layer is the model's own attention, bit for bit

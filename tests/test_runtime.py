@@ -73,12 +73,20 @@ def test_all_full_layer_is_exactly_sdpa():
     assert stats.dense and stats.density == 1.0 and stats.heads_full == 4
 
 
-def test_heads_sharing_a_pattern_run_in_one_kernel_call(monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_heads_sharing_a_pattern_run_in_one_kernel_call(monkeypatch, compiled):
+    from sparsediff.kernels import cpu_kernel
+
+    if compiled and cpu_kernel.load() is None:
+        pytest.skip(f"the compiled CPU kernel did not load here: {cpu_kernel.reason()}")
     layout = TokenLayout.parse("video:4x4x4")
     q, k, v = qkv(layout, 6)
     calls = []
-    real = runtime._kernel("torch")
+    real, attend = runtime._kernel("torch"), cpu_kernel.attend_into
     monkeypatch.setattr(runtime, "_kernel", lambda b: lambda q, k, v, spec, scale: calls.append(q.shape[1]) or real(q, k, v, spec, scale))
+    monkeypatch.setattr(cpu_kernel, "attend_into", lambda out, prep, heads, *a: calls.append(len(heads)) or attend(out, prep, heads, *a))
+    if not compiled:
+        monkeypatch.setattr(cpu_kernel, "_state", {"off": True})
     SparseAttention(backend="torch")(q, k, v, layout, ["diagonal_w1", "skip", "diagonal_w1", "vertical_stripe_f1", "diagonal_w1", "skip"], 16)
     assert sorted(calls) == [1, 3]  # one call with the 3 diagonal heads, one with the stripe head; skips cost nothing
 

@@ -126,23 +126,28 @@ struct Rule {
 
 }  // namespace
 
-// q (B, G, Sq, D): the last Sq of S tokens' queries; kt (B, G, D, S): keys transposed; v (B, G, S, D); all float32
-// contiguous. ranges (G', nqb, max_r, 2) int32 and counts (G', nqb) int32: query block b (tokens [b * qblock,
-// (b + 1) * qblock)) attends keys in ranges[g', b, :counts[g', b]] (G' = 1: shared by the group). A query with no
-// allowed key gets zeros.
-torch::Tensor sparse_attention(const torch::Tensor& q, const torch::Tensor& kt, const torch::Tensor& v,
-                               const torch::Tensor& ranges, const torch::Tensor& counts, int64_t qblock, double scale,
-                               int64_t rule_kind, int64_t radius, int64_t a0, int64_t a1, int64_t kv_chunk,
-                               bool use_brgemm) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat && kt.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-              "sparse_attention: float32 only");
-  TORCH_CHECK(q.is_contiguous() && kt.is_contiguous() && v.is_contiguous(), "sparse_attention: contiguous inputs");
-  TORCH_CHECK(ranges.scalar_type() == at::kInt && counts.scalar_type() == at::kInt, "sparse_attention: int32 tables");
-  const int64_t B = q.size(0), G = q.size(1), Sq = q.size(2), D = q.size(3), S = v.size(2);
+// q (B, H, Sq, D): the last Sq of S tokens' queries; kt (B, H, D, S): keys transposed; v (B, H, S, D); out
+// (B, H, Sq, D), written for the heads in `heads` only; all float32 contiguous. heads (G,) int64: the group's heads
+// (a layer's groups share q, kt, v and out: nothing is sliced or scattered). ranges (G', nqb, max_r, 2) int32 and
+// counts (G', nqb) int32: query block b (tokens [b * qblock, (b + 1) * qblock)) attends keys in
+// ranges[g', b, :counts[g', b]] (G' = 1: shared by the group). A query with no allowed key gets zeros.
+void sparse_attention(const torch::Tensor& q, const torch::Tensor& kt, const torch::Tensor& v, torch::Tensor& out,
+                      const torch::Tensor& heads, const torch::Tensor& ranges, const torch::Tensor& counts,
+                      int64_t qblock, double scale, int64_t rule_kind, int64_t radius, int64_t a0, int64_t a1,
+                      int64_t kv_chunk, bool use_brgemm) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && kt.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
+              out.scalar_type() == at::kFloat, "sparse_attention: float32 only");
+  TORCH_CHECK(q.is_contiguous() && kt.is_contiguous() && v.is_contiguous() && out.is_contiguous(),
+              "sparse_attention: contiguous tensors");
+  TORCH_CHECK(ranges.scalar_type() == at::kInt && counts.scalar_type() == at::kInt && heads.scalar_type() == at::kLong,
+              "sparse_attention: int32 tables, int64 heads");
+  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3), S = v.size(2), G = heads.numel();
   const int64_t Gr = ranges.size(0), nqb = ranges.size(1), max_r = ranges.size(2), q0 = S - Sq;
   TORCH_CHECK(kv_chunk > 0 && qblock > 0, "sparse_attention: kv_chunk and qblock must be positive");
-  TORCH_CHECK(kt.size(2) == D && kt.size(3) == S && nqb == (S + qblock - 1) / qblock, "sparse_attention: shapes");
-  auto out = torch::empty_like(q);
+  TORCH_CHECK(kt.size(1) == H && kt.size(2) == D && kt.size(3) == S && v.size(1) == H && out.sizes() == q.sizes() &&
+              nqb == (S + qblock - 1) / qblock && (Gr == 1 || Gr == G), "sparse_attention: shapes");
+  const int64_t* hp = heads.data_ptr<int64_t>();
+  for (int64_t g = 0; g < G; ++g) TORCH_CHECK(hp[g] >= 0 && hp[g] < H, "sparse_attention: head index out of range");
   const float* qp = q.data_ptr<float>();
   const float* kp = kt.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
@@ -158,11 +163,11 @@ torch::Tensor sparse_attention(const torch::Tensor& q, const torch::Tensor& kt, 
     std::vector<Piece> pieces;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bg = item / (nqb - first_block), blk = first_block + item % (nqb - first_block);
-      const int64_t g = bg % G, gr = Gr == 1 ? 0 : g;
+      const int64_t g = bg % G, gr = Gr == 1 ? 0 : g, bh = (bg / G) * H + hp[g];
       const int64_t t0 = std::max(blk * qblock, q0), t1 = std::min((blk + 1) * qblock, S), M = t1 - t0;
-      const float* qb = qp + (bg * Sq + t0 - q0) * D;
-      const float* kb = kp + bg * D * S;
-      const float* vb = vp + bg * S * D;
+      const float* qb = qp + (bh * Sq + t0 - q0) * D;
+      const float* kb = kp + bh * D * S;
+      const float* vb = vp + bh * S * D;
       std::fill(acc.begin(), acc.begin() + M * D, 0.f);
       std::fill(run_max.begin(), run_max.begin() + M, NEG_INF);
       std::fill(run_sum.begin(), run_sum.begin() + M, 0.f);
@@ -204,14 +209,13 @@ torch::Tensor sparse_attention(const torch::Tensor& q, const torch::Tensor& kt, 
         }
       }
       flush();
-      float* ob = op + (bg * Sq + t0 - q0) * D;
+      float* ob = op + (bh * Sq + t0 - q0) * D;
       for (int64_t r = 0; r < M; ++r) {
         const float inv = run_sum[r] > 0.f ? 1.f / run_sum[r] : 0.f;
         for (int64_t d = 0; d < D; ++d) ob[r * D + d] = acc[r * D + d] * inv;
       }
     }
   });
-  return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
