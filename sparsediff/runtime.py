@@ -366,8 +366,9 @@ class SparseAttention:
                 shape = g.spec.cached("transpose", torch.device("cpu"), lambda: _transpose_shape(g.order, g.spec))
                 if len(shape):
                     a0, r, c = shape.tolist()
-                    og = kernel(*(_swap(x, a0, r, c, heads) for x in (q, k, v)), g.spec, scale)
-                    _unswap_into(out, heads, og, a0, r, c)
+                    which = None if n == H else heads  # a whole layer's heads: one batched copy each way
+                    og = kernel(*(_swap(x, a0, r, c, which) for x in (q, k, v)), g.spec, scale)
+                    _unswap_into(out, which, og, a0, r, c)
                     continue
             qg, kg, vg = (q, k, v) if n == H else (q[:, heads], k[:, heads], v[:, heads])  # (B, G, S, D)
             if g.spec is None:
@@ -429,13 +430,15 @@ def _swap(x: torch.Tensor, a0: int, r: int, c: int, heads: torch.Tensor | None =
     return out
 
 
-def _unswap_into(out: torch.Tensor, heads: torch.Tensor, og: torch.Tensor, a0: int, r: int, c: int) -> None:
+def _unswap_into(out: torch.Tensor, heads: torch.Tensor | None, og: torch.Tensor, a0: int, r: int, c: int) -> None:
     """Write og (B, G, S, D), whose tokens [a0, a0 + r * c) are the (c, r) transpose of the layout's (r, c) grid, back
-    into heads `heads` of out (B, H, S, D) in the layout's order."""
+    into heads `heads` of out (B, H, S, D) in the layout's order (None: all heads, in one copy)."""
     a1 = a0 + r * c
-    for i, h in enumerate(heads.tolist()):
-        out[:, h, a0:a1].unflatten(1, (r, c)).copy_(og[:, i, a0:a1].unflatten(1, (c, r)).transpose(1, 2))
+    pairs = [(slice(None), slice(None))] if heads is None else list(enumerate(heads.tolist()))
+    for i, h in pairs:
+        dst, src = out[:, h], og[:, i]
+        dst[..., a0:a1, :].unflatten(-2, (r, c)).copy_(src[..., a0:a1, :].unflatten(-2, (c, r)).transpose(-3, -2))
         if a0:
-            out[:, h, :a0] = og[:, i, :a0]
+            dst[..., :a0, :] = src[..., :a0, :]
         if a1 < out.shape[2]:
-            out[:, h, a1:] = og[:, i, a1:]
+            dst[..., a1:, :] = src[..., a1:, :]
