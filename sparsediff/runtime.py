@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -249,9 +250,6 @@ class SparseAttention:
     backend: str | None = None
     rows_per_block: int | None = None
     _groups: dict[tuple, list[HeadGroup]] = field(default_factory=dict, repr=False)
-    # the compiled CPU path's K^T buffer, reused while the shape stays: a fresh 16 MB tensor per call costs its page
-    # faults every call (glibc returns large blocks to the system), about 5% of a layer at S = 8192, 8 heads x 64
-    _kt: torch.Tensor | None = field(default=None, repr=False)
 
     def reset(self) -> None:
         """Forget cached groups and top-k scores (call between pipeline runs)."""
@@ -341,10 +339,7 @@ class SparseAttention:
         # output from the call's own q, K^T, v (no per-group slices, no scatter)
         prepared = None
         if backend == "torch" and cpu_kernel.usable(q, k, v):
-            kt_shape = (*k.shape[:2], k.shape[3], k.shape[2])
-            if self._kt is None or self._kt.shape != kt_shape:
-                self._kt = torch.empty(kt_shape, dtype=torch.float32)
-            prepared = cpu_kernel.prepare(q, k, v, kt=self._kt)
+            prepared = cpu_kernel.prepare(q, k, v, kt=_scratch("kt_layer", (*k.shape[:2], k.shape[3], k.shape[2])))
             out = torch.zeros(q.shape, dtype=q.dtype)
         else:
             out = None if len(groups) == 1 else torch.zeros_like(q)  # one group writes its own output
@@ -367,7 +362,11 @@ class SparseAttention:
                 if len(shape):
                     a0, r, c = shape.tolist()
                     which = None if n == H else heads  # a whole layer's heads: one batched copy each way
-                    og = kernel(*(_swap(x, a0, r, c, which) for x in (q, k, v)), g.spec, scale)
+                    B, _, Sq, D = q.shape
+                    qs, ks, vs, og = (_swap(x, a0, r, c, which, out=_scratch(name, (B, n, Sq, D)))
+                                      for x, name in ((q, "q"), (k, "k"), (v, "v"), (None, "out")))
+                    kts = _scratch("kt", (B, n, D, Sq))
+                    cpu_kernel.attend_into(og, cpu_kernel.prepare(qs, ks, vs, kt=kts), torch.arange(n), g.spec, scale)
                     _unswap_into(out, which, og, a0, r, c)
                     continue
             qg, kg, vg = (q, k, v) if n == H else (q[:, heads], k[:, heads], v[:, heads])  # (B, G, S, D)
@@ -393,6 +392,20 @@ class SparseAttention:
         return out, stats
 
 
+_scratch_pool = threading.local()
+
+
+def _scratch(name: str, shape: tuple) -> torch.Tensor:
+    """A float32 CPU scratch tensor of `shape` for the compiled CPU path, kept (one per name and thread, shared by
+    every layer) for the next call of the same shape: fresh tensors of many MB cost their page faults on every call
+    (glibc hands such blocks back to the system), 10-20% of a layer at S = 8192, 8 heads x 64 (BENCHMARKS §3)."""
+    pool = _scratch_pool.__dict__.setdefault("pool", {})
+    buf = pool.get(name)
+    if buf is None or buf.shape != shape:
+        buf = pool[name] = torch.empty(shape, dtype=torch.float32)
+    return buf
+
+
 def _transpose_shape(order: torch.Tensor, spec: SparseSpec) -> torch.Tensor:
     """(a0, r, c) when `order` keeps the text in place and swaps the axis tokens' (r, c) grid to (c, r) (a video's
     frame-major <-> position-major reorder), else an empty tensor: then the runtime gathers with `order`."""
@@ -409,17 +422,18 @@ def _transpose_shape(order: torch.Tensor, spec: SparseSpec) -> torch.Tensor:
     return torch.tensor([a0, r, c]) if torch.equal(order.cpu(), expect) else torch.empty(0, dtype=torch.long)
 
 
-def _swap(x: torch.Tensor, a0: int, r: int, c: int, heads: torch.Tensor | None = None) -> torch.Tensor:
+def _swap(x: torch.Tensor | None, a0: int, r: int, c: int, heads: torch.Tensor | None = None,
+          out: torch.Tensor | None = None) -> torch.Tensor:
     """x (B, H, S, D) with the (r, c) grid of tokens [a0, a0 + r * c) transposed to (c, r), contiguous; text kept.
-    With `heads`, only those heads, in that order (one copy each, no slice of x first)."""
+    With `heads`, only those heads, in that order (one copy each, no slice of x first); with `out`, written there.
+    x None: `out` as it is (a buffer to be written later)."""
+    if x is None:
+        return out
     B, H, S, D = x.shape
     a1 = a0 + r * c
-    if heads is None:
-        out = torch.empty(B, H, S, D, dtype=x.dtype, device=x.device)
-        pairs = [(slice(None), slice(None))]
-    else:
-        out = torch.empty(B, len(heads), S, D, dtype=x.dtype, device=x.device)
-        pairs = [(i, h) for i, h in enumerate(heads.tolist())]
+    if out is None:
+        out = torch.empty(B, H if heads is None else len(heads), S, D, dtype=x.dtype, device=x.device)
+    pairs = [(slice(None), slice(None))] if heads is None else list(enumerate(heads.tolist()))
     for i, h in pairs:
         dst, src = out[:, i], x[:, h]  # (B, [G,] S, D)
         dst[..., a0:a1, :].unflatten(-2, (c, r)).copy_(src[..., a0:a1, :].unflatten(-2, (r, c)).transpose(-3, -2))
