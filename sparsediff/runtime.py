@@ -3,9 +3,10 @@
 For `q, k, v` of shape (B, H, S, D), a layer's per-head patterns are grouped by (pattern, parameters). Each
 group runs in one kernel call over its heads (head fusion); `skip` heads stay zero and cost nothing; `full`
 heads run dense SDPA together (beside sparse heads on the torch backend's CPU path: dense through the compiled CPU
-kernel, the faster of the two there; a layer whose heads are all full always runs SDPA, the model's own attention). A call returns its output and one `AttentionStats`; heads are named by their global
-index in the layer, so a caller holding a slice of the heads runs exactly the plan's patterns for them. Specs (block masks, block tables) are built once per (layout, block size,
-patterns) and cached. `topk_blocks` heads take their block scores from full attention at their first call
+kernel, the faster of the two there; a layer whose heads are all full always runs SDPA, the model's own attention).
+A call returns its output and one `AttentionStats`; heads are named by their global index in the layer, so a
+caller holding a slice of the heads runs exactly the plan's patterns for them. Specs (block masks, block tables) are
+built once per (layout, block size, patterns) and cached. `topk_blocks` heads take their block scores from full attention at their first call
 and reuse them until `reset()`.
 
 >>> import torch
@@ -363,9 +364,9 @@ class SparseAttention:
                     a0, r, c = shape.tolist()
                     which = None if n == H else heads  # a whole layer's heads: one batched copy each way
                     B, _, Sq, D = q.shape
-                    qs, ks, vs, og = (_swap(x, a0, r, c, which, out=_scratch(name, (B, n, Sq, D)))
-                                      for x, name in ((q, "q"), (k, "k"), (v, "v"), (None, "out")))
-                    kts = _scratch("kt", (B, n, D, Sq))
+                    qs, ks, vs = (_swap(x, a0, r, c, which, out=_scratch(name, (B, n, Sq, D)))
+                                  for x, name in ((q, "q"), (k, "k"), (v, "v")))
+                    og, kts = _scratch("out", (B, n, Sq, D)), _scratch("kt", (B, n, D, Sq))
                     cpu_kernel.attend_into(og, cpu_kernel.prepare(qs, ks, vs, kt=kts), torch.arange(n), g.spec, scale)
                     _unswap_into(out, which, og, a0, r, c)
                     continue
@@ -422,37 +423,33 @@ def _transpose_shape(order: torch.Tensor, spec: SparseSpec) -> torch.Tensor:
     return torch.tensor([a0, r, c]) if torch.equal(order.cpu(), expect) else torch.empty(0, dtype=torch.long)
 
 
-def _swap(x: torch.Tensor | None, a0: int, r: int, c: int, heads: torch.Tensor | None = None,
+def _swap(x: torch.Tensor, a0: int, r: int, c: int, heads: torch.Tensor | None = None,
           out: torch.Tensor | None = None) -> torch.Tensor:
     """x (B, H, S, D) with the (r, c) grid of tokens [a0, a0 + r * c) transposed to (c, r), contiguous; text kept.
-    With `heads`, only those heads, in that order (one copy each, no slice of x first); with `out`, written there.
-    x None: `out` as it is (a buffer to be written later)."""
-    if x is None:
-        return out
+    With `heads`, only those heads, in that order (one copy each, no slice of x first); with `out`, written there."""
     B, H, S, D = x.shape
-    a1 = a0 + r * c
     if out is None:
         out = torch.empty(B, H if heads is None else len(heads), S, D, dtype=x.dtype, device=x.device)
     pairs = [(slice(None), slice(None))] if heads is None else list(enumerate(heads.tolist()))
-    for i, h in pairs:
-        dst, src = out[:, i], x[:, h]  # (B, [G,] S, D)
-        dst[..., a0:a1, :].unflatten(-2, (c, r)).copy_(src[..., a0:a1, :].unflatten(-2, (r, c)).transpose(-3, -2))
-        if a0:
-            dst[..., :a0, :] = src[..., :a0, :]
-        if a1 < S:
-            dst[..., a1:, :] = src[..., a1:, :]
+    _copy_swapped(out, x, pairs, a0, r, c)
     return out
 
 
 def _unswap_into(out: torch.Tensor, heads: torch.Tensor | None, og: torch.Tensor, a0: int, r: int, c: int) -> None:
     """Write og (B, G, S, D), whose tokens [a0, a0 + r * c) are the (c, r) transpose of the layout's (r, c) grid, back
     into heads `heads` of out (B, H, S, D) in the layout's order (None: all heads, in one copy)."""
+    pairs = [(slice(None), slice(None))] if heads is None else [(h, i) for i, h in enumerate(heads.tolist())]
+    _copy_swapped(out, og, pairs, a0, c, r)
+
+
+def _copy_swapped(dst: torch.Tensor, src: torch.Tensor, pairs, a0: int, r: int, c: int) -> None:
+    """For each (i, h) in `pairs`: dst[:, i] = src[:, h] with src's (r, c) grid of tokens [a0, a0 + r * c) transposed
+    to (c, r) and the tokens around it (text) copied as they are."""
     a1 = a0 + r * c
-    pairs = [(slice(None), slice(None))] if heads is None else list(enumerate(heads.tolist()))
     for i, h in pairs:
-        dst, src = out[:, h], og[:, i]
-        dst[..., a0:a1, :].unflatten(-2, (r, c)).copy_(src[..., a0:a1, :].unflatten(-2, (c, r)).transpose(-3, -2))
+        d, s = dst[:, i], src[:, h]  # (B, [G,] S, D)
+        d[..., a0:a1, :].unflatten(-2, (c, r)).copy_(s[..., a0:a1, :].unflatten(-2, (r, c)).transpose(-3, -2))
         if a0:
-            dst[..., :a0, :] = src[..., :a0, :]
-        if a1 < out.shape[2]:
-            dst[..., a1:, :] = src[..., a1:, :]
+            d[..., :a0, :] = s[..., :a0, :]
+        if a1 < dst.shape[2]:
+            d[..., a1:, :] = s[..., a1:, :]
