@@ -447,6 +447,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError("`sparsediff bench attention` needs --pattern NAME[,NAME...], --density X or --sweep.")
     logger.info("layout %s (%d tokens), %d heads x %d, %s, block %d, backends %s", layout, layout.num_tokens,
                 args.heads, args.head_dim, args.dtype, args.block_size, ",".join(backends))
+    if torch.device(device).type == "cpu":
+        from .kernels import cpu_kernel
+
+        logger.info("compiled CPU kernel: %s", cpu_kernel.status())
     results = []
     for name, patterns in tqdm(cases, desc="bench attention", file=sys.stderr, disable=args.json):
         results.append(bench.run_case(name, patterns, layout, backends, args.batch, args.head_dim, dtype,
@@ -456,8 +460,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 "block_size": args.block_size, "batch": args.batch, "device": device_name(device),
                 "torch": torch.__version__}
         if torch.device(device).type == "cpu":
-            from .kernels import cpu_kernel
-
             meta["cpu_kernel"] = cpu_kernel.status()
         print(json.dumps({"config": meta, "results": [r.to_dict() for r in results]}, indent=1))
     else:
