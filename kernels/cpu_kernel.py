@@ -135,11 +135,19 @@ def disabled() -> Iterator[None]:
         _state["off"] = before
 
 
+# Input dtypes the kernel takes. It computes in float32: 16-bit inputs are widened once per call in `prepare` (one
+# copy of q, K^T and v: 1 / S of the attention's work) and the output rounded back, so a bfloat16 or float16 call
+# runs at the float32 kernel's speed and is at least as accurate as torch's 16-bit SDPA on the CPU, which at S = 8192,
+# 8 heads x 64 is slower than its own float32 (BENCHMARKS §1a-iv).
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether a call can run in the compiled kernel: CPU, float32, no gradients, and the kernel loads."""
+    """Whether a call can run in the compiled kernel: CPU, one of `DTYPES` for all three, no gradients, and the
+    kernel loads."""
     if _state.get("off"):
         return False
-    if q.device.type != "cpu" or q.dtype != torch.float32 or k.dtype != torch.float32 or v.dtype != torch.float32:
+    if q.device.type != "cpu" or q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         return False
@@ -153,15 +161,23 @@ def status() -> str:
     return "brgemm" if uses_brgemm() else "blas"
 
 
-def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kt: torch.Tensor | None = None):
-    """A layer call's inputs as the kernel reads them: q and v contiguous, K transposed to (B, H, D, S) (into `kt`
-    when given: a buffer the caller reuses). Made once per call and shared by all its head groups (one copy of K:
-    1 / S of the attention's work)."""
-    if kt is None:
-        kt = k.transpose(-1, -2).contiguous()
-    else:
-        kt.copy_(k.transpose(-1, -2))
-    return q.contiguous(), kt, v.contiguous()
+def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kt: torch.Tensor | None = None,
+            qv: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """A layer call's inputs as the kernel reads them, float32: q and v contiguous, K transposed to (B, H, D, S).
+    `kt` (and, for 16-bit inputs, `qv`: two buffers shaped as q and v) are float32 buffers the caller reuses; without
+    them, fresh tensors. Made once per call and shared by all its head groups (one copy of K: 1 / S of the
+    attention's work)."""
+    kt = _into(kt, k.transpose(-1, -2))
+    if q.dtype == torch.float32:
+        return q.contiguous(), kt, v.contiguous()
+    return _into(qv and qv[0], q), kt, _into(qv and qv[1], v)
+
+
+def _into(buf: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """x as a contiguous float32 tensor, written into `buf` when given (one pass: copy and conversion together)."""
+    if buf is None:
+        buf = torch.empty(x.shape, dtype=torch.float32)
+    return buf.copy_(x)
 
 
 def rows_for(spec: SparseSpec | None) -> int:
@@ -192,11 +208,11 @@ def attend_into(out: torch.Tensor, prepared, heads: torch.Tensor, spec: SparseSp
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: SparseSpec | None, scale: float | None,
                      qblock: int | None = None) -> torch.Tensor:
-    """One head group under `spec` (None: dense) in the compiled kernel (call `usable` first); shapes as
-    `torch_sparse_attention`."""
-    out = torch.empty(q.shape, dtype=q.dtype)
+    """One head group under `spec` (None: dense) in the compiled kernel (call `usable` first); shapes and dtype as
+    `torch_sparse_attention` (16-bit inputs are computed in float32 and the output rounded back)."""
+    out = torch.empty(q.shape, dtype=torch.float32)
     attend_into(out, prepare(q, k, v), torch.arange(q.shape[1]), spec, scale, qblock)
-    return out
+    return out.to(q.dtype)
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:

@@ -1,10 +1,10 @@
 """Sparse attention on the CPU (and the fallback anywhere): the compiled CPU kernel, else pattern-specialised calls
 into fused SDPA.
 
-On the CPU in float32 without gradients, every mode runs in the compiled kernel (`cpu_kernel`, `csrc/sparse_cpu.cpp`):
-one call per head group that walks each query block's key ranges in place (no gathers, no windows wider than the
-band). Everywhere else (other devices and dtypes, gradients, no C++ compiler), plain torch: each mode avoids
-materialising S x S masks and gathers K/V only where the pattern is not contiguous:
+On the CPU without gradients (float32, or bfloat16 / float16 computed in float32), every mode runs in the compiled
+kernel (`cpu_kernel`, `csrc/sparse_cpu.cpp`): one call per head group that walks each query block's key ranges in
+place (no gathers, no windows wider than the band). Everywhere else (other devices, gradients, no C++ compiler),
+plain torch: each mode avoids materialising S x S masks and gathers K/V only where the pattern is not contiguous:
 
 - `stripe`: the stripe is a contiguous key range, so the axis queries run one SDPA call against
   [text keys, first `radius` axis keys]; no mask at all.

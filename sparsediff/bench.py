@@ -12,7 +12,7 @@ q, k, v already in the pattern's kernel order. It computes more than the band (i
 rows see the whole window) and pays no reorder, so it is a speed reference only; its efficiency is taken against
 the same block density.
 
-On the CPU in float32 the torch backend runs the compiled kernel (`kernels/cpu_kernel.py`), whose GEMMs can be faster
+On the CPU the torch backend runs the compiled kernel (`kernels/cpu_kernel.py`, float32 compute for every dtype), whose GEMMs can be faster
 than the ones SDPA uses (on a 2-core AMD EPYC, dense attention through it takes half of SDPA's time). Every case then
 also times dense attention through that kernel (`compiled_dense_ms`) and reports the torch backend's efficiency
 against it as well (`compiled_efficiency`): the part of the speedup that sparsity earns, with the GEMMs' gain taken out.
@@ -86,7 +86,7 @@ class CaseResult:
     max_error: dict[str, float] = field(default_factory=dict)
     groups_alone_ms: dict[str, float] = field(default_factory=dict)  # mixed layers: sum of groups run alone
     anchor_ms: float | None = None  # band cases: the plain SDPA loop (see the module docstring)
-    compiled_dense_ms: float | None = None  # CPU float32: dense attention through the compiled kernel
+    compiled_dense_ms: float | None = None  # CPU: dense attention through the compiled kernel
 
     def speedup(self, backend: str) -> float:
         return self.dense_ms / self.ms[backend]
@@ -180,7 +180,7 @@ def run_case(
         qo, ko, vo = (x if order is None else x[:, :, order.to(x.device)].contiguous() for x in (q, k, v))
         radius = patterns[0].kernel_radius(layout)
         fns["anchor"] = lambda: sdpa_loop(qo, ko, vo, radius)
-    if torch.device(device).type == "cpu" and dtype == torch.float32 and cpu_kernel.load() is not None:
+    if torch.device(device).type == "cpu" and dtype in cpu_kernel.DTYPES and cpu_kernel.load() is not None:
         fns["compiled_dense"] = lambda: cpu_kernel.dense_attention(q, k, v)
     times = median_ms(fns, repeats, device)
     result.anchor_ms = times.pop("anchor", None)

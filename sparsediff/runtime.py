@@ -338,10 +338,12 @@ class SparseAttention:
         stats = AttentionStats(0.0, 0, 0, 0, False, 1, backend, tuple(groups))
         # The torch backend's compiled CPU path: every group but a reordered one writes its heads straight into one
         # output from the call's own q, K^T, v (no per-group slices, no scatter)
+        # (float32; 16-bit inputs are widened into scratch buffers once, the output rounded back at the end)
         prepared = None
         if backend == "torch" and cpu_kernel.usable(q, k, v):
-            prepared = cpu_kernel.prepare(q, k, v, kt=_scratch("kt_layer", (*k.shape[:2], k.shape[3], k.shape[2])))
-            out = torch.zeros(q.shape, dtype=q.dtype)
+            wide = None if q.dtype == torch.float32 else (_scratch("q_layer", q.shape), _scratch("v_layer", v.shape))
+            prepared = cpu_kernel.prepare(q, k, v, kt=_scratch("kt_layer", (*k.shape[:2], k.shape[3], k.shape[2])), qv=wide)
+            out = torch.zeros(q.shape, dtype=torch.float32)
         else:
             out = None if len(groups) == 1 else torch.zeros_like(q)  # one group writes its own output
         for g in groups:
@@ -390,7 +392,7 @@ class SparseAttention:
                 out[:, heads] = og
         if out is None:  # every head skipped
             out = torch.zeros_like(q)
-        return out, stats
+        return out.to(q.dtype), stats
 
 
 _scratch_pool = threading.local()

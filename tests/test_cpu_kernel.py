@@ -121,11 +121,34 @@ def test_the_torch_backend_runs_the_kernel_where_it_can_and_pure_torch_elsewhere
     assert calls == ["band"]
     with cpu_kernel.disabled():  # the switch the pure-torch tests use
         torch.testing.assert_close(torch_sparse_attention(q, k, v, spec), expect, rtol=1e-5, atol=1e-5)
-    out = torch_sparse_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), spec)  # other dtypes: pure torch
-    assert out.dtype == torch.bfloat16
+    out = torch_sparse_attention(q.double(), k.double(), v.double(), spec)  # other dtypes: pure torch
+    assert out.dtype == torch.float64
+    with pytest.raises(RuntimeError, match="same dtype"):  # mixed dtypes: pure torch, whose SDPA says what is wrong
+        torch_sparse_attention(q, k.bfloat16(), v, spec)
     grad = torch_sparse_attention(q.clone().requires_grad_(), k, v, spec)  # gradients: pure torch (differentiable)
     grad.sum().backward()
     assert calls == ["band"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["band", "stripe", "blocks"])
+def test_16_bit_inputs_run_the_kernel_in_float32(kernel, monkeypatch, dtype, mode):
+    """bfloat16 / float16 inputs are widened once and computed in float32: the result is the float32 kernel's on the
+    same (rounded) inputs, rounded once to the input dtype, so it is as close to the reference as that rounding."""
+    calls = []
+    run = cpu_kernel.attend_into
+    monkeypatch.setattr(cpu_kernel, "attend_into", lambda *a, **kw: calls.append(a[0].dtype) or run(*a, **kw))
+    S = 200
+    mask = torch.rand(1, 13, 13, generator=torch.Generator().manual_seed(1)) < 0.5
+    a0, a1 = (0, S) if mode == "blocks" else (8, 192)  # blocks mode: text rows and columns are in the block mask
+    spec = SparseSpec(mode, S, 16, a0, a1, 30, mask | torch.eye(13, dtype=torch.bool))
+    q, k, v = (x.to(dtype) for x in qkv(S))
+    out = torch_sparse_attention(q, k, v, spec)
+    assert out.dtype == dtype and calls == [torch.float32]
+    wide = torch_sparse_attention(q.float(), k.float(), v.float(), spec)  # the float32 kernel on the same inputs
+    assert torch.equal(out, wide.to(dtype))
+    expect = spec_reference_attention(q.double(), k.double(), v.double(), spec)
+    torch.testing.assert_close(out, expect.to(dtype))  # within the dtype's own rounding (its default tolerances)
 
 
 def test_turned_off_by_the_environment(monkeypatch):
@@ -166,3 +189,11 @@ def test_a_layers_groups_write_into_one_output_and_a_dense_layer_stays_sdpa(kern
     calls.clear()
     out, _ = attn(q, k, v, layout, ["full"] * len(patterns), block_size=16)
     assert calls == [] and torch.equal(out, sdpa)  # a dense layer is the model's own attention, bit for bit
+    # bfloat16: the same groups in float32 from the widened inputs, one rounding at the end
+    q16, k16, v16 = (x.bfloat16() for x in (q, k, v))
+    out16, _ = attn(q16, k16, v16, layout, patterns, block_size=16)
+    assert out16.dtype == torch.bfloat16 and len(calls) == 5
+    wide, _ = attn(q16.float(), k16.float(), v16.float(), layout, patterns, block_size=16)
+    assert torch.equal(out16, wide.bfloat16())
+    out16, _ = attn(q16, k16, v16, layout, ["full"] * len(patterns), block_size=16)
+    assert torch.equal(out16, torch.nn.functional.scaled_dot_product_attention(q16, k16, v16))
