@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .plan import SparsePlan
-from .runtime import check_backend
+from .runtime import check_backend, release_scratch
 
 logger = logging.getLogger("sparsediff")
 
@@ -98,6 +98,7 @@ class SparsediffHandle:
         for inst in self._installations:
             inst.remove()
         self._removed = True
+        release_scratch()  # the compiled CPU path's buffers (another active handle's next call makes its own again)
 
     def __enter__(self) -> "SparsediffHandle":
         return self

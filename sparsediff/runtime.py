@@ -395,18 +395,31 @@ class SparseAttention:
         return out.to(q.dtype), stats
 
 
-_scratch_pool = threading.local()
+_scratch_pool: dict[tuple[int, str], torch.Tensor] = {}
+_scratch_lock = threading.Lock()
 
 
 def _scratch(name: str, shape: tuple) -> torch.Tensor:
     """A float32 CPU scratch tensor of `shape` for the compiled CPU path, kept (one per name and thread, shared by
     every layer) for the next call of the same shape: fresh tensors of many MB cost their page faults on every call
-    (glibc hands such blocks back to the system), 10-20% of a layer at S = 8192, 8 heads x 64 (BENCHMARKS §3)."""
-    pool = _scratch_pool.__dict__.setdefault("pool", {})
-    buf = pool.get(name)
+    (glibc hands such blocks back to the system), 10-20% of a layer at S = 8192, 8 heads x 64 (BENCHMARKS §3).
+    `release_scratch` (called by a handle's `.remove()`) hands them back."""
+    key = (threading.get_ident(), name)
+    buf = _scratch_pool.get(key)
     if buf is None or buf.shape != shape:
-        buf = pool[name] = torch.empty(shape, dtype=torch.float32)
+        buf = torch.empty(shape, dtype=torch.float32)
+        with _scratch_lock:
+            _scratch_pool[key] = buf
     return buf
+
+
+def release_scratch() -> int:
+    """Drop every thread's scratch buffers (the next call on the compiled CPU path allocates them again); returns the
+    bytes released. At a large model's shapes they hold several copies of a layer's q, K and V."""
+    with _scratch_lock:
+        freed = sum(b.numel() * b.element_size() for b in _scratch_pool.values())
+        _scratch_pool.clear()
+    return freed
 
 
 def _transpose_shape(order: torch.Tensor, spec: SparseSpec) -> torch.Tensor:

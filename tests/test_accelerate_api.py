@@ -76,6 +76,22 @@ def test_bare_model_all_full_is_exact_and_remove_restores_identity(wan_model):
     assert all(a is b for a, b in zip(after, before, strict=True))
 
 
+def test_remove_releases_the_compiled_cpu_paths_scratch_buffers(wan_model):
+    from sparsediff import runtime
+    from sparsediff.kernels import cpu_kernel
+
+    if cpu_kernel.load() is None:
+        pytest.skip(f"the compiled CPU kernel did not load here: {cpu_kernel.reason()}")
+    runtime.release_scratch()
+    plan = SparsePlan.uniform(fingerprint(wan_model), "diagonal_w1", block_size=8)
+    with torch.no_grad(), sparsediff.accelerate(wan_model, plan, num_steps=1, backend="torch") as handle:
+        run_step(wan_model, "cond")
+        assert not handle.stats[0].dense
+        held = dict(runtime._scratch_pool)
+        assert held  # the layer's K^T, kept for the next call
+    assert runtime._scratch_pool == {} and runtime.release_scratch() == 0
+
+
 def test_attention_backend_switch_reaches_the_original_processor(wan_model):
     from diffusers.models.attention_dispatch import AttentionBackendName
 
