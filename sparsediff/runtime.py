@@ -342,7 +342,7 @@ class SparseAttention:
         prepared = None
         if backend == "torch" and cpu_kernel.usable(q, k, v):
             wide = None if q.dtype == torch.float32 else (_scratch("q_layer", q.shape), _scratch("v_layer", v.shape))
-            prepared = cpu_kernel.prepare(q, k, v, kt=_scratch("kt_layer", (*k.shape[:2], k.shape[3], k.shape[2])), qv=wide)
+            prepared = cpu_kernel.prepare(q, k, v, kt=_scratch("kt_layer", (*k.shape[:2], k.shape[3], cpu_kernel.kt_columns(k.shape[2]))), qv=wide)
             out = torch.zeros(q.shape, dtype=torch.float32)
         else:
             out = None if len(groups) == 1 else torch.zeros_like(q)  # one group writes its own output
@@ -368,7 +368,7 @@ class SparseAttention:
                     B, _, Sq, D = q.shape
                     qs, ks, vs = (_swap(x, a0, r, c, which, out=_scratch(name, (B, n, Sq, D)))
                                   for x, name in ((q, "q"), (k, "k"), (v, "v")))
-                    og, kts = _scratch("out", (B, n, Sq, D)), _scratch("kt", (B, n, D, Sq))
+                    og, kts = _scratch("out", (B, n, Sq, D)), _scratch("kt", (B, n, D, cpu_kernel.kt_columns(Sq)))
                     cpu_kernel.attend_into(og, cpu_kernel.prepare(qs, ks, vs, kt=kts), torch.arange(n), g.spec, scale)
                     _unswap_into(out, which, og, a0, r, c)
                     continue

@@ -93,6 +93,27 @@ def test_blocks_match_the_reference_with_empty_rows_and_a_ragged_tail(kernel, mo
         assert torch.equal(got[:, :, 2 * bs : 3 * bs], torch.zeros_like(got[:, :, 2 * bs : 3 * bs]))
 
 
+def test_k_transposed_sits_in_a_padded_buffer_that_nearby_lengths_share(kernel):
+    """K^T's row stride is rounded (oneDNN's micro-kernels are compiled per leading dimension) and kept off multiples
+    of 4 KiB; the kernel reads only the first S columns, so the padding's contents do not matter."""
+    assert cpu_kernel.kt_columns(8192) == cpu_kernel.kt_columns(8100) == 8208
+    for S in (1, 255, 256, 1000, 4096, 8229):
+        cols = cpu_kernel.kt_columns(S)
+        assert S + 16 <= cols < S + 272 and cols % 1024 != 0
+    S = 300
+    spec = SparseSpec("band", S, 16, 10, 290, 40, dense_mask(S, 16))
+    q, k, v = qkv(S)
+    plain = torch.empty_like(q)
+    cpu_kernel.attend_into(plain, (q, k.transpose(-1, -2).contiguous(), v), torch.arange(3), spec, None, 16)
+    q, kt, v = cpu_kernel.prepare(q, k, v)
+    assert kt.shape[-1] == cpu_kernel.kt_columns(S) and torch.equal(kt[..., :S], k.transpose(-1, -2))
+    kt[..., S:] = float("nan")  # never read
+    padded = torch.empty_like(q)
+    cpu_kernel.attend_into(padded, (q, kt, v), torch.arange(3), spec, None, 16)
+    torch.testing.assert_close(padded, plain, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(padded, spec_reference_attention(q, k, v, spec), rtol=1e-5, atol=1e-5)
+
+
 def test_results_do_not_depend_on_the_thread_count(kernel):
     """Each query block runs whole on one thread, in a fixed order: the same inputs give the same bits."""
     S = 300

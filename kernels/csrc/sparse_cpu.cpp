@@ -126,7 +126,8 @@ struct Rule {
 
 }  // namespace
 
-// q (B, H, Sq, D): the last Sq of S tokens' queries; kt (B, H, D, S): keys transposed; v (B, H, S, D); out
+// q (B, H, Sq, D): the last Sq of S tokens' queries; kt (B, H, D, ldk >= S): keys transposed, in the first S
+// columns of a buffer whose rows may be longer (a stride that nearby lengths share); v (B, H, S, D); out
 // (B, H, Sq, D), written for the heads in `heads` only; all float32 contiguous. heads (G,) int64: the group's heads
 // (a layer's groups share q, kt, v and out: nothing is sliced or scattered). ranges (G', nqb, max_r, 2) int32 and
 // counts (G', nqb) int32: query block b (tokens [b * qblock, (b + 1) * qblock)) attends keys in
@@ -144,7 +145,8 @@ void sparse_attention(const torch::Tensor& q, const torch::Tensor& kt, const tor
   const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3), S = v.size(2), G = heads.numel();
   const int64_t Gr = ranges.size(0), nqb = ranges.size(1), max_r = ranges.size(2), q0 = S - Sq;
   TORCH_CHECK(kv_chunk > 0 && qblock > 0, "sparse_attention: kv_chunk and qblock must be positive");
-  TORCH_CHECK(kt.size(1) == H && kt.size(2) == D && kt.size(3) == S && v.size(1) == H && out.sizes() == q.sizes() &&
+  const int64_t ldk = kt.size(3);  // K^T's row stride: S, or more (a padded buffer; the columns past S are not read)
+  TORCH_CHECK(kt.size(1) == H && kt.size(2) == D && ldk >= S && v.size(1) == H && out.sizes() == q.sizes() &&
               nqb == (S + qblock - 1) / qblock && (Gr == 1 || Gr == G), "sparse_attention: shapes");
   const int64_t* hp = heads.data_ptr<int64_t>();
   for (int64_t g = 0; g < G; ++g) TORCH_CHECK(hp[g] >= 0 && hp[g] < H, "sparse_attention: head index out of range");
@@ -166,7 +168,7 @@ void sparse_attention(const torch::Tensor& q, const torch::Tensor& kt, const tor
       const int64_t g = bg % G, gr = Gr == 1 ? 0 : g, bh = (bg / G) * H + hp[g];
       const int64_t t0 = std::max(blk * qblock, q0), t1 = std::min((blk + 1) * qblock, S), M = t1 - t0;
       const float* qb = qp + (bh * Sq + t0 - q0) * D;
-      const float* kb = kp + bh * D * S;
+      const float* kb = kp + bh * D * ldk;
       const float* vb = vp + bh * S * D;
       std::fill(acc.begin(), acc.begin() + M * D, 0.f);
       std::fill(run_max.begin(), run_max.begin() + M, NEG_INF);
@@ -201,7 +203,7 @@ void sparse_attention(const torch::Tensor& q, const torch::Tensor& kt, const tor
       for (int32_t i = 0; i < nr; ++i) {
         for (int64_t j = rr[2 * i], e = rr[2 * i + 1]; j < e;) {
           const int64_t take = std::min(e - j, kv_chunk - filled);
-          gemm(use_brgemm, M, take, D, D, S, kv_chunk, false, qb, kb + j, scores.data() + filled);
+          gemm(use_brgemm, M, take, D, D, ldk, kv_chunk, false, qb, kb + j, scores.data() + filled);
           pieces.push_back({j, j + take, filled});
           filled += take;
           j += take;
