@@ -312,11 +312,20 @@ def profile(
     return result
 
 
-def load_pipeline(model: str, device: "str | None" = None, kind: str = "video"):
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_pipeline(model: str, device: "str | None" = None, kind: str = "video", dtype: "str | torch.dtype | None" = None):
     """A pipeline by name: `embedded` (sparsediff's own trained model of that `kind`, "video", "text" or "reconstruct", shipped in
     the package) or the path of a locally saved diffusers pipeline (`save_pretrained` directory); on `device` (CUDA
-    when available)."""
+    when available), in `dtype` (every component, as diffusers' `from_pretrained(dtype=...)`; None: float32,
+    diffusers' own default)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}; pass --dtype bfloat16, say.")
+        dtype = DTYPES[dtype]
+    loading = {} if dtype is None else {"dtype": dtype}
     if model == "embedded" and kind in ("text", "reconstruct"):  # saved pipelines, loaded like a user's below
         if kind == "text":
             from .pipelines.embedded_text.model import embedded_text_path as where
@@ -338,7 +347,7 @@ def load_pipeline(model: str, device: "str | None" = None, kind: str = "video"):
                 f"The embedded model is missing from {str(path)!r}; reinstall sparsediff, or train it with "
                 "`python samples/train_embedded.py`."
             )
-        return ShapesVideoPipeline.from_pretrained(str(path)).to(device)
+        return ShapesVideoPipeline.from_pretrained(str(path), **loading).to(device)
     path = Path(model)
     index = path / "model_index.json"
     if not index.is_file():
@@ -369,15 +378,16 @@ def load_pipeline(model: str, device: "str | None" = None, kind: str = "video"):
             f"have; upgrade diffusers, or {again}."
         )
     try:
-        components = _components_diffusers_skips(path, json.loads(index.read_text()), pipeline_class, class_name)
-        pipe = pipeline_class.from_pretrained(str(path), local_files_only=True, **components)
+        components = _components_diffusers_skips(path, json.loads(index.read_text()), pipeline_class, class_name, dtype)
+        pipe = pipeline_class.from_pretrained(str(path), local_files_only=True, **loading, **components)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"--model {model!r} could not be loaded as a {class_name} ({reason}); {again}.") from e
     return pipe.to(device)
 
 
-def _components_diffusers_skips(path: Path, index: dict, pipeline_class, class_name: str) -> dict:
+def _components_diffusers_skips(path: Path, index: dict, pipeline_class, class_name: str,
+                                dtype: "torch.dtype | None" = None) -> dict:
     """Components to load ourselves: diffusers 0.42.1 passes a pipeline's saved components through unloaded (as
     their `[library, class]` entries) when its `__init__` types them `Any`, as `LLaDA2Pipeline` does; loading each with
     its own library's `from_pretrained` and handing it in is the documented way to give a pipeline its components."""
@@ -397,7 +407,8 @@ def _components_diffusers_skips(path: Path, index: dict, pipeline_class, class_n
             continue
         library, component = entry
         loader = getattr(importlib.import_module(library), component)
-        out[name] = loader.from_pretrained(str(path / name), local_files_only=True)
+        kwargs = {} if dtype is None or not issubclass(loader, torch.nn.Module) else {"dtype": dtype}  # tokenizers take none
+        out[name] = loader.from_pretrained(str(path / name), local_files_only=True, **kwargs)
     return out
 
 

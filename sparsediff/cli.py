@@ -45,6 +45,10 @@ def positive_float(text: str) -> float:
     return value
 
 
+DTYPE_HELP = ("every component's dtype, as diffusers' from_pretrained(dtype=...) (default: the libraries' "
+              "own, float32 for diffusers models); the search measures its costs in the dtype the model runs in")
+
+
 def _check_device(device: str | None) -> None:
     """Refuse a --device that is unknown, or names CUDA where there is none, before anything is loaded."""
     if device is None:
@@ -201,7 +205,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
                for _ in range(args.workers - 1)]
     try:
         profile = AttentionProfile.load(args.profile)
-        pipe = load_pipeline(args.model, args.device)
+        pipe = load_pipeline(args.model, args.device, dtype=args.dtype)
         pipe.set_progress_bar_config(disable=True)
         calls = None
         if args.prompts or args.steps:
@@ -264,7 +268,7 @@ def _cmd_generate_video(args: argparse.Namespace) -> int:
         if "LOCAL_RANK" not in os.environ:  # not started by torchrun yet: start one process per GPU, each this command
             return subprocess.call(torchrun_command(args.argv, args.ulysses))
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"
-    pipe = load_pipeline(args.model, args.device)
+    pipe = load_pipeline(args.model, args.device, dtype=args.dtype)
     if args.ulysses > 1:
         rank = enable_ulysses(pipe, args.ulysses)
     pipe.set_progress_bar_config(disable=args.json or rank != 0)
@@ -277,7 +281,8 @@ def _cmd_generate_video(args: argparse.Namespace) -> int:
     frames = result.frames[0]
     info = {"out": str(out), "prompt": args.prompt, "frames": int(frames.shape[0]), "height": int(frames.shape[1]),
             "width": int(frames.shape[2]), "steps": args.steps, "seconds": round(result.seconds, 3),
-            "plan": "dense" if plan is None else ("shipped" if args.plan == "auto" else str(args.plan)), **result.stats}
+            "plan": "dense" if plan is None else ("shipped" if args.plan == "auto" else str(args.plan)),
+            "dtype": str(pipe.dtype).removeprefix("torch."), **result.stats}
     _emit(info, args.json)
     return 0
 
@@ -330,7 +335,7 @@ def _cmd_generate_text(args: argparse.Namespace) -> int:
         from .plan import SparsePlan
 
         plan = SparsePlan.load(plan)
-    pipe = load_pipeline(args.model, args.device, kind="text")
+    pipe = load_pipeline(args.model, args.device, kind="text", dtype=args.dtype)
     pipe.set_progress_bar_config(disable=True)
     if args.model == "embedded":  # its tasks' answer slots: one block of 8, one token per step
         from .pipelines.embedded_text.evaluate import call_arguments
@@ -403,7 +408,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     _check_device(args.device)
     _check_out(Path(args.out), args.force, folder=True)
     calls = _calibration_calls(args)
-    pipe = load_pipeline(args.model, args.device)
+    pipe = load_pipeline(args.model, args.device, dtype=args.dtype)
     pipe.set_progress_bar_config(disable=True)  # the profile's own bar counts the work
     from .pipelines.adapter import adapter_for
 
@@ -538,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--record-steps", help="step indices to record, comma-separated (default: all)")
     prof.add_argument("--layers", help="layer indices to record, comma-separated (default: all)")
     prof.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    prof.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help=DTYPE_HELP)
     prof.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     prof.set_defaults(func=_cmd_profile)
 
@@ -563,6 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     srch.add_argument("--width", type=positive_int)
     srch.add_argument("--frames", type=positive_int)
     srch.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    srch.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help=DTYPE_HELP)
     srch.add_argument("--force", action="store_true", help="overwrite an existing plan and report")
     srch.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     srch.set_defaults(func=_cmd_search)
@@ -581,6 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     vid.add_argument("--fps", type=positive_int, default=8)
     vid.add_argument("--backend", help="kernel backend (default: automatic)")
     vid.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    vid.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help=DTYPE_HELP)
     vid.add_argument("--ulysses", type=positive_int, default=1, help="GPUs to split attention heads over with diffusers' "
                      "Ulysses context parallelism (starts itself through torchrun, one process per GPU)")
     vid.add_argument("--out", required=True, help="video file to write (.mp4; .gif where ffmpeg is missing)")
@@ -600,6 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     txt.add_argument("--seed", type=int, default=0)
     txt.add_argument("--backend", help="kernel backend (default: automatic)")
     txt.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    txt.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help=DTYPE_HELP)
     txt.add_argument("--json", action="store_true")
     txt.set_defaults(func=_cmd_generate_text)
 

@@ -104,6 +104,18 @@ def test_the_shipped_model_answers_held_out_tasks_and_its_plan_fits(capsys):
         assert (out["calls"] > out["dense_calls"]) == sparse  # the shipped plan ran sparse at 4k only
 
 
+@shipped
+def test_dtype_reaches_every_component_of_a_saved_pipeline():
+    """`--dtype` loads each component in that dtype, the transformers model the pipeline's loader skips included; a
+    dtype that is not one of the three is refused with the names."""
+    from sparsediff.api import load_pipeline
+
+    pipe = load_pipeline("embedded", "cpu", kind="text", dtype="bfloat16")
+    assert pipe.model.dtype == torch.bfloat16 and pipe.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"dtype 'fp8' is not one of float32, bfloat16, float16"):
+        load_pipeline("embedded", "cpu", kind="text", dtype="fp8")
+
+
 @pytest.mark.skipif((embedded_text_path() / "model_index.json").is_file(), reason="the embedded DLM ships")
 def test_a_missing_embedded_dlm_is_named_with_the_fix(capsys):
     from sparsediff.cli import main

@@ -58,6 +58,13 @@ def test_cli_generate_video_dense_and_with_a_plan(tmp_path, capsys):
     assert dense["frames"] == 9 and dense["height"] == 64 and dense["width"] == 64
     assert iio.imread(tmp_path / "dense.mp4").shape[0] == 9
     assert sparse["sparse_density"] < 1.0 and sparse["calls"] > sparse["dense_calls"]
+    assert dense["dtype"] == sparse["dtype"] == "float32"
+    # bfloat16, as a diffusers user loads a video pipeline: the same plan runs (on the CPU through the compiled kernel)
+    assert main([*base, "--plan", str(tmp_path / "plan.json"), "--backend", "torch", "--dtype", "bfloat16",
+                 "--out", str(tmp_path / "bf16.mp4")]) == 0
+    bf16 = json.loads(capsys.readouterr().out)
+    assert bf16["dtype"] == "bfloat16" and bf16["sparse_density"] == sparse["sparse_density"]
+    assert iio.imread(tmp_path / "bf16.mp4").shape[0] == 9
 
 
 @pytest.mark.slow  # the shipped model end to end
