@@ -49,6 +49,16 @@ def test_layer_time_is_the_sum_over_fused_groups(model):
     assert (FULL_BESIDE in model.points) == compiled_full(model.key.backend, "cpu", torch.float32)
 
 
+def test_full_heads_beside_sparse_ones_have_their_curve_in_every_dtype_the_kernel_takes():
+    from sparsediff.kernels import cpu_kernel
+
+    loads = cpu_kernel.load() is not None
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert compiled_full("torch", "cpu", dtype) == loads
+    assert not compiled_full("torch", "cpu", torch.float64)
+    assert not compiled_full("flex", "cpu", torch.float32)
+
+
 def test_unmeasured_pattern_is_refused(model):
     with pytest.raises(ValueError, match="no measurement for 'vertical_stripe_f1'"):
         model.layer_time(["vertical_stripe_f1"] * 4)
