@@ -132,13 +132,8 @@ class DiffusersVideoAdapter(Adapter):
             raise ValueError(f"{type(model).__name__} is not a supported denoiser; sparsediff supports {supported()}.")
         layers = family.self_attention(model)
         first = layers[0][1]
-        return ModelFingerprint(
-            model_class=type(model).__name__,
-            num_layers=len(layers),
-            num_heads=first.heads,
-            head_dim=first.to_q.out_features // first.heads,
-            config_hash=ModelFingerprint.hash_config(dict(model.config)),
-        )
+        return ModelFingerprint.of(type(model).__name__, len(layers), first.heads, first.to_q.out_features // first.heads,
+                                   dict(model.config))
 
     def is_installed(self, model: torch.nn.Module) -> bool:
         registry = getattr(model, "_diffusers_hook", None)

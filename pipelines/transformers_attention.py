@@ -354,8 +354,7 @@ class TransformersAdapter(Adapter):
         heads = config.num_attention_heads
         # the first attention module's own head dim: some models (DiffusionGemma) vary it per layer
         head_dim = getattr(modules[0], "head_dim", None) or config.hidden_size // heads
-        return ModelFingerprint(type(model).__name__, len(modules), heads, head_dim,
-                                ModelFingerprint.hash_config(config.to_dict()))
+        return ModelFingerprint.of(type(model).__name__, len(modules), heads, head_dim, config.to_dict())
 
     def is_installed(self, model: torch.nn.Module) -> bool:
         return str(model.config._attn_implementation).startswith("sparsediff")

@@ -39,7 +39,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -175,7 +175,7 @@ class AttentionProfile:
         return {
             "schema_version": SCHEMA_VERSION,
             "sparsediff_version": self.sparsediff_version,
-            "model": asdict(self.model),
+            "model": self.model.to_dict(),
             "layout": str(self.layout),
             "block_size": self.block_size,
             "mass_block_size": self.mass_block_size,

@@ -42,6 +42,11 @@ def _expect(value: Any, kind: "type | tuple[type, ...]", name: str, expected: st
                      "with `sparsediff search`.")
 
 
+# Config entries that say how a model was loaded, not what it is: transformers' `to_dict()` writes the dtype the
+# model was loaded in and the running transformers version. A plan holds across both, so they are not hashed.
+LOADING_KEYS = frozenset({"dtype", "torch_dtype", "transformers_version"})
+
+
 @dataclass(frozen=True)
 class ModelFingerprint:
     """What a plan was made for: the denoiser class, its attention shape and a hash of its config."""
@@ -51,17 +56,35 @@ class ModelFingerprint:
     num_heads: int
     head_dim: int
     config_hash: str
+    # The hash sparsediff gave the same config before `LOADING_KEYS` were left out: plans and profiles saved then
+    # still match (in the dtype they were made in). Neither saved nor compared.
+    earlier_hash: str | None = field(default=None, compare=False, repr=False)
 
     @staticmethod
     def hash_config(config: dict[str, Any]) -> str:
+        """The config's hash, without private (`_`) entries and `LOADING_KEYS`."""
+        return ModelFingerprint._hash({k: v for k, v in config.items() if k not in LOADING_KEYS})
+
+    @staticmethod
+    def _hash(config: dict[str, Any]) -> str:
         text = json.dumps({k: v for k, v in sorted(config.items()) if not k.startswith("_")}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
+    @classmethod
+    def of(cls, model_class: str, num_layers: int, num_heads: int, head_dim: int, config: dict[str, Any]) -> "ModelFingerprint":
+        """The fingerprint of a live model (an adapter's `fingerprint`), with its config's earlier hash."""
+        return cls(model_class, num_layers, num_heads, head_dim, cls.hash_config(config), cls._hash(config))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields a plan or profile file holds."""
+        return {k: v for k, v in asdict(self).items() if k != "earlier_hash"}
+
     def mismatch(self, other: "ModelFingerprint") -> str | None:
-        """A sentence naming the first differing field, or None when they match."""
-        for key, mine in asdict(self).items():
+        """A sentence naming the first field where `other` (the live model's) differs, or None when they match. A
+        `config_hash` saved by an earlier sparsediff matches the model's `earlier_hash`."""
+        for key, mine in self.to_dict().items():
             theirs = getattr(other, key)
-            if mine != theirs:
+            if mine != theirs and not (key == "config_hash" and mine == other.earlier_hash):
                 return f"model.{key} is {mine!r} in the plan but {theirs!r} for this model"
         return None
 
@@ -151,7 +174,7 @@ class SparsePlan:
         return {
             "schema_version": self.schema_version,
             "sparsediff_version": self.sparsediff_version,
-            "model": asdict(self.model),
+            "model": self.model.to_dict(),
             "block_size": self.block_size,
             "dense_steps": self.dense_steps,
             "dense_layers": list(self.dense_layers),
@@ -221,7 +244,7 @@ class SparsePlan:
         try:
             model = ModelFingerprint(**m)
         except TypeError:
-            want = ", ".join(ModelFingerprint.__dataclass_fields__)
+            want = ", ".join(k for k in ModelFingerprint.__dataclass_fields__ if k != "earlier_hash")
             raise ValueError(f"Plan field 'model' is {_short(m)}; it needs exactly the keys {want}.") from None
         for key in ("model_class", "config_hash"):
             _expect(getattr(model, key), str, f"model.{key}", "a string")

@@ -110,8 +110,12 @@ def test_dtype_reaches_every_component_of_a_saved_pipeline():
     dtype that is not one of the three is refused with the names."""
     from sparsediff.api import load_pipeline
 
+    import sparsediff
+
     pipe = load_pipeline("embedded", "cpu", kind="text", dtype="bfloat16")
     assert pipe.model.dtype == torch.bfloat16 and pipe.dtype == torch.bfloat16
+    with sparsediff.accelerate(pipe) as handle:  # the shipped plan holds in any dtype (its config hash leaves it out)
+        assert handle.config.plan is not None and handle.config.plan.min_tokens == 4096 and handle.models == ["model"]
     with pytest.raises(ValueError, match=r"dtype 'fp8' is not one of float32, bfloat16, float16"):
         load_pipeline("embedded", "cpu", kind="text", dtype="fp8")
 

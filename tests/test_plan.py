@@ -117,6 +117,22 @@ def test_config_hash_ignores_private_keys_and_order():
     assert a == b and a != ModelFingerprint.hash_config({"heads": 5, "num_layers": 2})
 
 
+def test_a_plan_holds_across_the_dtype_and_library_version_a_model_is_loaded_with(tmp_path):
+    """transformers' config dict carries the loaded dtype and the running version: neither is hashed. A plan saved
+    with the earlier hash (which had them) still matches the model it was made for."""
+    config = {"num_layers": 2, "heads": 4, "dtype": "float32", "transformers_version": "5.24.0"}
+    fp32 = ModelFingerprint.of("Llama", 2, 4, 16, config)
+    bf16 = ModelFingerprint.of("Llama", 2, 4, 16, {**config, "dtype": "bfloat16", "transformers_version": "5.30.0"})
+    assert fp32 == bf16 and fp32.mismatch(bf16) is None
+    earlier = ModelFingerprint("Llama", 2, 4, 16, fp32.earlier_hash)  # as a plan saved before this change holds it
+    assert fp32.earlier_hash != fp32.config_hash and earlier.mismatch(fp32) is None
+    assert earlier.mismatch(ModelFingerprint.of("Llama", 2, 4, 16, {**config, "heads": 8})) is not None
+    path = SparsePlan.dense(fp32).save(tmp_path / "plan.json")  # files hold the current hash only
+    saved = json.loads(path.read_text())["model"]
+    assert saved == {"model_class": "Llama", "num_layers": 2, "num_heads": 4, "head_dim": 16, "config_hash": fp32.config_hash}
+    assert SparsePlan.load(path).model == bf16
+
+
 @pytest.mark.parametrize(
     "edit, words",
     [

@@ -142,8 +142,8 @@ class LatentSetAdapter(Adapter):
 
     def fingerprint(self, model: torch.nn.Module) -> ModelFingerprint:
         config = dict(model.config)
-        return ModelFingerprint(type(model).__name__, len(self_attention_modules(model)), config["heads"],
-                                config["head_dim"], ModelFingerprint.hash_config(config))
+        return ModelFingerprint.of(type(model).__name__, len(self_attention_modules(model)), config["heads"],
+                                   config["head_dim"], config)
 
     def is_installed(self, model: torch.nn.Module) -> bool:
         return any(m.sparse_site is not None for m in self_attention_modules(model))
