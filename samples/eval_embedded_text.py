@@ -7,7 +7,8 @@ For each context length: the same held-out tasks (one of each kind in turn) dens
 request at a time, dense and sparse interleaved per task; exact-match accuracy, token agreement with dense, and the
 wall time of the generation (one block of 8 answer slots, 8 steps, each a forward over the whole context). The keep
 sweep runs SparseD's recipe on every head (first step dense, then top-k blocks of the prompt keys, the active block
-always kept) at each keep share. Writes `samples/results/embedded_text/eval.json` and `accuracy_speed.png`.
+always kept) at each keep share. Writes `samples/results/embedded_text/eval.json` and `accuracy_speed.png` (with
+`--out other.json`: `other.json` and `other.png`). `--dtype bfloat16` loads the pipeline in bfloat16.
 """
 
 import argparse
@@ -84,13 +85,15 @@ def main() -> int:
     parser.add_argument("--sparsed-keep", type=float, default=None,
                         help="run the length sweep under SparseD's recipe at this keep share instead of the model's plan")
     parser.add_argument("--backend", default=None)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="load the pipeline in this dtype (default: as saved, float32)")
     parser.add_argument("--out", default=str(RESULTS / "eval.json"))
     args = parser.parse_args()
     lengths = [int(x) for x in args.lengths.split(",") if x]
     counts = [int(x) for x in args.tasks.split(",")]
     counts = counts * len(lengths) if len(counts) == 1 else counts
     keeps = [float(x) for x in args.keeps.split(",") if x]
-    pipe = load_pipeline(args.model, "cpu", kind="text")
+    pipe = load_pipeline(args.model, "cpu", kind="text", dtype=args.dtype)
     pipe.set_progress_bar_config(disable=True)
     plan = resolve_plan(pipe, "auto")
     if args.sparsed_keep is not None:
@@ -99,7 +102,8 @@ def main() -> int:
         raise SystemExit(f"{args.model} has no plan.json; search one with samples/ship_embedded_text_plan.py.")
     run_tasks(pipe, held_out_tasks(1, lengths[0]), "dense")  # warm-up
     total = 2 * (sum(counts) + len(keeps) * args.keep_tasks)
-    results = {"machine": device_name("cpu"), "model": args.model, "plan_dense_steps": plan.dense_steps,
+    results = {"machine": device_name("cpu"), "model": args.model, "dtype": str(pipe.dtype).removeprefix("torch."),
+               "plan_dense_steps": plan.dense_steps,
                "plan": "shipped" if args.sparsed_keep is None else f"SparseD keep {args.sparsed_keep}",
                "by_length": {}, "keep_sweep": {}}
     with tqdm(total=total, desc="requests", file=sys.stderr) as bar:
@@ -118,7 +122,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
-    plot(results, out.with_name("accuracy_speed.png"))
+    plot(results, out.with_name("accuracy_speed.png") if out.name == "eval.json" else out.with_suffix(".png"))
     print("| context | tasks | accuracy dense | accuracy sparse | agreement | dense s | sparse s | speedup | density |")
     print("|---|---|---|---|---|---|---|---|---|")
     for n, r in results["by_length"].items():
