@@ -312,14 +312,13 @@ def profile(
     return result
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def load_pipeline(model: str, device: "str | None" = None, kind: str = "video", dtype: "str | torch.dtype | None" = None):
     """A pipeline by name: `embedded` (sparsediff's own trained model of that `kind`, "video", "text" or "reconstruct", shipped in
     the package) or the path of a locally saved diffusers pipeline (`save_pretrained` directory); on `device` (CUDA
-    when available), in `dtype` (every component, as diffusers' `from_pretrained(dtype=...)`; None: float32,
-    diffusers' own default)."""
+    when available), in `dtype` (every component, as diffusers' `from_pretrained(dtype=...)`; None: each library's
+    default, float32 for diffusers models)."""
+    from .bench import DTYPES
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(dtype, str):
         if dtype not in DTYPES:

@@ -116,7 +116,7 @@ def test_dtype_reaches_every_component_of_a_saved_pipeline():
     assert pipe.model.dtype == torch.bfloat16 and pipe.dtype == torch.bfloat16
     with sparsediff.accelerate(pipe) as handle:  # the shipped plan holds in any dtype (its config hash leaves it out)
         assert handle.config.plan is not None and handle.config.plan.min_tokens == 4096 and handle.models == ["model"]
-    with pytest.raises(ValueError, match=r"dtype 'fp8' is not one of float32, bfloat16, float16"):
+    with pytest.raises(ValueError, match=r"dtype 'fp8' is not one of float32, float16, bfloat16; pass --dtype bfloat16"):
         load_pipeline("embedded", "cpu", kind="text", dtype="fp8")
 
 
