@@ -7,9 +7,9 @@ gathered copies disappear and only the ranges' keys are computed.
 
 It is built on first use with `torch.utils.cpp_extension.load` (a C++ compiler and ninja; about 20 s, once per
 machine: the build is named by a hash of the source, torch's version and the CPU's model and flags, since it is
-compiled for the machine's own instruction set). If the build or its
-self-check fails, `load()` returns None, says why once, and the torch backend keeps its pure-torch paths.
-`SPARSEDIFF_CPU_KERNEL=0` turns it off.
+compiled for the machine's own instruction set; `SPARSEDIFF_CPU_KERNEL_MARCH=x86-64-v3`, say, compiles it for another).
+If the build or its self-check fails, `load()` returns None, says why once, and the torch backend keeps its pure-torch
+paths. `SPARSEDIFF_CPU_KERNEL=0` turns it off.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ from .spec import SparseSpec, block_axis_ranges, block_table
 logger = logging.getLogger("sparsediff")
 
 ENV = "SPARSEDIFF_CPU_KERNEL"
+# The instruction set the kernel is compiled for (GCC's -march): the machine's own by default; e.g. x86-64-v3 (AVX2)
+# for a build that runs on older x86 CPUs, or to measure such a CPU's code path on a newer one.
+MARCH_ENV = "SPARSEDIFF_CPU_KERNEL_MARCH"
 SOURCE = Path(__file__).with_name("csrc") / "sparse_cpu.cpp"
 RULES = {"blocks": 0, "band": 1, "stripe": 2}
 # Keys per online-softmax update (a 64-row score tile of 1024 floats is 256 KiB, in L2). Swept 128-2048 at S = 8192,
@@ -80,11 +83,15 @@ def _build():
 
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
-    # -march=native code must not run on another CPU: the build's name hashes the source, torch and the CPU's flags
-    tag = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _cpu_identity().encode()).hexdigest()[:12]
+    march = os.environ.get(MARCH_ENV, "native")
+    # -march=native code must not run on another CPU: the build's name hashes the source, torch, the CPU's flags and
+    # the target instruction set
+    identity = SOURCE.read_bytes() + torch.__version__.encode() + _cpu_identity().encode()
+    identity += b"" if march == "native" else march.encode()
+    tag = hashlib.sha256(identity).hexdigest()[:12]
     # -fopenmp: at::parallel_for is a header template, parallel only where the including code is built with OpenMP;
     # -fno-trapping-math: lets GCC vectorise the exponential's floor and conversions (no FP traps are relied on)
-    flags = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
+    flags = ["-O3", f"-march={march}", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
     return load_extension(name=f"sparsediff_cpu_{tag}", sources=[str(SOURCE)], extra_cflags=flags,
                           extra_ldflags=["-fopenmp"], verbose=False)
 

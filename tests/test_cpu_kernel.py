@@ -181,6 +181,19 @@ def test_turned_off_by_the_environment(monkeypatch):
     assert not cpu_kernel.usable(q, q, q)
 
 
+def test_the_target_instruction_set_can_be_chosen_and_names_the_build(monkeypatch):
+    import torch.utils.cpp_extension as cpp_extension
+
+    builds = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: builds.append(kw))
+    cpu_kernel._build()
+    monkeypatch.setenv(cpu_kernel.MARCH_ENV, "x86-64-v3")
+    cpu_kernel._build()
+    (native, v3) = builds
+    assert "-march=native" in native["extra_cflags"] and "-march=x86-64-v3" in v3["extra_cflags"]
+    assert native["name"] != v3["name"]  # two builds side by side, neither loaded for the other
+
+
 def test_a_layers_groups_write_into_one_output_and_a_dense_layer_stays_sdpa(kernel, monkeypatch):
     """On the compiled path every group of a layer (full heads too) runs from the call's own q, K^T, v into one
     output; a reordered group (multi_diagonal) takes its own copies; a layer of full heads is SDPA, bit for bit."""
