@@ -162,10 +162,14 @@ def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def status() -> str:
-    """What the torch backend's CPU path is, for benchmark records: "brgemm", "blas" or "off (why)"."""
+    """What the torch backend's CPU path is, for benchmark records: "brgemm", "blas" or "off (why)", with a target
+    instruction set other than the machine's own and a limit on oneDNN's ("brgemm, -march=x86-64-v3,
+    ONEDNN_MAX_CPU_ISA=AVX2")."""
     if load() is None:
         return f"off ({reason()})"
-    return "brgemm" if uses_brgemm() else "blas"
+    notes = [f"-march={os.environ[MARCH_ENV]}"] if os.environ.get(MARCH_ENV, "native") != "native" else []
+    notes += [f"ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']}"] if os.environ.get("ONEDNN_MAX_CPU_ISA") else []
+    return ", ".join(["brgemm" if uses_brgemm() else "blas", *notes])
 
 
 def kt_columns(S: int) -> int:

@@ -192,6 +192,9 @@ def test_the_target_instruction_set_can_be_chosen_and_names_the_build(monkeypatc
     (native, v3) = builds
     assert "-march=native" in native["extra_cflags"] and "-march=x86-64-v3" in v3["extra_cflags"]
     assert native["name"] != v3["name"]  # two builds side by side, neither loaded for the other
+    monkeypatch.setattr(cpu_kernel, "_state", {"module": object(), "brgemm": True, "reason": None})
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert cpu_kernel.status() == "brgemm, -march=x86-64-v3, ONEDNN_MAX_CPU_ISA=AVX2"  # what benchmark records say
 
 
 def test_a_layers_groups_write_into_one_output_and_a_dense_layer_stays_sdpa(kernel, monkeypatch):
