@@ -337,12 +337,12 @@ class SparseAttention:
         kernel = _kernel(backend)
         stats = AttentionStats(0.0, 0, 0, 0, False, 1, backend, tuple(groups))
         # The torch backend's compiled CPU path: every group but a reordered one writes its heads straight into one
-        # output from the call's own q, K^T, v (no per-group slices, no scatter)
-        # (float32; 16-bit inputs are widened into scratch buffers once, the output rounded back at the end)
+        # output from the call's own q, K^T, v (no per-group slices, no scatter), made on the first such group (a layer
+        # of reordered groups only never needs them). float32: 16-bit inputs are widened into scratch buffers once,
+        # the output rounded back at the end.
+        compiled = backend == "torch" and cpu_kernel.usable(q, k, v)
         prepared = None
-        if backend == "torch" and cpu_kernel.usable(q, k, v):
-            wide = None if q.dtype == torch.float32 else (_scratch("q_layer", q.shape), _scratch("v_layer", v.shape))
-            prepared = cpu_kernel.prepare(q, k, v, kt=_scratch("kt_layer", (*k.shape[:2], k.shape[3], cpu_kernel.kt_columns(k.shape[2]))), qv=wide)
+        if compiled:
             out = torch.zeros(q.shape, dtype=torch.float32)
         else:
             out = None if len(groups) == 1 else torch.zeros_like(q)  # one group writes its own output
@@ -357,10 +357,14 @@ class SparseAttention:
                 stats.heads_full += n
             else:
                 stats.heads_sparse += n
-            if prepared is not None and g.order is None:
+            if compiled and g.order is None:
+                if prepared is None:
+                    wide = None if q.dtype == torch.float32 else (_scratch("q_layer", q.shape), _scratch("v_layer", v.shape))
+                    kt = _scratch("kt_layer", (*k.shape[:2], k.shape[3], cpu_kernel.kt_columns(k.shape[2])))
+                    prepared = cpu_kernel.prepare(q, k, v, kt=kt, qv=wide)
                 cpu_kernel.attend_into(out, prepared, heads, g.spec, scale)
                 continue
-            if prepared is not None:  # a reordered group: its heads' swapped copies in, its output swapped back in place
+            if compiled:  # a reordered group: its heads' swapped copies in, its output swapped back in place
                 shape = g.spec.cached("transpose", torch.device("cpu"), lambda: _transpose_shape(g.order, g.spec))
                 if len(shape):
                     a0, r, c = shape.tolist()

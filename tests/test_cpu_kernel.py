@@ -234,3 +234,26 @@ def test_a_layers_groups_write_into_one_output_and_a_dense_layer_stays_sdpa(kern
     assert torch.equal(out16, wide.bfloat16())
     out16, _ = attn(q16, k16, v16, layout, ["full"] * len(patterns), block_size=16)
     assert torch.equal(out16, torch.nn.functional.scaled_dot_product_attention(q16, k16, v16))
+
+
+def test_a_layer_of_reordered_heads_only_makes_no_shared_inputs(kernel, monkeypatch):
+    """The layer's shared q, K^T, v are made for the first group that reads them: a layer whose heads are all
+    multi_diagonal (their own transposed copies) never makes them."""
+    from sparsediff import runtime
+    from sparsediff.layout import TokenLayout
+
+    made = []
+    prepare = cpu_kernel.prepare
+    monkeypatch.setattr(cpu_kernel, "prepare", lambda q, *a, **kw: made.append(q.shape[1]) or prepare(q, *a, **kw))
+    layout = TokenLayout.parse("video:4x6x8")
+    q, k, v = qkv(layout.num_tokens, heads=4)
+    attn = runtime.SparseAttention(backend="torch")
+    out, _ = attn(q, k, v, layout, ["multi_diagonal_w1"] * 4, block_size=16)
+    assert made == [4]  # the swapped copies of the four heads, once
+    made.clear()
+    mixed, _ = attn(q, k, v, layout, ["multi_diagonal_w1"] * 3 + ["diagonal_w1"], block_size=16)
+    assert sorted(made) == [3, 4]  # the copies of three heads, and the shared inputs for the band head
+    with cpu_kernel.disabled():
+        pure, _ = runtime.SparseAttention(backend="torch")(q, k, v, layout, ["multi_diagonal_w1"] * 4, block_size=16)
+    torch.testing.assert_close(out, pure, rtol=1e-5, atol=1e-5)
+
