@@ -363,14 +363,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .generate import run_demo
 
     result = run_demo(args.out, num_prompts=args.prompts, steps=args.steps, seed=args.seed, backend=args.backend,
-                      height=args.height, width=args.width, num_frames=args.frames)
+                      height=args.height, width=args.width, num_frames=args.frames, dtype=args.dtype)
     text, text_skipped = None, None
     if args.text_tasks:
         from .pipelines.embedded_text.evaluate import run_text_demo
         from .pipelines.embedded_text.model import embedded_text_path
 
         if (embedded_text_path() / "plan.json").is_file():
-            text = run_text_demo(args.text_tasks, args.text_length, backend=args.backend, seed=args.seed)
+            text = run_text_demo(args.text_tasks, args.text_length, backend=args.backend, seed=args.seed, dtype=args.dtype)
         else:  # said, not hidden: the section needs the trained DLM and its plan (issue 13)
             text_skipped = "no embedded diffusion LM with a plan ships in this version (train it with samples/train_embedded_text.py)"
             print(f"sparsediff demo: text section skipped: {text_skipped}.", file=sys.stderr)
@@ -384,12 +384,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(json.dumps({**result.to_dict(), **({"text": text_info} if text_info else {}),
                           **({"reconstruct": recon.to_dict()} if recon else {})}, indent=1))
     else:
-        print(f"embedded video model, {len(result.prompts)} prompts, {result.steps} steps, dense vs its shipped plan")
+        print(f"embedded video model, {len(result.prompts)} prompts, {result.steps} steps, {result.dtype}, dense vs its "
+              "shipped plan")
         print(result.table())
         for name, path in result.files.items():
             print(f"{name}: {path}")
         if text is not None:
-            print(f"\nembedded diffusion LM, {text.tasks} held-out tasks of {text.length} tokens, dense vs its shipped plan")
+            print(f"\nembedded diffusion LM, {text.tasks} held-out tasks of {text.length} tokens, {text.dtype}, dense vs its "
+                  "shipped plan")
             print(text.table())
         if recon is not None:
             print(f"\nembedded 4D reconstructor, held-out sequence {recon.sample} (sparse input; one sequence: the "
@@ -643,6 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--text-length", type=int, default=4096, help="context tokens of each text task")
     demo.add_argument("--reconstruct", default="unseen_motion:1", help="SPLIT:INDEX for the 4D reconstruction section ('' leaves it out)")
     demo.add_argument("--backend", help="kernel backend (default: automatic)")
+    demo.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="the video and text models' dtype, "
+                      "both runs (default float32; their plans were searched in float32)")
     demo.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
     demo.set_defaults(func=_cmd_demo)
 

@@ -161,6 +161,7 @@ class DemoResult:
     accuracy_dense: dict[str, float]
     accuracy_sparse: dict[str, float]
     files: dict[str, str]
+    dtype: str = "float32"  # the model's weights and activations (the plan was searched in float32)
 
     @property
     def speedup(self) -> float:
@@ -206,13 +207,15 @@ def run_demo(
     height: int = 64,
     width: int = 64,
     num_frames: int = 8,
+    dtype: "str | torch.dtype | None" = None,
 ) -> DemoResult:
     """The embedded model, dense and with its shipped plan, on the same prompts and seeds (see the module doc).
-    The default size, 8 x 64 x 64 pixels, is 8192 tokens; smaller sizes are for quick checks."""
+    The default size, 8 x 64 x 64 pixels, is 8192 tokens; smaller sizes are for quick checks. `dtype` ("bfloat16",
+    say) loads the model in it for both runs (default float32)."""
     from .api import load_pipeline
     from .pipelines.embedded import detector
 
-    pipe = load_pipeline("embedded")
+    pipe = load_pipeline("embedded", dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     plan = pipe.shipped_plan()
     if plan is None:
@@ -249,4 +252,5 @@ def run_demo(
         accuracy_dense=detector.accuracy(list(dense.frames), prompts),
         accuracy_sparse=detector.accuracy(list(sparse.frames), prompts),
         files=files,
+        dtype=str(pipe.dtype).removeprefix("torch."),
     )

@@ -75,8 +75,13 @@ def test_demo_on_the_shipped_model_at_a_small_size(tmp_path, capsys):
 
     dense_steps = load_pipeline("embedded").shipped_plan().num_dense_steps(7)
     assert 0 < dense_steps < 7
+    from sparsediff.pipelines.embedded_text.model import embedded_text_path
+
+    text_plan = embedded_text_path() / "plan.json"
+    # the text section at the shortest length its plan runs sparse at (shorter calls run the model's own attention)
+    text_length = (json.loads(text_plan.read_text()).get("min_tokens") or 512) if text_plan.is_file() else 512
     assert main(["demo", "--out", str(tmp_path / "demo"), "--prompts", "2", "--steps", "7", "--height", "32", "--width", "32",
-                 "--text-tasks", "2", "--text-length", "512", "--json"]) == 0
+                 "--text-tasks", "2", "--text-length", str(text_length), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert len(result["prompts"]) == 2 and result["prompts"][0] != result["prompts"][1]
     assert result["dense_seconds"] > 0 and result["sparse_seconds"] > 0
@@ -85,6 +90,7 @@ def test_demo_on_the_shipped_model_at_a_small_size(tmp_path, capsys):
     assert result["run_density"] == pytest.approx((dense_steps + (7 - dense_steps) * result["density"]) / 7, abs=1e-3)
     assert 10.0 < result["psnr"] < 99.0 and 0.0 < result["ssim"] < 1.0  # close to dense, not identical
     assert set(result["accuracy_dense"]) == set(result["accuracy_sparse"]) >= {"colour", "direction"}
+    assert result["dtype"] == "float32"  # the default, as the plan was searched
     video = iio.imread(result["files"]["side_by_side"])
     assert video.shape[0] == 8 and video.shape[1] >= 2 * 32  # 8 frames; both prompts stacked
     assert Image.open(result["files"]["strip"]).size[0] == 8 * 32 * 3  # 8 frames of 32 px, upscaled 3x
@@ -92,18 +98,20 @@ def test_demo_on_the_shipped_model_at_a_small_size(tmp_path, capsys):
     assert 0.0 <= recon["metrics"]["iou"] <= 1.0 and recon["metrics"]["chamfer_l1"] > 0
     assert iio.imread(recon["files"]["video"]).shape[0] == 17 and recon["seconds"] > 0
     text = result["text"]  # the embedded DLM's section: two held-out tasks, dense vs its shipped plan
-    from sparsediff.pipelines.embedded_text.model import embedded_text_path
-
-    if not (embedded_text_path() / "plan.json").is_file():
+    if not text_plan.is_file():
         assert "no embedded diffusion LM" in text["skipped"]  # said in the output, not silently left out
     else:
-        assert (text["tasks"], text["length"]) == (2, 512)
+        assert (text["tasks"], text["length"], text["dtype"]) == (2, text_length, "float32")
         assert 0.0 <= text["accuracy_sparse"] <= 1.0 and 0.0 <= text["agreement"] <= 1.0
         assert 0.0 < text["density"] < 1.0 and text["speedup"] == pytest.approx(text["dense_seconds"] / text["sparse_seconds"])
-    # the table `make demo` prints (text mode): the correctness check first, every detector field
+    # the table `make demo` prints (text mode): the correctness check first, every detector field; here in bfloat16,
+    # which the header names, the sparse steps still sparse
     assert main(["demo", "--out", str(tmp_path / "demo"), "--prompts", "1", "--steps", "6", "--height", "32", "--width", "32",
-                 "--text-tasks", "0"]) == 0
+                 "--text-tasks", "0", "--reconstruct", "", "--dtype", "bfloat16"]) == 0
     lines = capsys.readouterr().out.splitlines()
+    assert "bfloat16" in lines[0]
+    density = next(line for line in lines if line.startswith("attention density")).split()[-3:]
+    assert 0.0 < float(density[0]) < float(density[2]) < 1.0
     assert lines[1].startswith("PSNR sparse vs dense") and lines[2].startswith("SSIM sparse vs dense")
     assert [line.split()[1] for line in lines if line.startswith("detector")] == ["colour", "shape", "direction", "modifier", "camera"]
     assert any(line.startswith("side_by_side: ") for line in lines)

@@ -82,6 +82,7 @@ class TextDemoResult:
     dense_seconds: float
     sparse_seconds: float
     density: float  # mean attention density of the calls that ran sparse
+    dtype: str = "float32"  # the model's weights and activations (the plan was searched in float32)
 
     @property
     def speedup(self) -> float:
@@ -106,12 +107,14 @@ class TextDemoResult:
         return aligned_rows(rows)
 
 
-def run_text_demo(num_tasks: int = 3, length: int = 4096, backend: str | None = None, seed: int = 0) -> TextDemoResult:
+def run_text_demo(num_tasks: int = 3, length: int = 4096, backend: str | None = None, seed: int = 0,
+                  dtype: "str | torch.dtype | None" = None) -> TextDemoResult:
     """The embedded DLM dense and under its shipped plan on `num_tasks` held-out tasks (one of each kind in turn) of
-    `length` tokens; dense and sparse interleaved per task (the first of the pair alternating), after a warm-up."""
+    `length` tokens, in `dtype` (default float32); dense and sparse interleaved per task (the first of the pair
+    alternating), after a warm-up."""
     from sparsediff.api import load_pipeline, resolve_plan
 
-    pipe = load_pipeline("embedded", "cpu", kind="text")
+    pipe = load_pipeline("embedded", "cpu", kind="text", dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     plan = resolve_plan(pipe, "auto")
     if plan is None:
@@ -120,7 +123,8 @@ def run_text_demo(num_tasks: int = 3, length: int = 4096, backend: str | None = 
     run_tasks(pipe, tasks[:1], "dense", seed=seed)  # warm-up: one-off costs stay out of the timings
     dense, sparse = compare_plans(pipe, tasks, plan, backend, seed=seed)
     return TextDemoResult(length, len(tasks), dense.accuracy(tasks), sparse.accuracy(tasks), sparse.agreement(dense),
-                          dense.seconds, sparse.seconds, sparse.stats["sparse_density"])
+                          dense.seconds, sparse.seconds, sparse.stats["sparse_density"],
+                          str(pipe.dtype).removeprefix("torch."))
 
 
 def compare_plans(pipe, tasks: list[Task], plan, backend: str | None = None, seed: int = 0, progress=None) -> tuple[TextRun, TextRun]:
