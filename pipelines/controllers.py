@@ -71,6 +71,7 @@ class PlanController:
         self.log = log
         self.runtimes = [SparseAttention(backend=backend) for _ in range(num_layers)]
         self._layout_bound = layout_bound_patterns(plan) if plan is not None else []
+        self._layouts_seen: set[TokenLayout] = set()  # checked already (a call's layout repeats every step)
         scored = plan is not None and any(p.needs_scores for r in plan.ranges for layer in r.layers for p in layer)
         if scored:  # top-k blocks are picked anew each run; other specs stay cached across runs
             log.on_new_run.append(self.reset)
@@ -125,12 +126,31 @@ class PlanController:
         return out, stats
 
     def _check_layout(self, layout: TokenLayout) -> None:
+        if layout in self._layouts_seen:
+            return
         if self._layout_bound and str(layout) != self.plan.layout:
             raise ValueError(
                 f"The plan's patterns {', '.join(self._layout_bound)} are tied to its calibration layout "
                 f"{self.plan.layout}, but the model now runs on layout {layout}; generate at the calibration size, or "
                 "search a plan for this size with `sparsediff search`."
             )
+        self._layouts_seen.add(layout)
+        searched = _video_shape(self.plan.layout)
+        if searched is not None and _video_shape(str(layout)) not in (None, searched):
+            # patterns are in layout units, so the plan runs; its quality was only measured at the searched size
+            warn_once(logger, f"sparsediff: the plan was searched on video layout {'x'.join(map(str, searched))} "
+                      f"(frames x height x width in tokens) and now runs on {layout}. Its patterns scale with the "
+                      "layout, but its quality was checked only at the searched size (the embedded model's plan "
+                      "loses 3.4 dB at a quarter of it, BENCHMARKS.md §5): compare with a dense run "
+                      "(`--plan dense`), or search a plan at this size with `sparsediff search`.")
+
+
+def _video_shape(layout: str | None) -> tuple[int, ...] | None:
+    """The (frames, height, width) of a layout's video segment, or None when it has none."""
+    if not layout:
+        return None
+    segment = next((s for s in TokenLayout.parse(layout).segments if s.kind == "video"), None)
+    return None if segment is None else tuple(segment.shape)
 
 
 class ObserveController:

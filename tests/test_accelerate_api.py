@@ -235,9 +235,12 @@ def test_plan_resolution_is_one_rule(wan_model, tmp_path):
         assert handle.config.plan is plan
 
 
-def test_a_plan_applies_at_another_size(wan_model):
+def test_a_plan_applies_at_another_size(wan_model, caplog):
     """Pattern parameters are in layout units (frames, spatial tokens), so one plan runs at any resolution or frame
-    count: at each size every head runs its pattern on that size's layout, as the reference backend computes it."""
+    count: at each size every head runs its pattern on that size's layout, as the reference backend computes it. At a
+    size other than the searched one a warning says its quality was checked only there (once per layout)."""
+    import logging
+
     from sparsediff.layout import TokenLayout
 
     names = ["diagonal_w1", "multi_diagonal_w1"]
@@ -247,11 +250,16 @@ def test_a_plan_applies_at_another_size(wan_model):
     for frames, size in ((3, 8), (5, 16)):
         layout = TokenLayout.parse(f"video:{frames}x{size // 2}x{size // 2}")
         outs = {}
+        caplog.clear()
         for backend in ("torch", "reference"):
-            with sparsediff.accelerate(wan_model, plan, backend=backend, num_steps=1) as handle:
-                with wan_model.cache_context("cond"):
-                    outs[backend] = wan_model(**wan_inputs(frames=frames, size=size), return_dict=False)[0]
-                stats = handle.stats[0]
+            with caplog.at_level(logging.WARNING, logger="sparsediff"):
+                with sparsediff.accelerate(wan_model, plan, backend=backend, num_steps=1) as handle:
+                    with wan_model.cache_context("cond"):
+                        outs[backend] = wan_model(**wan_inputs(frames=frames, size=size), return_dict=False)[0]
+                    stats = handle.stats[0]
+        warned = [r.getMessage() for r in caplog.records if "was searched on video layout 3x4x4" in r.getMessage()]
+        assert len(warned) == (0 if str(layout) == plan.layout else 1), warned
+        assert not warned or f"now runs on {layout}" in warned[0]
         expect = sum(get_pattern(n).density(layout, 8) for n in names) / len(names)
         assert not stats.dense and stats.density == pytest.approx(expect, abs=1e-9)
         torch.testing.assert_close(outs["torch"], outs["reference"], rtol=1e-4, atol=1e-5)
