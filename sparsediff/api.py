@@ -147,6 +147,21 @@ def _plans_for(plan: Any, names: list[str]) -> dict[str, SparsePlan | None]:
     return {name: plan.get(name) for name in names}
 
 
+def _prepare_kernels(model: torch.nn.Module, plan: SparsePlan | None, backend: str | None) -> None:
+    """Load (on a new machine: build, ~20-40 s) the compiled CPU kernel now, when a sparse plan will run on the CPU
+    through the torch backend, so that the one-off cost falls here and not in the first denoising step (or inside a
+    caller's timing of a generation)."""
+    from .kernels import cpu_kernel
+    from .runtime import resolve_backend
+
+    if plan is None or plan.is_all_dense:
+        return
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    if device.type == "cpu" and resolve_backend(backend, device) == "torch":
+        cpu_kernel.load()
+
+
 def _check_plan(adapter, model: torch.nn.Module, plan: SparsePlan | None, config: AccelerateConfig, is_pipeline: bool) -> None:
     from .pipelines.controllers import layout_bound_patterns
 
@@ -202,6 +217,7 @@ def accelerate(pipe_or_model: Any, plan: Any = "auto", backend: str | None = Non
     plans = _plans_for(config.plan, list(denoisers))
     for name, model in denoisers.items():
         _check_plan(adapter, model, plans[name], config, is_pipeline)
+        _prepare_kernels(model, plans[name], config.backend)
     log = RunLog()
     make = lambda name, n: PlanController(plans[name], n, log, config.backend)  # noqa: E731
     installations = install_all(pipe_or_model, make, log, num_steps=config.num_steps)

@@ -92,6 +92,20 @@ def test_remove_releases_the_compiled_cpu_paths_scratch_buffers(wan_model):
     assert runtime._scratch_pool == {} and runtime.release_scratch() == 0
 
 
+def test_accelerate_loads_the_compiled_cpu_kernel_before_the_first_step(wan_model, monkeypatch):
+    # the one-off build (20-40 s on a new machine) must fall in accelerate(), not in a timed or first denoising step
+    from sparsediff.kernels import cpu_kernel
+
+    monkeypatch.setattr(cpu_kernel, "_state", {})  # as in a new process: nothing loaded yet
+    fp = fingerprint(wan_model)
+    with sparsediff.accelerate(wan_model, SparsePlan.dense(fp, block_size=8), backend="torch"):
+        assert "module" not in cpu_kernel._state  # a dense plan never needs it
+    with sparsediff.accelerate(wan_model, SparsePlan.uniform(fp, "diagonal_w1", block_size=8), backend="flex", num_steps=1):
+        assert "module" not in cpu_kernel._state  # nor another backend
+    with sparsediff.accelerate(wan_model, SparsePlan.uniform(fp, "diagonal_w1", block_size=8), backend="torch", num_steps=1):
+        assert "module" in cpu_kernel._state  # loaded (or its failure recorded) before any forward
+
+
 def test_attention_backend_switch_reaches_the_original_processor(wan_model):
     from diffusers.models.attention_dispatch import AttentionBackendName
 
