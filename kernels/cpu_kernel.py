@@ -164,12 +164,37 @@ def disabled() -> Iterator[None]:
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def native_16bit(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies `dtype` natively in torch's own kernels (AMX tiles: bfloat16 on Intel Xeon 4th
+    generation and later, float16 from the 6th), where 16-bit SDPA is ~3x faster than its float32 and than this kernel,
+    which computes in float32. There 16-bit calls take the pure-torch paths (SDPA on AMX): on an Intel Xeon with AMX at
+    S = 8192, 8 heads x 64, bfloat16, efficiency 0.31-0.39 through this kernel, 0.50-0.89 through SDPA (BENCHMARKS
+    §1a-v). Respects a ONEDNN_MAX_CPU_ISA that leaves AMX out (oneDNN runs torch's 16-bit GEMMs)."""
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if isa and isa != "ALL" and "AMX" not in isa:
+        return False
+    try:
+        if dtype == torch.bfloat16:
+            return bool(torch.cpu._is_amx_tile_supported())
+        if dtype == torch.float16:
+            return bool(torch.cpu._is_amx_fp16_supported())
+    except AttributeError:  # a torch without these probes: assume none (the float32 compute path stays)
+        return False
+    return False
+
+
+def takes(dtype: torch.dtype) -> bool:
+    """Whether calls of `dtype` run in the kernel where it loads: float32, and 16-bit where the CPU has no native
+    16-bit GEMMs (`native_16bit`)."""
+    return dtype == torch.float32 or (dtype in DTYPES and not native_16bit(dtype))
+
+
 def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether a call can run in the compiled kernel: CPU, one of `DTYPES` for all three, no gradients, and the
+    """Whether a call can run in the compiled kernel: CPU, a dtype it `takes` for all three, no gradients, and the
     kernel loads."""
     if _state.get("off"):
         return False
-    if q.device.type != "cpu" or q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+    if q.device.type != "cpu" or k.dtype != q.dtype or v.dtype != q.dtype or not takes(q.dtype):
         return False
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         return False
@@ -184,6 +209,8 @@ def status() -> str:
         return f"off ({reason()})"
     notes = [f"-march={os.environ[MARCH_ENV]}"] if os.environ.get(MARCH_ENV, "native") != "native" else []
     notes += [f"ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']}"] if os.environ.get("ONEDNN_MAX_CPU_ISA") else []
+    notes += [f"{name} through SDPA (AMX)" for name, dt in (("bfloat16", torch.bfloat16), ("float16", torch.float16))
+              if native_16bit(dt)]
     return ", ".join(["brgemm" if uses_brgemm() else "blas", *notes])
 
 

@@ -41,7 +41,7 @@ def compiled_full(backend: str, device: "torch.device | str", dtype: torch.dtype
     """Whether full heads beside sparse ones run through the compiled CPU kernel in this setting."""
     from sparsediff.kernels import cpu_kernel
 
-    return backend == "torch" and torch.device(device).type == "cpu" and dtype in cpu_kernel.DTYPES and cpu_kernel.load() is not None
+    return backend == "torch" and torch.device(device).type == "cpu" and cpu_kernel.takes(dtype) and cpu_kernel.load() is not None
 
 
 def cache_dir() -> Path:

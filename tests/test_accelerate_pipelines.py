@@ -99,7 +99,8 @@ def test_guidance_branches_count_steps(family):
 @pytest.mark.parametrize("name", pipeline_factories.FAMILIES)
 def test_every_family_runs_in_bfloat16(name):
     """As diffusers users load them: the whole pipeline in bfloat16. An all-full plan leaves it bit for bit as it was;
-    a sparse plan runs sparse (on the CPU through the compiled kernel in float32, rounded back) and stays finite."""
+    a sparse plan runs sparse (on the CPU through the compiled kernel in float32, rounded back, or through SDPA on a CPU
+    with AMX) and stays finite."""
     pipe, call_kwargs = pipeline_factories.make(name)
     pipe.to(dtype=torch.bfloat16)
 

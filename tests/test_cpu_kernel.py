@@ -156,6 +156,7 @@ def test_the_torch_backend_runs_the_kernel_where_it_can_and_pure_torch_elsewhere
 def test_16_bit_inputs_run_the_kernel_in_float32(kernel, monkeypatch, dtype, mode):
     """bfloat16 / float16 inputs are widened once and computed in float32: the result is the float32 kernel's on the
     same (rounded) inputs, rounded once to the input dtype, so it is as close to the reference as that rounding."""
+    monkeypatch.setattr(cpu_kernel, "native_16bit", lambda dtype: False)  # as on a CPU without AMX
     calls = []
     run = cpu_kernel.attend_into
     monkeypatch.setattr(cpu_kernel, "attend_into", lambda *a, **kw: calls.append(a[0].dtype) or run(*a, **kw))
@@ -197,7 +198,54 @@ def test_the_target_instruction_set_can_be_chosen_and_names_the_build(monkeypatc
     assert cpu_kernel.status() == "brgemm, -march=x86-64-v3, ONEDNN_MAX_CPU_ISA=AVX2"  # what benchmark records say
 
 
+def test_16_bit_inputs_take_sdpa_on_a_cpu_with_amx(kernel, monkeypatch):
+    """Where the CPU multiplies 16-bit natively (AMX), 16-bit calls take the pure-torch paths (SDPA on AMX is ~3x
+    faster than the kernel's float32 compute); float32 still runs the kernel. Bands there run in wider windows."""
+    from sparsediff.kernels import torch_sparse
+
+    monkeypatch.setattr(cpu_kernel, "native_16bit", lambda dtype: dtype == torch.bfloat16)
+    calls, windows = [], []
+    run, exact = cpu_kernel.sparse_attention, torch_sparse._band_exact
+    monkeypatch.setattr(cpu_kernel, "sparse_attention", lambda *a: calls.append(a[0].dtype) or run(*a))
+    monkeypatch.setattr(torch_sparse, "_band_exact", lambda *a: windows.append(a[-1]) or exact(*a))
+    S, R = 700, 40
+    spec = SparseSpec("band", S, 16, 0, S, R, dense_mask(S, 16))
+    q, k, v = qkv(S, batch=1)
+    q16, k16, v16 = (x.bfloat16() for x in (q, k, v))
+    out = torch_sparse_attention(q16, k16, v16, spec)
+    assert calls == [] and windows == [torch_sparse.BAND_ROWS_NATIVE_16BIT]  # pure torch, 256-row windows
+    with cpu_kernel.disabled():
+        assert torch.equal(out, torch_sparse_attention(q16, k16, v16, spec))  # the pure path itself
+    expect = spec_reference_attention(q16.double(), k16.double(), v16.double(), spec)
+    torch.testing.assert_close(out, expect.bfloat16(), atol=1e-2, rtol=2e-2)  # 16-bit SDPA's own rounding
+    monkeypatch.setattr(torch_sparse, "BAND_ROWS", torch_sparse.BAND_ROWS_NATIVE_16BIT)  # the wide windows are exact:
+    with cpu_kernel.disabled():  # in float32 they match the reference to float32 rounding
+        wide = torch_sparse_attention(q, k, v, spec)
+    assert windows[-1] == torch_sparse.BAND_ROWS_NATIVE_16BIT
+    torch.testing.assert_close(wide, spec_reference_attention(q, k, v, spec), rtol=1e-5, atol=1e-5)
+    torch_sparse_attention(q.half(), k.half(), v.half(), spec)  # float16 without AMX-FP16: still the kernel
+    torch_sparse_attention(q, k, v, spec)  # float32: the kernel
+    assert calls == [torch.float16, torch.float32]
+    from sparsediff.search.cost import compiled_full
+
+    assert not compiled_full("torch", "cpu", torch.bfloat16) and compiled_full("torch", "cpu", torch.float32)
+    assert "bfloat16 through SDPA (AMX)" in cpu_kernel.status()
+
+
+def test_amx_is_read_from_torch_and_respects_onednns_isa_limit(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert cpu_kernel.native_16bit(torch.bfloat16) and not cpu_kernel.native_16bit(torch.float16)
+    assert not cpu_kernel.native_16bit(torch.float32)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # oneDNN (torch's 16-bit GEMMs) kept off AMX
+    assert not cpu_kernel.native_16bit(torch.bfloat16)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert cpu_kernel.native_16bit(torch.bfloat16)
+
+
 def test_a_layers_groups_write_into_one_output_and_a_dense_layer_stays_sdpa(kernel, monkeypatch):
+    monkeypatch.setattr(cpu_kernel, "native_16bit", lambda dtype: False)  # bfloat16 through the kernel, as without AMX
     """On the compiled path every group of a layer (full heads too) runs from the call's own q, K^T, v into one
     output; a reordered group (multi_diagonal) takes its own copies; a layer of full heads is SDPA, bit for bit."""
     from sparsediff.kernels.reference import reference_attention

@@ -204,7 +204,8 @@ def encoder_decoder_inputs(padded: bool):
 def test_decoder_calls_over_cache_and_canvas_equal_the_reference_backend(dtype, tolerance):
     """The decoder's queries are the canvas, its keys the cached prompt plus the canvas: the torch path equals the
     reference backend (dense attention masked with each pattern's rows for the canvas) and differs from dense. In
-    bfloat16 the torch path's suffix queries run through the compiled kernel in float32; the reference in bfloat16."""
+    bfloat16 the torch path's suffix queries run through the compiled kernel in float32 (through SDPA on a CPU with
+    AMX); the reference in bfloat16."""
     model = tiny_diffusion_gemma().to(dtype)
     plan = mixed_plan(model)
     args = encoder_decoder_inputs(padded=True)

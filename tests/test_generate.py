@@ -59,7 +59,7 @@ def test_cli_generate_video_dense_and_with_a_plan(tmp_path, capsys):
     assert iio.imread(tmp_path / "dense.mp4").shape[0] == 9
     assert sparse["sparse_density"] < 1.0 and sparse["calls"] > sparse["dense_calls"]
     assert dense["dtype"] == sparse["dtype"] == "float32"
-    # bfloat16, as a diffusers user loads a video pipeline: the same plan runs (on the CPU through the compiled kernel)
+    # bfloat16, as a diffusers user loads a video pipeline: the same plan runs (on the CPU through the compiled kernel, or SDPA on AMX)
     assert main([*base, "--plan", str(tmp_path / "plan.json"), "--backend", "torch", "--dtype", "bfloat16",
                  "--out", str(tmp_path / "bf16.mp4")]) == 0
     bf16 = json.loads(capsys.readouterr().out)
