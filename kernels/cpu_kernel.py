@@ -189,6 +189,12 @@ def takes(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype in DTYPES and not native_16bit(dtype))
 
 
+def runs(dtype: torch.dtype) -> bool:
+    """Whether the torch backend's CPU calls of `dtype` (without gradients) run in the kernel: it `takes` the dtype,
+    is not switched off and loads."""
+    return not _state.get("off") and takes(dtype) and load() is not None
+
+
 def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether a call can run in the compiled kernel: CPU, a dtype it `takes` for all three, no gradients, and the
     kernel loads."""

@@ -41,7 +41,17 @@ def compiled_full(backend: str, device: "torch.device | str", dtype: torch.dtype
     """Whether full heads beside sparse ones run through the compiled CPU kernel in this setting."""
     from sparsediff.kernels import cpu_kernel
 
-    return backend == "torch" and torch.device(device).type == "cpu" and cpu_kernel.takes(dtype) and cpu_kernel.load() is not None
+    return backend == "torch" and torch.device(device).type == "cpu" and cpu_kernel.runs(dtype)
+
+
+def cpu_path(backend: str, device: "torch.device | str", dtype: torch.dtype) -> str:
+    """Which path the torch backend runs on the CPU for `dtype`: "compiled" (the compiled kernel) or "pure"
+    (pure torch); "" for other backends and devices."""
+    from sparsediff.kernels import cpu_kernel
+
+    if backend != "torch" or torch.device(device).type != "cpu":
+        return ""
+    return "compiled" if cpu_kernel.runs(dtype) else "pure"
 
 
 def cache_dir() -> Path:
@@ -61,6 +71,10 @@ class CostKey:
     batch: int
     block_size: int
     torch_version: str
+    # the torch backend's CPU path for this dtype ("compiled" or "pure", see `cpu_path`): switching it (a CPU with AMX
+    # takes 16-bit through SDPA, $SPARSEDIFF_CPU_KERNEL=0, no compiler) changes every latency; "" elsewhere and in
+    # tables from before the field, which are then re-measured
+    cpu_path: str = ""
 
     @classmethod
     def for_setting(
@@ -68,8 +82,9 @@ class CostKey:
         dtype: torch.dtype = torch.float32, device: str = "cpu", batch: int = 1,
     ) -> "CostKey":
         dev = torch.device(device)
-        return cls(device_name(dev), resolve_backend(backend, dev), str(dtype).removeprefix("torch."), str(layout),
-                   num_heads, head_dim, batch, block_size, torch.__version__)
+        backend = resolve_backend(backend, dev)
+        return cls(device_name(dev), backend, str(dtype).removeprefix("torch."), str(layout),
+                   num_heads, head_dim, batch, block_size, torch.__version__, cpu_path(backend, dev, dtype))
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]

@@ -157,9 +157,8 @@ def _prepare_kernels(model: torch.nn.Module, plan: SparsePlan | None, backend: s
     if plan is None or plan.is_all_dense:
         return
     param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    if device.type == "cpu" and resolve_backend(backend, device) == "torch":
-        cpu_kernel.load()
+    if param is not None and param.device.type == "cpu" and resolve_backend(backend, param.device) == "torch":
+        cpu_kernel.runs(param.dtype)  # loads it where calls of the model's dtype run in it
 
 
 def _check_plan(adapter, model: torch.nn.Module, plan: SparsePlan | None, config: AccelerateConfig, is_pipeline: bool) -> None:

@@ -1,10 +1,13 @@
 """The measured cost model: storage, cache keys, and predictions that follow the measurements."""
 
+import json
+from dataclasses import asdict
+
 import pytest
 import torch
 
 from sparsediff.layout import TokenLayout
-from sparsediff.search.cost import FULL_BESIDE, CostKey, CostModel, cache_dir, compiled_full, interpolate, monotone_in_density
+from sparsediff.search.cost import COST_SCHEMA, FULL_BESIDE, CostKey, CostModel, cache_dir, compiled_full, interpolate, monotone_in_density
 
 LAYOUT = TokenLayout.parse("video:4x16x16")  # 1024 tokens: big enough that density shows in the time
 
@@ -84,6 +87,27 @@ def test_cache_is_keyed_by_device_and_shape(tmp_path, monkeypatch):
     CostModel(foreign, {"full": [(1, 1.0)], "diagonal_w1": [(1, 0.1)]}).save(path)
     remeasured = CostModel.load_or_measure(small, 2, 16, ["diagonal_w1"], block_size=16, repeats=1)
     assert remeasured.key == first.key
+
+
+def test_cache_is_keyed_by_the_cpu_path(tmp_path, monkeypatch):
+    # the compiled kernel and pure torch run at different speeds: a table of one never answers for the other
+    from sparsediff.kernels import cpu_kernel
+
+    monkeypatch.setenv("SPARSEDIFF_CACHE_DIR", str(tmp_path))
+    small = TokenLayout.parse("video:2x4x4")
+    with cpu_kernel.disabled():
+        pure = CostModel.load_or_measure(small, 2, 16, ["diagonal_w1"], block_size=16, repeats=1, backend="torch")
+    assert pure.key.cpu_path == "pure"
+    here = CostModel.load_or_measure(small, 2, 16, ["diagonal_w1"], block_size=16, repeats=1, backend="torch")
+    assert here.key.cpu_path == ("compiled" if cpu_kernel.runs(torch.float32) else "pure")
+    assert len(list(cache_dir().glob("*.json"))) == (2 if here.key.cpu_path == "compiled" else 1)
+    assert CostKey.for_setting(small, 2, 16, 16, "flex").cpu_path == ""  # other backends: no such path
+    # a table saved before the field existed loads with "" and is re-measured rather than reused
+    old = dict(asdict(here.key)); del old["cpu_path"]
+    path = cache_dir() / f"{here.key.digest()}.json"
+    path.write_text(json.dumps({"schema": COST_SCHEMA, "key": old, "points": here.points}))
+    assert CostModel.load(path).key.cpu_path == ""
+    assert CostModel.load_or_measure(small, 2, 16, ["diagonal_w1"], block_size=16, repeats=1, backend="torch").key == here.key
 
 
 def test_interpolation_between_measured_group_sizes():
