@@ -49,9 +49,13 @@ def band_chunk(radius: int) -> int:
 # windows of the previous kernel (an unmasked middle and two masked triangles, merged) by 3-20%.
 BAND_ROWS = 64
 # ... and for 16-bit inputs on a CPU whose SDPA multiplies them natively (AMX): there SDPA packs each window's keys
-# for its tiles, which larger windows amortise. At S = 8192, 8 heads x 64, bfloat16, radius 1024, two threads of an
-# Intel Xeon with AMX: efficiency 0.27 / 0.41 / 0.50 at 64 / 128 / 256 rows.
-BAND_ROWS_NATIVE_16BIT = 256
+# for its tiles, which larger windows amortise: 512 rows from radius 768 (where they fit, 2R + 2C <= n), else 256.
+# At S = 8192, 8 heads x 64, bfloat16, two threads of an Intel Xeon with AMX (efficiency, one run each unless noted):
+# radius 1024: 0.27 / 0.41 / 0.50-0.53 (4 runs) / 0.57 / 0.54-0.62 (3 runs) / 0.53 at 64 / 128 / 256 / 384 / 512 /
+# 1024 rows; radius 2304: 0.55 / 0.64 / 0.62 at 256 / 512 / 1024; radius 384: 0.33 / 0.49-0.53 / 0.42-0.52 at 128 /
+# 256 / 512 (two sweeps: 256 rows ahead at radii 384 and 424, 512 at 1024-2304).
+BAND_ROWS_NATIVE_16BIT = (256, 512)  # (rows, rows from WIDE_RADIUS)
+WIDE_RADIUS = 768
 # Gathered K bytes per batch of query blocks in `blocks` mode: bounds memory at long sequences and keeps the
 # gathered blocks in cache while SDPA reads them. Swept at S = 8192, 8 heads x 64, keep 0.25, two threads of a 2-core
 # AMD EPYC (0.5-64 MiB, two runs): 0.5-8 MiB within 2% of each other, 16 MiB 6-10% slower, 64 MiB 20% slower.
@@ -113,7 +117,10 @@ def _band(q, k, v, spec, scale, out, q0):
     a0, n, R = spec.axis_start, spec.axis_end - spec.axis_start, spec.radius
     first = max(0, q0 - a0)  # the first axis query that runs
     differentiable = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    rows = BAND_ROWS_NATIVE_16BIT if q.dtype != torch.float32 and cpu_kernel.native_16bit(q.dtype) else BAND_ROWS
+    rows = BAND_ROWS
+    if q.dtype != torch.float32 and cpu_kernel.native_16bit(q.dtype):
+        rows, wide = BAND_ROWS_NATIVE_16BIT
+        rows = wide if R >= WIDE_RADIUS and n >= 2 * R + 2 * wide else rows
     if q.device.type != "cpu" or differentiable or first > 0 or n < 2 * R + 2 * rows:
         _band_chunked(q, k, v, spec, scale, out, q0, first, n)
         return

@@ -208,21 +208,28 @@ def test_16_bit_inputs_take_sdpa_on_a_cpu_with_amx(kernel, monkeypatch):
     run, exact = cpu_kernel.sparse_attention, torch_sparse._band_exact
     monkeypatch.setattr(cpu_kernel, "sparse_attention", lambda *a: calls.append(a[0].dtype) or run(*a))
     monkeypatch.setattr(torch_sparse, "_band_exact", lambda *a: windows.append(a[-1]) or exact(*a))
-    S, R = 700, 40
+    monkeypatch.setattr(torch_sparse, "WIDE_RADIUS", 40)  # (768 at full size) so that a small case takes 512 rows
+    S, R = 1200, 40  # 2R + 2 x 512 <= S: 512-row windows
     spec = SparseSpec("band", S, 16, 0, S, R, dense_mask(S, 16))
     q, k, v = qkv(S, batch=1)
     q16, k16, v16 = (x.bfloat16() for x in (q, k, v))
     out = torch_sparse_attention(q16, k16, v16, spec)
-    assert calls == [] and windows == [torch_sparse.BAND_ROWS_NATIVE_16BIT]  # pure torch, 256-row windows
+    assert calls == [] and windows == [512]  # pure torch, wide windows
     with cpu_kernel.disabled():
         assert torch.equal(out, torch_sparse_attention(q16, k16, v16, spec))  # the pure path itself
     expect = spec_reference_attention(q16.double(), k16.double(), v16.double(), spec)
     torch.testing.assert_close(out, expect.bfloat16(), atol=1e-2, rtol=2e-2)  # 16-bit SDPA's own rounding
-    monkeypatch.setattr(torch_sparse, "BAND_ROWS", torch_sparse.BAND_ROWS_NATIVE_16BIT)  # the wide windows are exact:
-    with cpu_kernel.disabled():  # in float32 they match the reference to float32 rounding
+    monkeypatch.setattr(torch_sparse, "BAND_ROWS", 512)  # the wide windows are exact: in float32 they match the
+    with cpu_kernel.disabled():  # reference to float32 rounding
         wide = torch_sparse_attention(q, k, v, spec)
-    assert windows[-1] == torch_sparse.BAND_ROWS_NATIVE_16BIT
+    assert windows[-1] == 512
     torch.testing.assert_close(wide, spec_reference_attention(q, k, v, spec), rtol=1e-5, atol=1e-5)
+    short = SparseSpec("band", 700, 16, 0, 700, R, dense_mask(700, 16))  # 512 does not fit: 256
+    torch_sparse_attention(*(x[:, :, :700].bfloat16() for x in (q, k, v)), short)
+    assert windows[-1] == 256
+    narrow = SparseSpec("band", S, 16, 0, S, R - 1, dense_mask(S, 16))  # below WIDE_RADIUS: 256
+    torch_sparse_attention(q16, k16, v16, narrow)
+    assert windows[-1] == 256
     torch_sparse_attention(q.half(), k.half(), v.half(), spec)  # float16 without AMX-FP16: still the kernel
     torch_sparse_attention(q, k, v, spec)  # float32: the kernel
     assert calls == [torch.float16, torch.float32]
