@@ -168,8 +168,8 @@ def native_16bit(dtype: torch.dtype) -> bool:
     """Whether this CPU multiplies `dtype` natively in torch's own kernels (AMX tiles: bfloat16 on Intel Xeon 4th
     generation and later, float16 from the 6th), where 16-bit SDPA is ~3x faster than its float32 and than this kernel,
     which computes in float32. There 16-bit calls take the pure-torch paths (SDPA on AMX): on an Intel Xeon with AMX at
-    S = 8192, 8 heads x 64, bfloat16, efficiency 0.31-0.39 through this kernel, 0.35-0.86 through SDPA (mixed layer 0.70) (BENCHMARKS
-    §1a-v). Respects a ONEDNN_MAX_CPU_ISA that leaves AMX out (oneDNN runs torch's 16-bit GEMMs)."""
+    S = 8192, 8 heads x 64, bfloat16, efficiency 0.31-0.39 through this kernel, 0.35-0.86 through SDPA (a mixed layer
+    0.70; BENCHMARKS §1a-v). Respects a ONEDNN_MAX_CPU_ISA that leaves AMX out (oneDNN runs torch's 16-bit GEMMs)."""
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
     if isa and isa != "ALL" and "AMX" not in isa:
         return False
