@@ -60,9 +60,9 @@ def load():
             start = time.perf_counter()
             module = _build()
             _state["brgemm"] = _self_check(module)
-            if time.perf_counter() - start > 2.0:
-                logger.info("sparsediff: compiled CPU kernel built for this CPU in %.0f s (once: later processes load it "
-                            "from torch's extension cache)", time.perf_counter() - start)
+            if _state.get("built"):
+                logger.info("sparsediff: compiled CPU kernel built in %.0f s (later processes load it from torch's "
+                            "extension cache)", time.perf_counter() - start)
         except Exception as exc:  # no compiler, no ninja, a failed build or a wrong result: keep the torch paths
             module, reason = None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
             warn_once(logger, f"sparsediff: the compiled CPU kernel is unavailable ({reason}); the torch backend uses its pure-torch paths.")
@@ -97,7 +97,8 @@ def _build():
     # -fopenmp: at::parallel_for is a header template, parallel only where the including code is built with OpenMP;
     # -fno-trapping-math: lets GCC vectorise the exponential's floor and conversions (no FP traps are relied on)
     flags = ["-O3", f"-march={march}", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
-    if not _built(f"sparsediff_cpu_{tag}"):
+    _state["built"] = not _built(f"sparsediff_cpu_{tag}")
+    if _state["built"]:
         logger.info("sparsediff: building the compiled CPU kernel for this CPU (once, ~20-40 s on 2 cores)")
     return load_extension(name=f"sparsediff_cpu_{tag}", sources=[str(SOURCE)], extra_cflags=flags,
                           extra_ldflags=["-fopenmp"], verbose=False)

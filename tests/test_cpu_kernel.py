@@ -251,6 +251,26 @@ def test_amx_is_read_from_torch_and_respects_onednns_isa_limit(monkeypatch):
     assert cpu_kernel.native_16bit(torch.bfloat16)
 
 
+def test_a_build_is_announced_and_a_cached_load_is_silent(monkeypatch, caplog):
+    import logging
+
+    import torch.utils.cpp_extension as cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: object())
+    monkeypatch.setattr(cpu_kernel, "_self_check", lambda module: True)
+    for cached in (False, True):
+        monkeypatch.setattr(cpu_kernel, "_state", {})
+        monkeypatch.setattr(cpu_kernel, "_built", lambda name: cached)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="sparsediff"):
+            assert cpu_kernel.load() is not None
+        said = [r.getMessage() for r in caplog.records]
+        if cached:
+            assert said == []
+        else:
+            assert "building the compiled CPU kernel" in said[0] and "built in" in said[1]
+
+
 def test_a_layers_groups_write_into_one_output_and_a_dense_layer_stays_sdpa(kernel, monkeypatch):
     monkeypatch.setattr(cpu_kernel, "native_16bit", lambda dtype: False)  # bfloat16 through the kernel, as without AMX
     """On the compiled path every group of a layer (full heads too) runs from the call's own q, K^T, v into one
