@@ -53,7 +53,7 @@ BAND_ROWS = 64
 # At S = 8192, 8 heads x 64, bfloat16, two threads of an Intel Xeon with AMX (efficiency, one run each unless noted):
 # radius 1024: 0.27 / 0.41 / 0.50-0.53 (4 runs) / 0.57 / 0.54-0.62 (3 runs) / 0.53 at 64 / 128 / 256 / 384 / 512 /
 # 1024 rows; radius 2304: 0.55 / 0.64 / 0.62 at 256 / 512 / 1024; radius 384: 0.33 / 0.49-0.53 / 0.42-0.52 at 128 /
-# 256 / 512 (two sweeps: 256 rows ahead at radii 384 and 424, 512 at 1024-2304).
+# 256 / 512 (two sweeps: 256 rows ahead at radius 384, diagonal and multi-diagonal alike; 512 at 1024-2304).
 BAND_ROWS_NATIVE_16BIT = (256, 512)  # (rows, rows from WIDE_RADIUS)
 WIDE_RADIUS = 768
 # Gathered K bytes per batch of query blocks in `blocks` mode: bounds memory at long sequences and keeps the
@@ -119,8 +119,8 @@ def _band(q, k, v, spec, scale, out, q0):
     differentiable = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     rows = BAND_ROWS
     if q.dtype != torch.float32 and cpu_kernel.native_16bit(q.dtype):
-        rows, wide = BAND_ROWS_NATIVE_16BIT
-        rows = wide if R >= WIDE_RADIUS and n >= 2 * R + 2 * wide else rows
+        narrow, wide = BAND_ROWS_NATIVE_16BIT
+        rows = wide if R >= WIDE_RADIUS and n >= 2 * R + 2 * wide else narrow
     if q.device.type != "cpu" or differentiable or first > 0 or n < 2 * R + 2 * rows:
         _band_chunked(q, k, v, spec, scale, out, q0, first, n)
         return

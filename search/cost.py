@@ -39,9 +39,7 @@ FULL_BESIDE = "full beside sparse"
 
 def compiled_full(backend: str, device: "torch.device | str", dtype: torch.dtype) -> bool:
     """Whether full heads beside sparse ones run through the compiled CPU kernel in this setting."""
-    from sparsediff.kernels import cpu_kernel
-
-    return backend == "torch" and torch.device(device).type == "cpu" and cpu_kernel.runs(dtype)
+    return cpu_path(backend, device, dtype) == "compiled"
 
 
 def cpu_path(backend: str, device: "torch.device | str", dtype: torch.dtype) -> str:
