@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -34,6 +34,9 @@ ENV = "SPARSEDIFF_CPU_KERNEL"
 # The instruction set the kernel is compiled for (GCC's -march): the machine's own by default; e.g. x86-64-v3 (AVX2)
 # for a build that runs on older x86 CPUs, or to measure such a CPU's code path on a newer one.
 MARCH_ENV = "SPARSEDIFF_CPU_KERNEL_MARCH"
+# "0" keeps 16-bit calls off the kernel's 16-bit entry (`native`): on a CPU with AMX they take the pure-torch paths
+# (SDPA on AMX) as before it existed, for comparison or as a way out.
+ENV_16BIT = "SPARSEDIFF_CPU_KERNEL_16BIT"
 SOURCE = Path(__file__).with_name("csrc") / "sparse_cpu.cpp"
 RULES = {"blocks": 0, "band": 1, "stripe": 2}
 # Keys per online-softmax update (a 64-row score tile of 1024 floats is 256 KiB, in L2). Swept 128-2048 at S = 8192,
@@ -44,6 +47,13 @@ KV_CHUNK = 1024
 # 8 heads x 64, float32, two threads of a 2-core AMD EPYC: 64 rows were fastest on the narrowest band (radius 384: 7%
 # ahead of 128, 19% of 256) and within 2% of the others elsewhere; dense, 64 / 128 / 256 within 1%.
 ROWS = 64
+# The 16-bit entry's: its AMX GEMMs are ~5x faster than float32 ones, so the softmax between them weighs more and a
+# score tile that stays in L1/L2 pays. Dense attention at S = 8192, 8 heads x 64, bfloat16, two threads of an Intel
+# Xeon with AMX (ms; rows x keys per chunk): 64 x 1024 265, 64 x 512 263, 64 x 256 234, 64 x 128 283, 128 x 256 226,
+# 256 x 256 216, 256 x 128 247, 256 x 512 259, 512 x 256 220 (SDPA 185-200 in the same runs). Dense heads run 256
+# rows; bands and stripes keep `ROWS` (wider blocks would compute more keys outside the band).
+KV_CHUNK_16BIT = 256
+ROWS_DENSE_16BIT = 256
 
 _state: dict = {}
 
@@ -147,6 +157,35 @@ def _self_check(module) -> bool:
     raise RuntimeError("self-check failed (" + "; ".join(failures) + ")")
 
 
+def _self_check_16bit(module, dtype: torch.dtype) -> bool:
+    """The 16-bit entry on a small case in `dtype` (an odd S, ranges with odd bounds split across score chunks, which
+    take its padded pairs) against float32 SDPA of the same rounded inputs; False (and why, at debug level) if it
+    raises or misses."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 81, 32, generator=g).to(dtype) for _ in range(3))
+    nqb = -(-81 // 16)
+    ranges = torch.zeros(1, nqb, 2, 2, dtype=torch.int32)
+    ranges[0, ::2, 0] = torch.tensor([0, 81], dtype=torch.int32)  # even query blocks: every key
+    ranges[0, 1::2] = torch.tensor([[3, 50], [51, 81]], dtype=torch.int32)  # odd ones: two ranges, odd bounds
+    counts = torch.tensor([[1, 2] * (nqb // 2) + [1] * (nqb % 2)], dtype=torch.int32)
+    allowed = torch.zeros(81, 81, dtype=torch.bool)
+    for blk in range(nqb):
+        for j0, j1 in ranges[0, blk, : counts[0, blk]].tolist():
+            allowed[blk * 16 : (blk + 1) * 16, j0:j1] = True
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=allowed)
+    got = torch.empty(q.shape, dtype=torch.float32)
+    try:
+        qc, kp, vp, S = _pack(q, k, v, _fresh)
+        module.sparse_attention_16bit(qc, kp, vp, got, torch.arange(2), ranges, counts, 16, 32**-0.5, 0, 0, 0, 81, 48, S)
+    except Exception as exc:  # oneDNN's 16-bit micro-kernels are missing on some builds and CPUs
+        logger.debug("sparsediff: the compiled kernel's %s entry is unavailable (%s)", dtype, exc)
+        return False
+    err = (got - want).abs().max().item()
+    if err > 2e-2:
+        logger.debug("sparsediff: the compiled kernel's %s entry is off by %.2e", dtype, err)
+    return err <= 2e-2
+
+
 @contextlib.contextmanager
 def disabled() -> Iterator[None]:
     """Within it, `usable` says no: the torch backend runs its pure-torch paths (tests of those paths, comparisons)."""
@@ -158,19 +197,19 @@ def disabled() -> Iterator[None]:
         _state["off"] = before
 
 
-# Input dtypes the kernel takes. It computes in float32: 16-bit inputs are widened once per call in `prepare` (one
-# copy of q, K^T and v: 1 / S of the attention's work) and the output rounded back, so a bfloat16 or float16 call
-# runs at the float32 kernel's speed and is at least as accurate as torch's 16-bit SDPA on the CPU, which at S = 8192,
-# 8 heads x 64 is slower than its own float32 (BENCHMARKS §1a-iv).
+# Input dtypes the kernel takes. Where the CPU has no native 16-bit GEMMs it computes in float32: 16-bit inputs are
+# widened once per call in `prepare` (one copy of q, K^T and v: 1 / S of the attention's work) and the output rounded
+# back, so a bfloat16 or float16 call runs at the float32 kernel's speed and is at least as accurate as torch's 16-bit
+# SDPA on such a CPU, which at S = 8192, 8 heads x 64 is slower than its own float32 (BENCHMARKS §1a-iv). Where it has
+# them (`native_16bit`: AMX), the kernel's 16-bit entry multiplies in the input's type (`native`).
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def native_16bit(dtype: torch.dtype) -> bool:
-    """Whether this CPU multiplies `dtype` natively in torch's own kernels (AMX tiles: bfloat16 on Intel Xeon 4th
-    generation and later, float16 from the 6th), where 16-bit SDPA is ~3x faster than its float32 and than this kernel,
-    which computes in float32. There 16-bit calls take the pure-torch paths (SDPA on AMX): on an Intel Xeon with AMX at
-    S = 8192, 8 heads x 64, bfloat16, efficiency 0.31-0.39 through this kernel, 0.35-0.86 through SDPA (a mixed layer
-    0.70; BENCHMARKS §1a-v). Respects a ONEDNN_MAX_CPU_ISA that leaves AMX out (oneDNN runs torch's 16-bit GEMMs)."""
+    """Whether this CPU multiplies `dtype` natively (AMX tiles: bfloat16 on Intel Xeon 4th generation and later,
+    float16 from the 6th), where 16-bit GEMMs are ~3-8x faster than float32 ones. There 16-bit calls run the kernel's
+    16-bit entry (`native`), or, where it fails its self-check, the pure-torch paths (SDPA on AMX). Respects a
+    ONEDNN_MAX_CPU_ISA that leaves AMX out (oneDNN runs torch's 16-bit GEMMs)."""
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
     if isa and isa != "ALL" and "AMX" not in isa:
         return False
@@ -184,10 +223,23 @@ def native_16bit(dtype: torch.dtype) -> bool:
     return False
 
 
+def native(dtype: torch.dtype) -> bool:
+    """Whether 16-bit calls of `dtype` run in the kernel's 16-bit entry (VNNI-packed operands, oneDNN's 16-bit
+    micro-kernels, float32 softmax and accumulation): the CPU multiplies `dtype` natively (`native_16bit`), the kernel
+    loads with oneDNN's micro-kernels, and the entry passes its self-check in `dtype` (checked once)."""
+    if dtype not in (torch.bfloat16, torch.float16) or not native_16bit(dtype) or os.environ.get(ENV_16BIT, "1") == "0":
+        return False
+    checks = _state.setdefault("native", {})
+    if dtype not in checks:
+        module = load()
+        checks[dtype] = module is not None and uses_brgemm() and _self_check_16bit(module, dtype)
+    return checks[dtype]
+
+
 def takes(dtype: torch.dtype) -> bool:
-    """Whether calls of `dtype` run in the kernel where it loads: float32, and 16-bit where the CPU has no native
-    16-bit GEMMs (`native_16bit`)."""
-    return dtype == torch.float32 or (dtype in DTYPES and not native_16bit(dtype))
+    """Whether calls of `dtype` run in the kernel where it loads: float32; 16-bit where the CPU has no native 16-bit
+    GEMMs (computed in float32) or where it has them and the kernel's 16-bit entry runs them (`native`)."""
+    return dtype == torch.float32 or (dtype in DTYPES and (not native_16bit(dtype) or native(dtype)))
 
 
 def runs(dtype: torch.dtype) -> bool:
@@ -197,13 +249,15 @@ def runs(dtype: torch.dtype) -> bool:
 
 
 def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether a call can run in the compiled kernel: CPU, a dtype it `takes` for all three, no gradients, and the
-    kernel loads."""
+    """Whether a call can run in the compiled kernel: CPU, a dtype it `takes` for all three (and an even head size for
+    the 16-bit entry, whose packed pairs run along it), no gradients, and the kernel loads."""
     if _state.get("off"):
         return False
     if q.device.type != "cpu" or k.dtype != q.dtype or v.dtype != q.dtype or not takes(q.dtype):
         return False
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        return False
+    if native(q.dtype) and q.shape[-1] % 2:
         return False
     return load() is not None
 
@@ -216,8 +270,8 @@ def status() -> str:
         return f"off ({reason()})"
     notes = [f"-march={os.environ[MARCH_ENV]}"] if os.environ.get(MARCH_ENV, "native") != "native" else []
     notes += [f"ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']}"] if os.environ.get("ONEDNN_MAX_CPU_ISA") else []
-    notes += [f"{name} through SDPA (AMX)" for name, dt in (("bfloat16", torch.bfloat16), ("float16", torch.float16))
-              if native_16bit(dt)]
+    notes += [f"{name} {'native (AMX)' if native(dt) else 'through SDPA (AMX)'}"
+              for name, dt in (("bfloat16", torch.bfloat16), ("float16", torch.float16)) if native_16bit(dt)]
     return ", ".join(["brgemm" if uses_brgemm() else "blas", *notes])
 
 
@@ -230,26 +284,39 @@ def kt_columns(S: int) -> int:
     return -(-S // 256) * 256 + 16
 
 
-def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kt: torch.Tensor | None = None,
-            qv: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """A layer call's inputs as the kernel reads them, float32: q and v contiguous, K transposed into a
-    (B, H, D, `kt_columns(S)`) buffer (only its first S columns are written or read). `kt` (and, for 16-bit inputs,
-    `qv`: two buffers shaped as q and v) are float32 buffers the caller reuses; without them, fresh tensors. Made once
-    per call and shared by all its head groups (one copy of K: 1 / S of the attention's work)."""
+def _fresh(name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
+
+
+def _pack(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scratch) -> tuple:
+    """The 16-bit entry's operands: (q contiguous, K^T as (B, H, D / 2, `kt_columns(S)`, 2), V as (B, H, S2 / 2, D, 2),
+    S), K^T and V VNNI-packed (pairs of rows interleaved; `csrc/sparse_cpu.cpp`), V's pad row zero for an odd S."""
     B, H, S, D = k.shape
-    if kt is None:
-        kt = torch.empty(B, H, D, kt_columns(S), dtype=torch.float32)
+    kp = scratch("kt", (B, H, D // 2, kt_columns(S), 2), q.dtype)
+    kp[:, :, :, :S].copy_(k.unflatten(-1, (D // 2, 2)).transpose(2, 3))
+    vp = scratch("v", (B, H, (S + 1) // 2, D, 2), q.dtype)
+    even = S - S % 2
+    vp[:, :, : even // 2].copy_(v[:, :, :even].unflatten(2, (even // 2, 2)).transpose(-1, -2))
+    if S % 2:
+        vp[:, :, -1, :, 0].copy_(v[:, :, -1])
+        vp[:, :, -1, :, 1].zero_()
+    return q.contiguous(), kp, vp, S
+
+
+def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scratch: Callable[[str, tuple, torch.dtype], torch.Tensor] = _fresh):
+    """A layer call's inputs as the kernel reads them, made once per call and shared by all its head groups (one
+    copy of K and V: 1 / S of the attention's work). float32 compute: (q, K^T, v), float32, q and v contiguous, K
+    transposed into a (B, H, D, `kt_columns(S)`) buffer (only its first S columns are written or read). The 16-bit
+    entry (`native`): (q, K^T, V, S) in the input's type, K^T and V VNNI-packed (`csrc/sparse_cpu.cpp`). `scratch(name,
+    shape, dtype)` gives the buffers ("q", "kt", "v"; the caller may reuse them across calls), fresh tensors without it."""
+    B, H, S, D = k.shape
+    if q.dtype != torch.float32 and native(q.dtype):
+        return _pack(q, k, v, scratch)
+    kt = scratch("kt", (B, H, D, kt_columns(S)), torch.float32)
     kt[..., :S].copy_(k.transpose(-1, -2))
     if q.dtype == torch.float32:
         return q.contiguous(), kt, v.contiguous()
-    return _into(qv and qv[0], q), kt, _into(qv and qv[1], v)
-
-
-def _into(buf: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """x as a contiguous float32 tensor, written into `buf` when given (one pass: copy and conversion together)."""
-    if buf is None:
-        buf = torch.empty(x.shape, dtype=torch.float32)
-    return buf.copy_(x)
+    return scratch("q", q.shape, torch.float32).copy_(q), kt, scratch("v", v.shape, torch.float32).copy_(v)
 
 
 def rows_for(spec: SparseSpec | None) -> int:
@@ -262,9 +329,10 @@ def attend_into(out: torch.Tensor, prepared, heads: torch.Tensor, spec: SparseSp
     """Write heads `heads` ((G,) int64 indices into the call's heads) of `out` ((B, H, Sq, D) float32, contiguous)
     with their attention under `spec` (None: dense). `prepared` is `prepare(q, k, v)` of the whole call, so a layer's
     groups run on the same tensors without slicing them or scattering their outputs."""
-    q, kt, v = prepared
-    S = v.shape[2]
-    qblock = rows_for(spec) if qblock is None else qblock
+    q, kt, v, *packed = prepared  # (q, K^T, v) float32, or the 16-bit entry's (q, K^T, V, S)
+    S = packed[0] if packed else v.shape[2]
+    if qblock is None:
+        qblock = ROWS_DENSE_16BIT if packed and spec is None else rows_for(spec)
     if spec is None:
         nqb = -(-S // qblock)
         ranges = torch.tensor([[0, S]], dtype=torch.int32).expand(1, nqb, 1, 2).contiguous()
@@ -274,14 +342,19 @@ def attend_into(out: torch.Tensor, prepared, heads: torch.Tensor, spec: SparseSp
         ranges, counts = spec.cached(f"cpu_key_ranges_{qblock}", torch.device("cpu"), lambda: key_ranges(spec, qblock))
         rule = (RULES[spec.mode], spec.radius, spec.axis_start, spec.axis_end)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    load().sparse_attention(q, kt, v, out, heads.to(torch.int64), ranges, counts, qblock, float(scale), *rule, KV_CHUNK,
-                            uses_brgemm())
+    if packed:
+        load().sparse_attention_16bit(q, kt, v, out, heads.to(torch.int64), ranges, counts, qblock, float(scale), *rule,
+                                      KV_CHUNK_16BIT, S)
+    else:
+        load().sparse_attention(q, kt, v, out, heads.to(torch.int64), ranges, counts, qblock, float(scale), *rule,
+                                KV_CHUNK, uses_brgemm())
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: SparseSpec | None, scale: float | None,
                      qblock: int | None = None) -> torch.Tensor:
     """One head group under `spec` (None: dense) in the compiled kernel (call `usable` first); shapes and dtype as
-    `torch_sparse_attention` (16-bit inputs are computed in float32 and the output rounded back)."""
+    `torch_sparse_attention` (16-bit inputs run in the 16-bit entry where `native`, else in float32; the float32
+    output is rounded back)."""
     out = torch.empty(q.shape, dtype=torch.float32)
     attend_into(out, prepare(q, k, v), torch.arange(q.shape[1]), spec, scale, qblock)
     return out.to(q.dtype)

@@ -48,8 +48,8 @@ def band_chunk(radius: int) -> int:
 # 192-2304, two threads of a 2-core AMD EPYC: 64 rows beat 128 at every radius (by 1-8%), and beat the three-piece
 # windows of the previous kernel (an unmasked middle and two masked triangles, merged) by 3-20%.
 BAND_ROWS = 64
-# ... and for 16-bit inputs on a CPU whose SDPA multiplies them natively (AMX): there SDPA packs each window's keys
-# for its tiles, which larger windows amortise: 512 rows from radius 768 (where they fit, 2R + 2C <= n), else 256.
+# ... and for 16-bit inputs on a CPU whose SDPA multiplies them natively (AMX), where the compiled kernel's 16-bit
+# entry does not run (`cpu_kernel.native`): there SDPA packs each window's keys for its tiles, which larger windows amortise: 512 rows from radius 768 (where they fit, 2R + 2C <= n), else 256.
 # At S = 8192, 8 heads x 64, bfloat16, two threads of an Intel Xeon with AMX (efficiency, one run each unless noted):
 # radius 1024: 0.27 / 0.41 / 0.50-0.53 (4 runs) / 0.57 / 0.54-0.62 (3 runs) / 0.53 at 64 / 128 / 256 / 384 / 512 /
 # 1024 rows; radius 2304: 0.55 / 0.64 / 0.62 at 256 / 512 / 1024; radius 384: 0.33 / 0.49-0.53 / 0.42-0.52 at 128 /

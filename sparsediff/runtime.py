@@ -359,9 +359,7 @@ class SparseAttention:
                 stats.heads_sparse += n
             if compiled and g.order is None:
                 if prepared is None:
-                    wide = None if q.dtype == torch.float32 else (_scratch("q_layer", q.shape), _scratch("v_layer", v.shape))
-                    kt = _scratch("kt_layer", (*k.shape[:2], k.shape[3], cpu_kernel.kt_columns(k.shape[2])))
-                    prepared = cpu_kernel.prepare(q, k, v, kt=kt, qv=wide)
+                    prepared = cpu_kernel.prepare(q, k, v, scratch=lambda name, shape, dtype: _scratch(f"{name}_layer", shape, dtype))
                 cpu_kernel.attend_into(out, prepared, heads, g.spec, scale)
                 continue
             if compiled:  # a reordered group: its heads' swapped copies in, its output swapped back in place
@@ -370,10 +368,13 @@ class SparseAttention:
                     a0, r, c = shape.tolist()
                     which = None if n == H else heads  # a whole layer's heads: one batched copy each way
                     B, _, Sq, D = q.shape
-                    qs, ks, vs = (_swap(x, a0, r, c, which, out=_scratch(name, (B, n, Sq, D)))
+                    # the swapped copies in the type the kernel computes in (16-bit for its 16-bit entry)
+                    compute = torch.float32 if q.dtype == torch.float32 or not cpu_kernel.native(q.dtype) else q.dtype
+                    qs, ks, vs = (_swap(x, a0, r, c, which, out=_scratch(name, (B, n, Sq, D), compute))
                                   for x, name in ((q, "q"), (k, "k"), (v, "v")))
-                    og, kts = _scratch("out", (B, n, Sq, D)), _scratch("kt", (B, n, D, cpu_kernel.kt_columns(Sq)))
-                    cpu_kernel.attend_into(og, cpu_kernel.prepare(qs, ks, vs, kt=kts), torch.arange(n), g.spec, scale)
+                    og = _scratch("out", (B, n, Sq, D))
+                    prepared_g = cpu_kernel.prepare(qs, ks, vs, scratch=lambda name, shape, dtype: _scratch(f"{name}_group", shape, dtype))
+                    cpu_kernel.attend_into(og, prepared_g, torch.arange(n), g.spec, scale)
                     _unswap_into(out, which, og, a0, r, c)
                     continue
             qg, kg, vg = (q, k, v) if n == H else (q[:, heads], k[:, heads], v[:, heads])  # (B, G, S, D)
@@ -403,15 +404,15 @@ _scratch_pool: dict[tuple[int, str], torch.Tensor] = {}
 _scratch_lock = threading.Lock()
 
 
-def _scratch(name: str, shape: tuple) -> torch.Tensor:
-    """A float32 CPU scratch tensor of `shape` for the compiled CPU path, kept (one per name and thread, shared by
+def _scratch(name: str, shape: tuple, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A CPU scratch tensor of `shape` and `dtype` for the compiled CPU path, kept (one per name and thread, shared by
     every layer) for the next call of the same shape: fresh tensors of many MB cost their page faults on every call
     (glibc hands such blocks back to the system), 10-20% of a layer at S = 8192, 8 heads x 64 (BENCHMARKS §3).
     `release_scratch` (called by a handle's `.remove()`) hands them back."""
     key = (threading.get_ident(), name)
     buf = _scratch_pool.get(key)
-    if buf is None or buf.shape != shape:
-        buf = torch.empty(shape, dtype=torch.float32)
+    if buf is None or buf.shape != shape or buf.dtype != dtype:
+        buf = torch.empty(shape, dtype=dtype)
         with _scratch_lock:
             _scratch_pool[key] = buf
     return buf

@@ -198,12 +198,15 @@ def test_the_target_instruction_set_can_be_chosen_and_names_the_build(monkeypatc
     assert cpu_kernel.status() == "brgemm, -march=x86-64-v3, ONEDNN_MAX_CPU_ISA=AVX2"  # what benchmark records say
 
 
-def test_16_bit_inputs_take_sdpa_on_a_cpu_with_amx(kernel, monkeypatch):
-    """Where the CPU multiplies 16-bit natively (AMX), 16-bit calls take the pure-torch paths (SDPA on AMX is ~3x
-    faster than the kernel's float32 compute); float32 still runs the kernel. Bands there run in wider windows."""
+def test_16_bit_inputs_take_sdpa_on_a_cpu_with_amx_where_the_16_bit_entry_fails(kernel, monkeypatch):
+    """Where the CPU multiplies 16-bit natively (AMX) but the kernel's 16-bit entry fails its self-check, 16-bit calls
+    take the pure-torch paths (SDPA on AMX is ~3x faster than the kernel's float32 compute); float32 still runs the
+    kernel. Bands there run in wider windows."""
     from sparsediff.kernels import torch_sparse
 
     monkeypatch.setattr(cpu_kernel, "native_16bit", lambda dtype: dtype == torch.bfloat16)
+    monkeypatch.setattr(cpu_kernel, "_self_check_16bit", lambda module, dtype: False)
+    monkeypatch.setitem(cpu_kernel._state, "native", {})
     calls, windows = [], []
     run, exact = cpu_kernel.sparse_attention, torch_sparse._band_exact
     monkeypatch.setattr(cpu_kernel, "sparse_attention", lambda *a: calls.append(a[0].dtype) or run(*a))
@@ -237,6 +240,85 @@ def test_16_bit_inputs_take_sdpa_on_a_cpu_with_amx(kernel, monkeypatch):
 
     assert not compiled_full("torch", "cpu", torch.bfloat16) and compiled_full("torch", "cpu", torch.float32)
     assert "bfloat16 through SDPA (AMX)" in cpu_kernel.status()
+
+
+@pytest.fixture
+def entry_16bit(kernel, monkeypatch):
+    """The kernel's 16-bit entry, used for bfloat16 as on a CPU with AMX. On a CPU with AMX it must pass its
+    self-check; elsewhere the test skips where it does not (oneDNN has no bfloat16 micro-kernels for CPUs without
+    AVX512-BF16 or AMX)."""
+    if not cpu_kernel.uses_brgemm() or not cpu_kernel._self_check_16bit(cpu_kernel.load(), torch.bfloat16):
+        if cpu_kernel.native_16bit(torch.bfloat16):
+            pytest.fail("the compiled kernel's bfloat16 entry fails its self-check on a CPU with AMX")
+        pytest.skip("the compiled kernel's bfloat16 entry does not run on this CPU")
+    monkeypatch.setattr(cpu_kernel, "native_16bit", lambda dtype: dtype == torch.bfloat16)
+    monkeypatch.setitem(cpu_kernel._state, "native", {torch.bfloat16: True})
+    return cpu_kernel
+
+
+@pytest.mark.parametrize("mode, radius, a0, a1", CASES[:4])
+@pytest.mark.parametrize("S, rows, chunk", [(230, 16, 24), (231, 32, 64), (231, 64, 1024)])
+@pytest.mark.parametrize("suffix", [None, 37])
+def test_the_16_bit_entry_matches_the_reference(entry_16bit, monkeypatch, mode, radius, a0, a1, S, rows, chunk, suffix):
+    """bfloat16 in the 16-bit entry (VNNI-packed K^T and V, odd lengths, ranges with odd bounds cut into chunks):
+    within bfloat16's rounding of the float64 reference on the same inputs."""
+    monkeypatch.setattr(cpu_kernel, "KV_CHUNK_16BIT", chunk)
+    spec = SparseSpec(mode, S, 16, a0, min(a1, S), radius, dense_mask(S, 16))
+    q, k, v = (x.bfloat16() for x in qkv(S))
+    q = q if suffix is None else q[:, :, -suffix:]
+    packed = []
+    pack = cpu_kernel._pack
+    monkeypatch.setattr(cpu_kernel, "_pack", lambda *a: packed.append(1) or pack(*a))
+    got = cpu_kernel.sparse_attention(q, k, v, spec, None, rows)
+    assert packed and got.dtype == torch.bfloat16
+    expect = spec_reference_attention(q.double(), k.double(), v.double(), spec)
+    torch.testing.assert_close(got, expect.bfloat16(), atol=1e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("chunk", [24, 1024])
+def test_the_16_bit_entry_runs_blocks_with_empty_rows(entry_16bit, monkeypatch, chunk):
+    monkeypatch.setattr(cpu_kernel, "KV_CHUNK_16BIT", chunk)
+    S, bs, heads = 203, 16, 3
+    n = -(-S // bs)
+    mask = torch.rand(heads, n, n, generator=torch.Generator().manual_seed(3)) < 0.4
+    mask[:, 2] = False
+    spec = SparseSpec("blocks", S, bs, 0, S, 0, mask)
+    q, k, v = (x.bfloat16() for x in qkv(S, heads=heads, dim=48, seed=1))
+    got = cpu_kernel.sparse_attention(q, k, v, spec, 0.3, bs)
+    expect = spec_reference_attention(q.double(), k.double(), v.double(), spec, 0.3)
+    torch.testing.assert_close(got, expect.bfloat16(), atol=1e-2, rtol=2e-2)
+    assert torch.equal(got[:, :, 2 * bs : 3 * bs], torch.zeros_like(got[:, :, 2 * bs : 3 * bs]))
+
+
+def test_a_mixed_bfloat16_layer_runs_the_16_bit_entry(entry_16bit, monkeypatch):
+    """A layer of every kind (the multi-diagonal head through its swapped copies) in bfloat16: every group in the
+    16-bit entry, the layer within bfloat16's rounding of the float64 reference; an odd head size takes SDPA."""
+    from sparsediff.layout import TokenLayout
+    from sparsediff.runtime import SparseAttention
+
+    calls = []
+    real = cpu_kernel.load().sparse_attention_16bit
+    monkeypatch.setattr(cpu_kernel.load(), "sparse_attention_16bit", lambda *a: calls.append(a[4].numel()) or real(*a))
+    layout = TokenLayout.parse("text:7+video:4x6x8+text:3")
+    patterns = ["full", "skip", "diagonal_w1", "multi_diagonal_w1", "vertical_stripe_f1", "topk_blocks_k0.3"]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 6, layout.num_tokens, 32, generator=g).bfloat16() for _ in range(3))
+    out, stats = SparseAttention(backend="torch")(q, k, v, layout, patterns, block_size=16)
+    assert out.dtype == torch.bfloat16 and sorted(calls) == [1, 1, 1, 1, 1]  # full, 3 sparse kinds, multi-diagonal
+    from test_runtime import token_masks
+
+    from sparsediff.kernels.reference import reference_attention
+    from sparsediff.patterns import get_pattern
+
+    masks = token_masks(stats.groups, layout, [get_pattern(p) for p in patterns], 16)  # top-k: the blocks it chose
+    expect = reference_attention(q.double(), k.double(), v.double(), masks)
+    torch.testing.assert_close(out, expect.bfloat16(), atol=1e-2, rtol=2e-2)
+    assert torch.equal(out[:, 1], torch.zeros_like(out[:, 1]))
+    calls.clear()
+    q5, k5, v5 = (x[..., :31] for x in (q, k, v))
+    assert not cpu_kernel.usable(q5, k5, v5)  # an odd head size: the packed pairs run along it
+    SparseAttention(backend="torch")(q5, k5, v5, layout, patterns, block_size=16)
+    assert calls == []
 
 
 def test_amx_is_read_from_torch_and_respects_onednns_isa_limit(monkeypatch):
