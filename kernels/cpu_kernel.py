@@ -3,9 +3,11 @@
 Plain torch cannot skip blocks inside one SDPA call, so its `blocks` mode gathers each query block's key blocks
 and its bands compute whole windows. This kernel walks each query block's key *ranges* itself (a flash-attention
 loop whose small GEMMs are oneDNN's JIT micro-kernels, `at::native::cpublas::brgemm`, or torch's BLAS), so the
-gathered copies disappear and only the ranges' keys are computed.
+gathered copies disappear and only the ranges' keys are computed. float32 runs in float32; bfloat16 and float16
+run widened to float32, except on CPUs that multiply them natively (AMX), where the kernel's 16-bit entry packs K
+and V for oneDNN's 16-bit micro-kernels (`native`; `SPARSEDIFF_CPU_KERNEL_16BIT=0` sends them to SDPA instead).
 
-It is built on first use with `torch.utils.cpp_extension.load` (a C++ compiler and ninja; about 20 s, once per
+It is built on first use with `torch.utils.cpp_extension.load` (a C++ compiler and ninja; 20-45 s, once per
 machine: the build is named by a hash of the source, torch's version and the CPU's model and flags, since it is
 compiled for the machine's own instruction set; `SPARSEDIFF_CPU_KERNEL_MARCH=x86-64-v3`, say, compiles it for another).
 If the build or its self-check fails, `load()` returns None, says why once, and the torch backend keeps its pure-torch
@@ -234,6 +236,21 @@ def native(dtype: torch.dtype) -> bool:
         module = load()
         checks[dtype] = module is not None and uses_brgemm() and _self_check_16bit(module, dtype)
     return checks[dtype]
+
+
+# The modes the 16-bit entry runs. Stripes (one contiguous key range: a single unmasked SDPA call) and full heads run
+# faster through bfloat16 SDPA on AMX than through it: at S = 8192, 8 heads x 64, two threads of an Intel Xeon with
+# AMX, stripes of density 0.10 / 0.25 / 0.50 at efficiency 0.80 / 0.91 / 0.93 through SDPA, 0.62 / 0.74 / 0.80 in the
+# entry; dense 190-200 ms through SDPA, 209-227 in the entry; bands 0.48-0.81 in the entry, 0.38-0.65 through SDPA;
+# top-k 0.65 vs 0.37 (BENCHMARKS §1a-vi).
+NATIVE_MODES = ("band", "blocks")
+
+
+def runs_mode(mode: str, dtype: torch.dtype) -> bool:
+    """Whether a head group of `mode` ("band", "stripe", "blocks", or "full") in a call of `dtype` that the kernel
+    can take (`usable`) runs in it: every mode, except in the 16-bit entry (`native`), which runs `NATIVE_MODES` and
+    leaves stripes and full heads to SDPA."""
+    return dtype == torch.float32 or not native(dtype) or mode in NATIVE_MODES
 
 
 def takes(dtype: torch.dtype) -> bool:

@@ -1,8 +1,8 @@
 """Sparse attention on the CPU (and the fallback anywhere): the compiled CPU kernel, else pattern-specialised calls
 into fused SDPA.
 
-On the CPU without gradients (float32, or bfloat16 / float16 computed in float32), every mode runs in the compiled
-kernel (`cpu_kernel`, `csrc/sparse_cpu.cpp`): one call per head group that walks each query block's key ranges in
+On the CPU without gradients (float32; bfloat16 / float16 computed in float32, or natively on AMX in the kernel's
+16-bit entry where it passes its self-check), every mode runs in the compiled kernel (`cpu_kernel`, `csrc/sparse_cpu.cpp`): one call per head group that walks each query block's key ranges in
 place (no gathers, no windows wider than the band). Everywhere else (other devices, gradients, no C++ compiler),
 plain torch: each mode avoids materialising S x S masks and gathers K/V only where the pattern is not contiguous:
 
@@ -71,7 +71,7 @@ def torch_sparse_attention(
         raise ValueError(f"q, k, v must be (B, G, S, D) of one shape (q may hold only the last tokens); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}.")
     if k.shape[2] != spec.seq_len:
         raise ValueError(f"k has S={k.shape[2]} tokens but the spec was built for {spec.seq_len}; rebuild it for this layout.")
-    if cpu_kernel.usable(q, k, v):
+    if cpu_kernel.usable(q, k, v) and cpu_kernel.runs_mode(spec.mode, q.dtype):
         return cpu_kernel.sparse_attention(q, k, v, spec, scale)
     q0 = spec.seq_len - q.shape[2]  # the first query's token
     out = torch.empty_like(q)

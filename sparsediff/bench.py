@@ -12,8 +12,8 @@ q, k, v already in the pattern's kernel order. It computes more than the band (i
 rows see the whole window) and pays no reorder, so it is a speed reference only; its efficiency is taken against
 the same block density.
 
-On the CPU the torch backend runs the compiled kernel (`kernels/cpu_kernel.py`; float32 compute for every dtype),
-whose GEMMs can be faster than the ones SDPA uses (on a 2-core AMD EPYC, dense attention through it takes half of
+On the CPU the torch backend runs the compiled kernel (`kernels/cpu_kernel.py`; float32 compute for every dtype,
+except 16-bit on CPUs that multiply it natively (AMX): there its 16-bit entry), whose GEMMs can be faster than the ones SDPA uses (on a 2-core AMD EPYC, dense attention through it takes half of
 SDPA's time). Every case then also times dense attention through that kernel (`compiled_dense_ms`) and reports the
 torch backend's efficiency against it as well (`compiled_efficiency`): the part of the speedup that sparsity earns,
 with the GEMMs' gain taken out.
