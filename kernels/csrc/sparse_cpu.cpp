@@ -332,8 +332,8 @@ void sparse_attention(const torch::Tensor& q, const torch::Tensor& kt, const tor
 // micro-kernels (no BLAS fallback).
 void sparse_attention_16bit(const torch::Tensor& q, const torch::Tensor& kp, const torch::Tensor& vp,
                             torch::Tensor& out, const torch::Tensor& heads, const torch::Tensor& ranges,
-                            const torch::Tensor& counts, int64_t qblock, double scale, int64_t rule_kind, int64_t radius, int64_t a0, int64_t a1,
-                            int64_t kv_chunk, int64_t S) {
+                            const torch::Tensor& counts, int64_t qblock, double scale, int64_t rule_kind,
+                            int64_t radius, int64_t a0, int64_t a1, int64_t kv_chunk, int64_t S) {
   const auto t = q.scalar_type();
   TORCH_CHECK((t == at::kBFloat16 || t == at::kHalf) && kp.scalar_type() == t && vp.scalar_type() == t &&
               out.scalar_type() == at::kFloat, "sparse_attention_16bit: 16-bit q, k, v of one type, float32 out");
