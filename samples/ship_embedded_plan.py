@@ -15,6 +15,7 @@ Why the held-out set: the PSNR of two calibration prompts overestimates other pr
 at a 28 dB floor on them alone (29.9 dB there) gave 23.8 dB on the demo's four prompts. (Before the search could
 validate, this script chose at 35 dB as a margin instead.) A rerun reuses the profile (unless --reprofile) and the
 study (it is named after the model and the profile), and the stored validations, so it only chooses again.
+`--no-ship` searches and reports without replacing the shipped plan (to compare a new search with it first).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def main() -> None:
     p.add_argument("--reprofile", action="store_true", help="profile again even when the output folder holds a profile")
     p.add_argument("--steps", type=int, default=12, help="denoising steps of the profile and of the search (the demo's 12)")
     p.add_argument("--out", type=Path, default=ROOT / "samples" / "results" / "embedded")
+    p.add_argument("--no-ship", action="store_true",
+                   help="search and report only: leave the shipped plan as it is (compare before replacing it)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     prompts = args.out / "prompts.txt"
@@ -61,6 +64,9 @@ def main() -> None:
             "--block-size", "64", "--out", args.out / "profile")
     run("search", "--model", "embedded", "--profile", args.out / "profile", "--out", args.out / "plan.json",
         "--min-psnr", args.min_psnr, "--trials", args.trials, "--validate-prompts", held_out, "--force")
+    if args.no_ship:
+        print(f"searched plan: {args.out / 'plan.json'} (not shipped: --no-ship)")
+        return
     shutil.copy(args.out / "plan.json", embedded_path() / PLAN_FILE)
     print(f"shipped {embedded_path() / PLAN_FILE}")
 
