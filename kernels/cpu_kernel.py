@@ -302,10 +302,14 @@ def kt_columns(S: int) -> int:
 
 
 def _fresh(name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """`prepare`'s default scratch: a new tensor each call."""
     return torch.empty(shape, dtype=dtype)
 
 
-def _pack(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scratch) -> tuple:
+Scratch = Callable[[str, tuple, torch.dtype], torch.Tensor]
+
+
+def _pack(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scratch: Scratch) -> tuple:
     """The 16-bit entry's operands: (q contiguous, K^T as (B, H, D / 2, `kt_columns(S)`, 2), V as (B, H, S2 / 2, D, 2),
     S), K^T and V VNNI-packed (pairs of rows interleaved; `csrc/sparse_cpu.cpp`), V's pad row zero for an odd S."""
     B, H, S, D = k.shape
@@ -320,7 +324,7 @@ def _pack(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scratch) -> tuple:
     return q.contiguous(), kp, vp, S
 
 
-def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scratch: Callable[[str, tuple, torch.dtype], torch.Tensor] = _fresh):
+def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scratch: Scratch = _fresh):
     """A layer call's inputs as the kernel reads them, made once per call and shared by all its head groups (one
     copy of K and V: 1 / S of the attention's work). float32 compute: (q, K^T, v), float32, q and v contiguous, K
     transposed into a (B, H, D, `kt_columns(S)`) buffer (only its first S columns are written or read). The 16-bit

@@ -361,7 +361,7 @@ class SparseAttention:
             routed = compiled and cpu_kernel.runs_mode(g.spec.mode if g.spec is not None else "full", q.dtype)
             if routed and g.order is None:
                 if prepared is None:
-                    prepared = cpu_kernel.prepare(q, k, v, scratch=lambda name, shape, dtype: _scratch(f"{name}_layer", shape, dtype))
+                    prepared = cpu_kernel.prepare(q, k, v, scratch=_scratch_named("layer"))
                 cpu_kernel.attend_into(out, prepared, heads, g.spec, scale)
                 continue
             if routed:  # a reordered group: its heads' swapped copies in, its output swapped back in place
@@ -375,8 +375,8 @@ class SparseAttention:
                     qs, ks, vs = (_swap(x, a0, r, c, which, out=_scratch(name, (B, n, Sq, D), compute))
                                   for x, name in ((q, "q"), (k, "k"), (v, "v")))
                     og = _scratch("out", (B, n, Sq, D))
-                    prepared_g = cpu_kernel.prepare(qs, ks, vs, scratch=lambda name, shape, dtype: _scratch(f"{name}_group", shape, dtype))
-                    cpu_kernel.attend_into(og, prepared_g, torch.arange(n), g.spec, scale)
+                    cpu_kernel.attend_into(og, cpu_kernel.prepare(qs, ks, vs, scratch=_scratch_named("group")), torch.arange(n),
+                                           g.spec, scale)
                     _unswap_into(out, which, og, a0, r, c)
                     continue
             qg, kg, vg = (q, k, v) if n == H else (q[:, heads], k[:, heads], v[:, heads])  # (B, G, S, D)
@@ -418,6 +418,11 @@ def _scratch(name: str, shape: tuple, dtype: torch.dtype = torch.float32) -> tor
         with _scratch_lock:
             _scratch_pool[key] = buf
     return buf
+
+
+def _scratch_named(suffix: str) -> "cpu_kernel.Scratch":
+    """`_scratch` under names ending in `suffix`, as `cpu_kernel.prepare` asks for its buffers."""
+    return lambda name, shape, dtype: _scratch(f"{name}_{suffix}", shape, dtype)
 
 
 def release_scratch() -> int:

@@ -18,6 +18,7 @@
 //   0 none:   the ranges are exact (blocks mode);
 //   1 band:   axis pairs with |a_i - a_j| <= radius;
 //   2 stripe: axis pairs with a_j < radius.
+
 // at::vec's Vectorized (the exponential and conversions torch's own CPU attention uses) for the instruction set this
 // file is compiled for (-march), in a namespace of its own so that its inline functions never merge with libtorch's.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
