@@ -274,6 +274,24 @@ def test_the_16_bit_entry_matches_the_reference(entry_16bit, monkeypatch, mode, 
     torch.testing.assert_close(got, expect.bfloat16(), atol=1e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("mode", ["band", "blocks"])
+def test_the_16_bit_entry_moves_its_shift_when_later_keys_score_far_higher(entry_16bit, monkeypatch, mode):
+    """The entry shifts a row's exponentials by its running maximum and moves the shift only when a chunk's scores
+    exceed it by more than e^8: keys that score far higher late in the row (by well over 88 in scaled units, where
+    exponentials under a stale shift overflow float32) take that path and still match the reference."""
+    monkeypatch.setattr(cpu_kernel, "KV_CHUNK_16BIT", 24)
+    S = 200
+    n = -(-S // 16)
+    spec = SparseSpec(mode, S, 16, 0, S, 60, torch.ones(1, n, n, dtype=torch.bool))
+    q, k, v = qkv(S)
+    k[:, :, 120:] *= 60  # scores grow 60x from key 120 on
+    q, k, v = (x.bfloat16() for x in (q, k, v))
+    got = cpu_kernel.sparse_attention(q, k, v, spec, None, 16)
+    expect = spec_reference_attention(q.double(), k.double(), v.double(), spec)
+    assert got.isfinite().all()
+    torch.testing.assert_close(got, expect.bfloat16(), atol=1e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("chunk", [24, 1024])
 def test_the_16_bit_entry_runs_blocks_with_empty_rows(entry_16bit, monkeypatch, chunk):
     monkeypatch.setattr(cpu_kernel, "KV_CHUNK_16BIT", chunk)

@@ -99,9 +99,6 @@ inline float vec_max(const float* x, int64_t n) {
   return r;
 }
 
-// dst[c] = exp(x[c] * scale - shift) rounded to T, for x <= shift / scale (masked scores, -inf, give 0); returns the
-// sum of the float exponentials. One pass: torch's fast exponential (`fexp_u20`, relative error ~1e-4, far below the
-// 16-bit rounding of the weights that follows; 25% faster than `exp_u20`), the sum and the conversion.
 // x[c] = exp(x[c] * scale - shift) in place, for x <= shift / scale (masked scores, -inf, give 0); returns the sum.
 // torch's vectorised exponential (`exp_u20`, relative error ~3e-7): at S = 8192 on an Intel Xeon, dense float32
 // attention through this kernel 10-18% faster than with this file's own polynomial (kept for the tails).
@@ -123,26 +120,40 @@ inline float exp_sum_vec(float* x, int64_t n, float scale, float shift) {
   return s;
 }
 
+// dst[c] = exp(x[c] * scale - shift) rounded to T (masked scores, -inf, give 0); returns the sum of the float
+// exponentials and raises `seen` to the largest x. One pass: torch's fast exponential (`fexp_u20`, relative error
+// ~1e-4, far below the 16-bit rounding of the weights that follows; 25% faster than `exp_u20`), the sum, the maximum
+// and the conversion. x * scale - shift may exceed 0 by up to `LAZY_SHIFT` (see `run`).
 template <typename T>
-inline float exp_store(const float* x, T* dst, int64_t n, float scale, float shift) {
+inline float exp_store(const float* x, T* dst, int64_t n, float scale, float shift, float& seen) {
   constexpr int64_t L = fVec::size();
   const fVec vs(scale), vsh(-shift);
-  fVec sum(0.f);
+  fVec sum(0.f), top(NEG_INF);
   int64_t c = 0;
   for (; c + 2 * L <= n; c += 2 * L) {
-    const fVec a = at::vec::fmadd(fVec::loadu(x + c), vs, vsh).fexp_u20();
-    const fVec b = at::vec::fmadd(fVec::loadu(x + c + L), vs, vsh).fexp_u20();
+    const fVec xa = fVec::loadu(x + c), xb = fVec::loadu(x + c + L);
+    top = at::vec::maximum(top, at::vec::maximum(xa, xb));
+    const fVec a = at::vec::fmadd(xa, vs, vsh).fexp_u20();
+    const fVec b = at::vec::fmadd(xb, vs, vsh).fexp_u20();
     sum = sum + a + b;
     at::vec::convert_from_float<T>(a, b).store(dst + c);
   }
   float s = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, sum);
+  seen = std::max(seen, at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, top));
   for (; c < n; ++c) {
     const float e = exp_nonpositive(x[c] * scale - shift);
     s += e;
     dst[c] = T(e);
+    seen = std::max(seen, x[c]);
   }
   return s;
 }
+
+// The 16-bit entry's softmax shifts a row's exponentials by its running maximum as it stands, and moves the shift
+// only when a chunk's scores exceed it by more than this (then that chunk is exponentiated again): e^8 ~ 3e3 keeps
+// the weights, their sums and the output far inside float32 and bfloat16 range. It saves the separate pass for each
+// chunk's maximum (a quarter of the entry's dense time on an Intel Xeon with AMX) and most rescales of the output.
+constexpr float LAZY_SHIFT = 8.f;
 
 struct Rule {
   int64_t kind, radius, a0, a1;
@@ -234,22 +245,34 @@ void run(const T* qp, const T* kp, const T* vp, float* op, const int64_t* hp, co
           for (int64_t r = 0; r < M; ++r) {
             const float* row = scores.data() + r * kv_chunk;
             T* wrow = weights.data() + r * ldw;
-            const float m_new = std::max(run_max[r], vec_max(row, filled) * sc);
-            if (m_new == NEG_INF) {  // nothing allowed yet in this row: no weight
-              std::fill(wrow, wrow + ldw, T(0.f));
-              continue;
+            float shift = run_max[r];
+            if (shift == NEG_INF) {  // the row's first allowed scores set its shift
+              shift = vec_max(row, filled) * sc;
+              if (shift == NEG_INF) {  // nothing allowed yet in this row: no weight
+                std::fill(wrow, wrow + ldw, T(0.f));
+                continue;
+              }
             }
-            const float alpha = run_max[r] == NEG_INF ? 0.f : std::exp(run_max[r] - m_new);
-            float sum = 0.f;
-            for (const Piece& p : pieces) {
-              T* w = wrow + p.wcol;
-              const int64_t lead = p.j0 % 2, n = p.j1 - p.j0;
-              if (lead) w[0] = T(0.f);
-              if ((lead + n) % 2) w[lead + n] = T(0.f);
-              sum += exp_store(row + p.col, w + lead, n, sc, m_new);
+            auto weigh = [&](float by, float& seen) {
+              float sum = 0.f;
+              for (const Piece& p : pieces) {
+                T* w = wrow + p.wcol;
+                const int64_t lead = p.j0 % 2, n = p.j1 - p.j0;
+                if (lead) w[0] = T(0.f);
+                if ((lead + n) % 2) w[lead + n] = T(0.f);
+                sum += exp_store(row + p.col, w + lead, n, sc, by, seen);
+              }
+              return sum;
+            };
+            float seen = NEG_INF;
+            float sum = weigh(shift, seen);
+            if (seen * sc > shift + LAZY_SHIFT) {  // the chunk outgrew the shift: again, shifted by its maximum
+              shift = seen * sc;
+              sum = weigh(shift, seen);
             }
+            const float alpha = run_max[r] == NEG_INF ? 0.f : std::exp(run_max[r] - shift);  // 1 unless it moved
             run_sum[r] = run_sum[r] * alpha + sum;
-            run_max[r] = m_new;
+            run_max[r] = shift;
             if (alpha != 1.f)
               for (int64_t d = 0; d < D; ++d) acc[r * D + d] *= alpha;
           }
