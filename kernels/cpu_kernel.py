@@ -239,21 +239,6 @@ def native(dtype: torch.dtype) -> bool:
     return checks[dtype]
 
 
-# The modes the 16-bit entry runs. Stripes (one contiguous key range: a single unmasked SDPA call) and full heads run
-# faster through bfloat16 SDPA on AMX than through it: at S = 8192, 8 heads x 64, two threads of an Intel Xeon with
-# AMX, stripes of density 0.10 / 0.25 / 0.50 at efficiency 0.80 / 0.91 / 0.93 through SDPA, 0.62 / 0.74 / 0.80 in the
-# entry; dense 190-200 ms through SDPA, 209-227 in the entry; bands 0.48-0.81 in the entry, 0.38-0.65 through SDPA;
-# top-k 0.65 vs 0.37 (BENCHMARKS §1a-vi).
-NATIVE_MODES = ("band", "blocks")
-
-
-def runs_mode(mode: str, dtype: torch.dtype) -> bool:
-    """Whether a head group of `mode` ("band", "stripe", "blocks", or "full") in a call of `dtype` that the kernel
-    can take (`usable`) runs in it: every mode, except in the 16-bit entry (`native`), which runs `NATIVE_MODES` and
-    leaves stripes and full heads to SDPA."""
-    return dtype == torch.float32 or not native(dtype) or mode in NATIVE_MODES
-
-
 def takes(dtype: torch.dtype) -> bool:
     """Whether calls of `dtype` run in the kernel where it loads: float32; 16-bit where the CPU has no native 16-bit
     GEMMs (computed in float32) or where it has them and the kernel's 16-bit entry runs them (`native`)."""

@@ -38,11 +38,8 @@ FULL_BESIDE = "full beside sparse"
 
 
 def compiled_full(backend: str, device: "torch.device | str", dtype: torch.dtype) -> bool:
-    """Whether full heads beside sparse ones run through the compiled CPU kernel in this setting (not in its 16-bit
-    entry, which leaves them to SDPA)."""
-    from sparsediff.kernels import cpu_kernel
-
-    return cpu_path(backend, device, dtype) == "compiled" and cpu_kernel.runs_mode("full", dtype)
+    """Whether full heads beside sparse ones run through the compiled CPU kernel in this setting."""
+    return cpu_path(backend, device, dtype) == "compiled"
 
 
 def cpu_path(backend: str, device: "torch.device | str", dtype: torch.dtype) -> str:

@@ -339,8 +339,8 @@ class SparseAttention:
         # The torch backend's compiled CPU path: every group but a reordered one writes its heads straight into one
         # output from the call's own q, K^T, v (no per-group slices, no scatter), made on the first such group (a layer
         # of reordered groups only never needs them). The output is float32: 16-bit inputs are widened into scratch
-        # buffers once (or, on a CPU with AMX, packed for the kernel's 16-bit entry, which leaves stripes and full
-        # heads to SDPA: `cpu_kernel.runs_mode`), the output rounded back at the end.
+        # buffers once (or, on a CPU with AMX, packed for the kernel's 16-bit entry), the output rounded back at the
+        # end.
         compiled = backend == "torch" and cpu_kernel.usable(q, k, v)
         prepared = None
         if compiled:
@@ -358,13 +358,12 @@ class SparseAttention:
                 stats.heads_full += n
             else:
                 stats.heads_sparse += n
-            routed = compiled and cpu_kernel.runs_mode(g.spec.mode if g.spec is not None else "full", q.dtype)
-            if routed and g.order is None:
+            if compiled and g.order is None:
                 if prepared is None:
                     prepared = cpu_kernel.prepare(q, k, v, scratch=_scratch_named("layer"))
                 cpu_kernel.attend_into(out, prepared, heads, g.spec, scale)
                 continue
-            if routed:  # a reordered group: its heads' swapped copies in, its output swapped back in place
+            if compiled:  # a reordered group: its heads' swapped copies in, its output swapped back in place
                 shape = g.spec.cached("transpose", torch.device("cpu"), lambda: _transpose_shape(g.order, g.spec))
                 if len(shape):
                     a0, r, c = shape.tolist()

@@ -308,9 +308,8 @@ def test_the_16_bit_entry_runs_blocks_with_empty_rows(entry_16bit, monkeypatch, 
 
 
 def test_a_mixed_bfloat16_layer_runs_the_16_bit_entry(entry_16bit, monkeypatch):
-    """A layer of every kind (the multi-diagonal head through its swapped copies) in bfloat16: bands and top-k in the
-    16-bit entry, stripes and full heads through SDPA (faster there), the layer within bfloat16's rounding of the
-    float64 reference; an odd head size takes SDPA for all."""
+    """A layer of every kind (the multi-diagonal head through its swapped copies) in bfloat16: every group in the
+    16-bit entry, the layer within bfloat16's rounding of the float64 reference; an odd head size takes SDPA."""
     from sparsediff.layout import TokenLayout
     from sparsediff.runtime import SparseAttention
 
@@ -322,7 +321,7 @@ def test_a_mixed_bfloat16_layer_runs_the_16_bit_entry(entry_16bit, monkeypatch):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 6, layout.num_tokens, 32, generator=g).bfloat16() for _ in range(3))
     out, stats = SparseAttention(backend="torch")(q, k, v, layout, patterns, block_size=16)
-    assert out.dtype == torch.bfloat16 and calls == [1, 1, 1]  # diagonal, top-k, multi-diagonal (swapped copies)
+    assert out.dtype == torch.bfloat16 and calls == [1, 1, 1, 1, 1]  # full, 3 sparse kinds, multi-diagonal
     from test_runtime import token_masks
 
     from sparsediff.kernels.reference import reference_attention
