@@ -274,6 +274,24 @@ def test_the_16_bit_entry_matches_the_reference(entry_16bit, monkeypatch, mode, 
     torch.testing.assert_close(got, expect.bfloat16(), atol=1e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("chunk", [24, 1024])
+@pytest.mark.parametrize("mode", ["band", "blocks"])
+def test_float32_moves_its_shift_when_later_keys_score_far_higher(kernel, monkeypatch, mode, chunk):
+    """float32 shifts a row's exponentials by its running maximum too, and where later scores exceed it by more than
+    e^8 (here by far more than float32's exponent range) raises it and rescales what it already wrote: with chunks of
+    24 keys the shift of an earlier chunk meets the large scores (disabling the raise fails this case); with 1024,
+    one chunk's own maximum sets it. Either way the reference's result."""
+    monkeypatch.setattr(cpu_kernel, "KV_CHUNK", chunk)
+    S = 200
+    n = -(-S // 16)
+    spec = SparseSpec(mode, S, 16, 0, S, 60, torch.ones(1, n, n, dtype=torch.bool))
+    q, k, v = qkv(S)
+    k[:, :, 120:] *= 60
+    got = cpu_kernel.sparse_attention(q, k, v, spec, None, 16)
+    assert got.isfinite().all()
+    torch.testing.assert_close(got, spec_reference_attention(q, k, v, spec), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["band", "blocks"])
 def test_the_16_bit_entry_moves_its_shift_when_later_keys_score_far_higher(entry_16bit, monkeypatch, mode):
     """The entry shifts a row's exponentials by its running maximum and moves the shift only when a chunk's scores

@@ -99,25 +99,49 @@ inline float vec_max(const float* x, int64_t n) {
   return r;
 }
 
-// x[c] = exp(x[c] * scale - shift) in place, for x <= shift / scale (masked scores, -inf, give 0); returns the sum.
-// torch's vectorised exponential (`exp_u20`, relative error ~3e-7): at S = 8192 on an Intel Xeon, dense float32
-// attention through this kernel 10-18% faster than with this file's own polynomial (kept for the tails).
-inline float exp_sum_vec(float* x, int64_t n, float scale, float shift) {
+// The softmax shifts a row's exponentials by its running maximum as it stands, and moves the shift only when scores
+// exceed it by more than this (the 16-bit entry then exponentiates the chunk again, float32 rescales what it already
+// wrote): e^8 ~ 3e3 keeps the weights, their sums and the output far inside float32 and bfloat16 range. It saves the
+// separate pass for each chunk's maximum (a quarter of the 16-bit entry's dense time on an Intel Xeon with AMX) and
+// most rescales of the output.
+constexpr float LAZY_SHIFT = 8.f;
+
+// x[c] = exp(x[c] * scale - shift) in place (masked scores, -inf, give 0); returns the sum. `shift` is the row's
+// running maximum as it stands (a lazy shift, see `LAZY_SHIFT`): where a score exceeds it by more than that, the
+// shift rises to the maximum of the scores not yet exponentiated and the ones already are rescaled (rare). torch's
+// vectorised exponential (`exp_u20`, relative error ~3e-7): at S = 8192 on an Intel Xeon, dense float32 attention
+// through this kernel 10-18% faster than with this file's own polynomial (kept for the tails), and ~7-12% more
+// without a separate pass for each chunk's maximum.
+inline float exp_sum_lazy(float* x, int64_t n, float scale, float& shift) {
   constexpr int64_t L = fVec::size();
-  const fVec vs(scale), vsh(-shift);
-  fVec sum(0.f);
+  const fVec vs(scale), limit(LAZY_SHIFT);
+  fVec vsh(-shift), sum(0.f);
+  float tail = 0.f;
+  auto raise = [&](int64_t c) {  // scores from c on outgrew the shift: move it, rescale [0, c) and the sum so far
+    const float top = vec_max(x + c, n - c) * scale, ratio = std::exp(shift - top);
+    for (int64_t d = 0; d < c; ++d) x[d] *= ratio;
+    sum = sum * fVec(ratio);
+    tail *= ratio;
+    shift = top;
+    vsh = fVec(-shift);
+  };
   int64_t c = 0;
   for (; c + L <= n; c += L) {
-    const fVec e = at::vec::fmadd(fVec::loadu(x + c), vs, vsh).exp_u20();
+    fVec y = at::vec::fmadd(fVec::loadu(x + c), vs, vsh);
+    if ((y > limit).zero_mask() != (1 << L) - 1) {
+      raise(c);
+      y = at::vec::fmadd(fVec::loadu(x + c), vs, vsh);
+    }
+    const fVec e = y.exp_u20();
     sum = sum + e;
     e.store(x + c);
   }
-  float s = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, sum);
   for (; c < n; ++c) {
+    if (x[c] * scale - shift > LAZY_SHIFT) raise(c);
     x[c] = exp_nonpositive(x[c] * scale - shift);
-    s += x[c];
+    tail += x[c];
   }
-  return s;
+  return at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, sum) + tail;
 }
 
 // dst[c] = exp(x[c] * scale - shift) rounded to T (masked scores, -inf, give 0); returns the sum of the float
@@ -149,11 +173,6 @@ inline float exp_store(const float* x, T* dst, int64_t n, float scale, float shi
   return s;
 }
 
-// The 16-bit entry's softmax shifts a row's exponentials by its running maximum as it stands, and moves the shift
-// only when a chunk's scores exceed it by more than this (then that chunk is exponentiated again): e^8 ~ 3e3 keeps
-// the weights, their sums and the output far inside float32 and bfloat16 range. It saves the separate pass for each
-// chunk's maximum (a quarter of the entry's dense time on an Intel Xeon with AMX) and most rescales of the output.
-constexpr float LAZY_SHIFT = 8.f;
 
 struct Rule {
   int64_t kind, radius, a0, a1;
@@ -221,14 +240,18 @@ void run(const T* qp, const T* kp, const T* vp, float* op, const int64_t* hp, co
         if constexpr (!packed) {
           for (int64_t r = 0; r < M; ++r) {
             float* row = scores.data() + r * kv_chunk;
-            const float m_new = std::max(run_max[r], vec_max(row, filled) * sc);
-            if (m_new == NEG_INF) {  // nothing allowed yet in this row: no weight
-              std::fill(row, row + filled, 0.f);
-              continue;
+            float shift = run_max[r];
+            if (shift == NEG_INF) {  // the row's first allowed scores set its shift
+              shift = vec_max(row, filled) * sc;
+              if (shift == NEG_INF) {  // nothing allowed yet in this row: no weight
+                std::fill(row, row + filled, 0.f);
+                continue;
+              }
             }
-            const float alpha = run_max[r] == NEG_INF ? 0.f : std::exp(run_max[r] - m_new);
-            run_sum[r] = run_sum[r] * alpha + exp_sum_vec(row, filled, sc, m_new);
-            run_max[r] = m_new;
+            const float sum = exp_sum_lazy(row, filled, sc, shift);
+            const float alpha = run_max[r] == NEG_INF ? 0.f : std::exp(run_max[r] - shift);  // 1 unless it moved
+            run_sum[r] = run_sum[r] * alpha + sum;
+            run_max[r] = shift;
             if (alpha != 1.f)
               for (int64_t d = 0; d < D; ++d) acc[r * D + d] *= alpha;
           }
