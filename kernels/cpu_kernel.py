@@ -239,6 +239,12 @@ def native(dtype: torch.dtype) -> bool:
     return checks[dtype]
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The type the kernel's GEMM operands are prepared in for calls of `dtype`: the input's own in the 16-bit entry
+    (`native`), else float32."""
+    return dtype if dtype != torch.float32 and native(dtype) else torch.float32
+
+
 def takes(dtype: torch.dtype) -> bool:
     """Whether calls of `dtype` run in the kernel where it loads: float32; 16-bit where the CPU has no native 16-bit
     GEMMs (computed in float32) or where it has them and the kernel's 16-bit entry runs them (`native`)."""
@@ -317,7 +323,7 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scratch: Scratch 
     entry (`native`): (q, K^T, V, S) in the input's type, K^T and V VNNI-packed (`csrc/sparse_cpu.cpp`). `scratch(name,
     shape, dtype)` gives the buffers ("q", "kt", "v"; the caller may reuse them across calls), fresh tensors without it."""
     B, H, S, D = k.shape
-    if q.dtype != torch.float32 and native(q.dtype):
+    if compute_dtype(q.dtype) != torch.float32:
         return _pack(q, k, v, scratch)
     kt = scratch("kt", (B, H, D, kt_columns(S)), torch.float32)
     kt[..., :S].copy_(k.transpose(-1, -2))

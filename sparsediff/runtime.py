@@ -369,8 +369,7 @@ class SparseAttention:
                     a0, r, c = shape.tolist()
                     which = None if n == H else heads  # a whole layer's heads: one batched copy each way
                     B, _, Sq, D = q.shape
-                    # the swapped copies in the type the kernel computes in (16-bit for its 16-bit entry)
-                    compute = torch.float32 if q.dtype == torch.float32 or not cpu_kernel.native(q.dtype) else q.dtype
+                    compute = cpu_kernel.compute_dtype(q.dtype)  # the swapped copies in the kernel's operand type
                     qs, ks, vs = (_swap(x, a0, r, c, which, out=_scratch(name, (B, n, Sq, D), compute))
                                   for x, name in ((q, "q"), (k, "k"), (v, "v")))
                     og = _scratch("out", (B, n, Sq, D))
