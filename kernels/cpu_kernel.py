@@ -4,8 +4,9 @@ Plain torch cannot skip blocks inside one SDPA call, so its `blocks` mode gather
 and its bands compute whole windows. This kernel walks each query block's key *ranges* itself (a flash-attention
 loop whose small GEMMs are oneDNN's JIT micro-kernels, `at::native::cpublas::brgemm`, or torch's BLAS), so the
 gathered copies disappear and only the ranges' keys are computed. float32 runs in float32; bfloat16 and float16
-run widened to float32, except on CPUs that multiply them natively (AMX), where the kernel's 16-bit entry packs K
-and V for oneDNN's 16-bit micro-kernels (`native`; `SPARSEDIFF_CPU_KERNEL_16BIT=0` sends them to SDPA instead).
+run widened to float32, except on CPUs that multiply them natively (AMX; for bfloat16 also AVX512-BF16), where the
+kernel's 16-bit entry packs K and V for oneDNN's 16-bit micro-kernels (`native`; `SPARSEDIFF_CPU_KERNEL_16BIT=0`
+sends them to SDPA on AMX, to the float32 compute elsewhere).
 
 It is built on first use with `torch.utils.cpp_extension.load` (a C++ compiler and ninja; 20-45 s, once per
 machine: the build is named by a hash of the source, torch's version and the CPU's model and flags, since it is
@@ -37,7 +38,7 @@ ENV = "SPARSEDIFF_CPU_KERNEL"
 # for a build that runs on older x86 CPUs, or to measure such a CPU's code path on a newer one.
 MARCH_ENV = "SPARSEDIFF_CPU_KERNEL_MARCH"
 # "0" keeps 16-bit calls off the kernel's 16-bit entry (`native`): on a CPU with AMX they take the pure-torch paths
-# (SDPA on AMX) as before it existed, for comparison or as a way out.
+# (SDPA on AMX), elsewhere the kernel's float32 compute, as before it existed, for comparison or as a way out.
 ENV_16BIT = "SPARSEDIFF_CPU_KERNEL_16BIT"
 SOURCE = Path(__file__).with_name("csrc") / "sparse_cpu.cpp"
 RULES = {"blocks": 0, "band": 1, "stripe": 2}
@@ -204,15 +205,20 @@ def disabled() -> Iterator[None]:
 # widened once per call in `prepare` (one copy of q, K^T and v: 1 / S of the attention's work) and the output rounded
 # back, so a bfloat16 or float16 call runs at the float32 kernel's speed and is at least as accurate as torch's 16-bit
 # SDPA on such a CPU, which at S = 8192, 8 heads x 64 is slower than its own float32 (BENCHMARKS §1a-iv). Where it has
-# them (`native_16bit`: AMX), the kernel's 16-bit entry multiplies in the input's type (`native`).
+# them (`native_16bit`: AMX, or AVX512-BF16 for bfloat16), the kernel's 16-bit entry multiplies in the input's type
+# (`native`).
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def native_16bit(dtype: torch.dtype) -> bool:
-    """Whether this CPU multiplies `dtype` natively (AMX tiles: bfloat16 on Intel Xeon 4th generation and later,
-    float16 from the 6th), where 16-bit GEMMs are ~3-8x faster than float32 ones. There 16-bit calls run the kernel's
-    16-bit entry (`native`), or, where it fails its self-check, the pure-torch paths (SDPA on AMX). Respects a
-    ONEDNN_MAX_CPU_ISA that leaves AMX out (oneDNN runs torch's 16-bit GEMMs)."""
+# oneDNN's instruction-set names (ONEDNN_MAX_CPU_ISA) that include AVX512-BF16's dot products, below AMX.
+_BF16_DOT_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX10_2_512")
+
+
+def amx(dtype: torch.dtype) -> bool:
+    """Whether this CPU has AMX tiles for `dtype` (bfloat16 on Intel Xeon 4th generation and later, float16 from the
+    6th), where torch's own 16-bit SDPA runs on them, ~3-5x faster than in float32: there a 16-bit call the kernel's
+    16-bit entry cannot take goes to SDPA, not to the kernel's float32 compute. Respects a ONEDNN_MAX_CPU_ISA that
+    leaves AMX out (oneDNN runs torch's 16-bit GEMMs)."""
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
     if isa and isa != "ALL" and "AMX" not in isa:
         return False
@@ -224,6 +230,25 @@ def native_16bit(dtype: torch.dtype) -> bool:
     except AttributeError:  # a torch without these probes: assume none (the float32 compute path stays)
         return False
     return False
+
+
+def native_16bit(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies `dtype` natively: AMX tiles (`amx`), or for bfloat16 AVX512-BF16's dot products
+    (AMD Zen 4 and later, Intel Cooper Lake), where oneDNN's bfloat16 micro-kernels run ~1.8x faster than float32 ones
+    (dense attention at S = 8192, 8 heads x 64, 2-core AMD EPYC family 26: 272 ms against 478, BENCHMARKS §1a-vii).
+    There 16-bit calls run the kernel's 16-bit entry (`native`) if it passes its self-check. Respects
+    ONEDNN_MAX_CPU_ISA."""
+    if amx(dtype):
+        return True
+    if dtype != torch.bfloat16:
+        return False
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if isa and isa != "ALL" and "AMX" not in isa and not isa.startswith(_BF16_DOT_ISAS):
+        return False
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:
+        return False
 
 
 def native(dtype: torch.dtype) -> bool:
@@ -246,9 +271,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def takes(dtype: torch.dtype) -> bool:
-    """Whether calls of `dtype` run in the kernel where it loads: float32; 16-bit where the CPU has no native 16-bit
-    GEMMs (computed in float32) or where it has them and the kernel's 16-bit entry runs them (`native`)."""
-    return dtype == torch.float32 or (dtype in DTYPES and (not native_16bit(dtype) or native(dtype)))
+    """Whether calls of `dtype` run in the kernel where it loads: float32; 16-bit in the kernel's 16-bit entry where it
+    runs (`native`), else computed in float32, except on a CPU with AMX for `dtype`, where SDPA takes them (`amx`)."""
+    return dtype == torch.float32 or (dtype in DTYPES and (not amx(dtype) or native(dtype)))
 
 
 def runs(dtype: torch.dtype) -> bool:
@@ -279,9 +304,16 @@ def status() -> str:
         return f"off ({reason()})"
     notes = [f"-march={os.environ[MARCH_ENV]}"] if os.environ.get(MARCH_ENV, "native") != "native" else []
     notes += [f"ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']}"] if os.environ.get("ONEDNN_MAX_CPU_ISA") else []
-    notes += [f"{name} {'native (AMX)' if native(dt) else 'through SDPA (AMX)'}"
-              for name, dt in (("bfloat16", torch.bfloat16), ("float16", torch.float16)) if native_16bit(dt)]
+    notes += [f"{name} {_16bit_status(dt)}" for name, dt in (("bfloat16", torch.bfloat16), ("float16", torch.float16))
+              if native_16bit(dt)]
     return ", ".join(["brgemm" if uses_brgemm() else "blas", *notes])
+
+
+def _16bit_status(dtype: torch.dtype) -> str:
+    unit = "AMX" if amx(dtype) else "AVX512-BF16"
+    if native(dtype):
+        return f"native ({unit})"
+    return "through SDPA (AMX)" if amx(dtype) else f"in float32 (the {unit} entry is off)"
 
 
 def kt_columns(S: int) -> int:

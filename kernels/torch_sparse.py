@@ -118,7 +118,7 @@ def _band(q, k, v, spec, scale, out, q0):
     first = max(0, q0 - a0)  # the first axis query that runs
     differentiable = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     rows = BAND_ROWS
-    if q.dtype != torch.float32 and cpu_kernel.native_16bit(q.dtype):
+    if q.dtype != torch.float32 and cpu_kernel.amx(q.dtype):
         narrow, wide = BAND_ROWS_NATIVE_16BIT
         rows = wide if R >= WIDE_RADIUS and n >= 2 * R + 2 * wide else narrow
     if q.device.type != "cpu" or differentiable or first > 0 or n < 2 * R + 2 * rows:

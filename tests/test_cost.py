@@ -56,7 +56,7 @@ def test_full_heads_beside_sparse_ones_have_their_curve_in_every_dtype_the_kerne
     from sparsediff.kernels import cpu_kernel
 
     loads = cpu_kernel.load() is not None
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # on a CPU with AMX, 16-bit in the 16-bit entry
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # on a CPU with AMX or AVX512-BF16, bfloat16 in the 16-bit entry
         assert compiled_full("torch", "cpu", dtype) == (loads and cpu_kernel.takes(dtype))
     assert cpu_kernel.takes(torch.float32) and not cpu_kernel.takes(torch.float64)
     assert not compiled_full("torch", "cpu", torch.float64)

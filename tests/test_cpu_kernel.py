@@ -156,7 +156,7 @@ def test_the_torch_backend_runs_the_kernel_where_it_can_and_pure_torch_elsewhere
 def test_16_bit_inputs_run_the_kernel_in_float32(kernel, monkeypatch, dtype, mode):
     """bfloat16 / float16 inputs are widened once and computed in float32: the result is the float32 kernel's on the
     same (rounded) inputs, rounded once to the input dtype, so it is as close to the reference as that rounding."""
-    monkeypatch.setattr(cpu_kernel, "native_16bit", lambda dtype: False)  # as on a CPU without AMX
+    monkeypatch.setattr(cpu_kernel, "native_16bit", lambda dtype: False)  # as on a CPU without AMX or AVX512-BF16
     calls = []
     run = cpu_kernel.attend_into
     monkeypatch.setattr(cpu_kernel, "attend_into", lambda *a, **kw: calls.append(a[0].dtype) or run(*a, **kw))
@@ -204,7 +204,7 @@ def test_16_bit_inputs_take_sdpa_on_a_cpu_with_amx_where_the_16_bit_entry_fails(
     kernel. Bands there run in wider windows."""
     from sparsediff.kernels import torch_sparse
 
-    monkeypatch.setattr(cpu_kernel, "native_16bit", lambda dtype: dtype == torch.bfloat16)
+    monkeypatch.setattr(cpu_kernel, "amx", lambda dtype: dtype == torch.bfloat16)
     monkeypatch.setattr(cpu_kernel, "_self_check_16bit", lambda module, dtype: False)
     monkeypatch.setitem(cpu_kernel._state, "native", {})
     calls, windows = [], []
@@ -244,12 +244,14 @@ def test_16_bit_inputs_take_sdpa_on_a_cpu_with_amx_where_the_16_bit_entry_fails(
 
 @pytest.fixture
 def entry_16bit(kernel, monkeypatch):
-    """The kernel's 16-bit entry for bfloat16, which runs where the CPU has AMX: there it must pass its self-check;
-    elsewhere it is never used, and never called here (oneDNN has no bfloat16 micro-kernels for many such CPUs)."""
+    """The kernel's 16-bit entry for bfloat16, which runs where the CPU has AMX or AVX512-BF16: there it must pass its
+    self-check; elsewhere it is never used, and never called here (oneDNN has no bfloat16 micro-kernels for such
+    CPUs)."""
     if not cpu_kernel.native_16bit(torch.bfloat16):
-        pytest.skip("the CPU has no AMX: the compiled kernel's bfloat16 entry is not used here")
+        pytest.skip("the CPU has neither AMX nor AVX512-BF16: the compiled kernel's bfloat16 entry is not used here")
     if not cpu_kernel.uses_brgemm() or not cpu_kernel._self_check_16bit(cpu_kernel.load(), torch.bfloat16):
-        pytest.fail("the compiled kernel's bfloat16 entry fails its self-check on a CPU with AMX")
+        pytest.fail(f"the compiled kernel's bfloat16 entry fails its self-check on a CPU with "
+                    f"{'AMX' if cpu_kernel.amx(torch.bfloat16) else 'AVX512-BF16'}")
     monkeypatch.setattr(cpu_kernel, "native_16bit", lambda dtype: dtype == torch.bfloat16)
     monkeypatch.setitem(cpu_kernel._state, "native", {torch.bfloat16: True})
     return cpu_kernel
@@ -356,16 +358,38 @@ def test_a_mixed_bfloat16_layer_runs_the_16_bit_entry(entry_16bit, monkeypatch):
     assert calls == []
 
 
-def test_amx_is_read_from_torch_and_respects_onednns_isa_limit(monkeypatch):
+@pytest.mark.parametrize("bf16_dot", [False, True])
+def test_amx_is_read_from_torch_and_respects_onednns_isa_limit(monkeypatch, bf16_dot):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16_dot)
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert cpu_kernel.amx(torch.bfloat16) and not cpu_kernel.amx(torch.float16)
     assert cpu_kernel.native_16bit(torch.bfloat16) and not cpu_kernel.native_16bit(torch.float16)
     assert not cpu_kernel.native_16bit(torch.float32)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # oneDNN (torch's 16-bit GEMMs) kept off AMX
+    assert not cpu_kernel.amx(torch.bfloat16)
+    assert cpu_kernel.native_16bit(torch.bfloat16) == bf16_dot  # AVX512-BF16's dot products still allowed
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")  # below them: neither
     assert not cpu_kernel.native_16bit(torch.bfloat16)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
-    assert cpu_kernel.native_16bit(torch.bfloat16)
+    assert cpu_kernel.amx(torch.bfloat16) and cpu_kernel.native_16bit(torch.bfloat16)
+
+
+def test_avx512_bf16_without_amx_runs_the_16_bit_entry_or_else_the_float32_compute(kernel, monkeypatch):
+    """On a CPU with AVX512-BF16 but no AMX (AMD Zen 4 and later), bfloat16 calls run the kernel's 16-bit entry; where
+    it fails its self-check they fall back to the kernel's float32 compute (bfloat16 SDPA is slow there), not SDPA."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setitem(cpu_kernel._state, "native", {torch.bfloat16: True})
+    assert cpu_kernel.takes(torch.bfloat16) and cpu_kernel.compute_dtype(torch.bfloat16) == torch.bfloat16
+    assert "bfloat16 native (AVX512-BF16)" in cpu_kernel.status()
+    monkeypatch.setitem(cpu_kernel._state, "native", {torch.bfloat16: False})  # as if its self-check failed
+    assert cpu_kernel.takes(torch.bfloat16) and cpu_kernel.compute_dtype(torch.bfloat16) == torch.float32
+    assert "bfloat16 in float32 (the AVX512-BF16 entry is off)" in cpu_kernel.status()
+    monkeypatch.setenv(cpu_kernel.ENV_16BIT, "0")
+    assert not cpu_kernel.native(torch.bfloat16) and cpu_kernel.takes(torch.bfloat16)
 
 
 def test_a_build_is_announced_and_a_cached_load_is_silent(monkeypatch, caplog):
