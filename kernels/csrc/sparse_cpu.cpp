@@ -12,7 +12,7 @@
 // ISA) where torch has them, else the BLAS `sgemm_` torch links. Row maxima, exponentials and conversions run in
 // at::vec's Vectorized for the instruction set the file is compiled for (-O3 -march=native). Two entries: float32
 // (`sparse_attention`), and bfloat16 / float16 with VNNI-packed K and V for CPUs that multiply those natively
-// (`sparse_attention_16bit`: AMX tiles through oneDNN's 16-bit micro-kernels; softmax and accumulation in float32).
+// (`sparse_attention_16bit`: AMX tiles or AVX512-BF16 through oneDNN's 16-bit micro-kernels; softmax in float32).
 //
 // Rules (token i = query, j = key; a = position on the axis [a0, a1); text tokens outside it see and are seen by all):
 //   0 none:   the ranges are exact (blocks mode);
@@ -202,7 +202,7 @@ struct Rule {
 };
 
 // Where the GEMMs read K and V, per input type T. float: K^T (B, H, D, ldk) and V (B, H, S, D) as they are, float32
-// GEMMs (`gemm`). 16-bit (bfloat16, float16; Python uses it where the CPU multiplies them natively, on AMX tiles):
+// GEMMs (`gemm`). 16-bit (bfloat16, float16; Python uses it where the CPU multiplies them natively: AMX, AVX512-BF16):
 // both VNNI-packed once per call, the layout oneDNN's 16-bit micro-kernels read B in (pairs of rows interleaved):
 // K^T as (B, H, D / 2, ldk, 2), element (d, j) at (d / 2) 2 ldk + 2 j + d % 2, so the scores of keys [j0, j1) are one
 // GEMM from column j0; V as (B, H, S2 / 2, D, 2) (S2: S rounded up to even, the pad row zero), element (j, d) at
@@ -331,7 +331,7 @@ void run(const T* qp, const T* kp, const T* vp, float* op, const int64_t* hp, co
         for (int64_t d = 0; d < D; ++d) ob[r * D + d] = acc[r * D + d] * inv;
       }
     }
-    if constexpr (packed) at::native::cpublas::brgemm_release(true);  // the thread's AMX tile state
+    if constexpr (packed) at::native::cpublas::brgemm_release(true);  // the thread's AMX tile state, if any
   });
 }
 
