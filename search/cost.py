@@ -39,17 +39,20 @@ FULL_BESIDE = "full beside sparse"
 
 def compiled_full(backend: str, device: "torch.device | str", dtype: torch.dtype) -> bool:
     """Whether full heads beside sparse ones run through the compiled CPU kernel in this setting."""
-    return cpu_path(backend, device, dtype) == "compiled"
+    return cpu_path(backend, device, dtype).startswith("compiled")
 
 
 def cpu_path(backend: str, device: "torch.device | str", dtype: torch.dtype) -> str:
-    """Which path the torch backend runs on the CPU for `dtype`: "compiled" (the compiled kernel) or "pure"
-    (pure torch); "" for other backends and devices."""
+    """Which path the torch backend runs on the CPU for `dtype`: "compiled" (the compiled kernel, computing in
+    float32), "compiled-16bit" (its 16-bit entry: `cpu_kernel.native`) or "pure" (pure torch); "" for other backends
+    and devices."""
     from sparsediff.kernels import cpu_kernel
 
     if backend != "torch" or torch.device(device).type != "cpu":
         return ""
-    return "compiled" if cpu_kernel.runs(dtype) else "pure"
+    if not cpu_kernel.runs(dtype):
+        return "pure"
+    return "compiled-16bit" if cpu_kernel.compute_dtype(dtype) != torch.float32 else "compiled"
 
 
 def cache_dir() -> Path:
@@ -69,9 +72,9 @@ class CostKey:
     batch: int
     block_size: int
     torch_version: str
-    # the torch backend's CPU path for this dtype ("compiled" or "pure", see `cpu_path`): switching it (a CPU with AMX
-    # takes 16-bit through SDPA, $SPARSEDIFF_CPU_KERNEL=0, no compiler) changes every latency; "" elsewhere and in
-    # tables from before the field, which are then re-measured
+    # the torch backend's CPU path for this dtype ("compiled", "compiled-16bit" or "pure", see `cpu_path`): switching
+    # it (a CPU with AMX takes 16-bit through SDPA, the 16-bit entry on or off, $SPARSEDIFF_CPU_KERNEL=0, no compiler)
+    # changes every latency; "" elsewhere and in tables from before the field, which are then re-measured
     cpu_path: str = ""
 
     @classmethod

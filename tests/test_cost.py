@@ -100,6 +100,16 @@ def test_cache_is_keyed_by_the_cpu_path(tmp_path, monkeypatch):
     assert here.key.cpu_path == ("compiled" if cpu_kernel.runs(torch.float32) else "pure")
     assert len(list(cache_dir().glob("*.json"))) == (2 if here.key.cpu_path == "compiled" else 1)
     assert CostKey.for_setting(small, 2, 16, 16, "flex").cpu_path == ""  # other backends: no such path
+    if cpu_kernel.load() is not None:  # bfloat16 in the 16-bit entry and in the float32 compute: two tables
+        monkeypatch.setattr(cpu_kernel, "amx", lambda dtype: False)
+        monkeypatch.setitem(cpu_kernel._state, "native", {torch.bfloat16: True})
+        monkeypatch.setattr(cpu_kernel, "native_16bit", lambda dtype: dtype == torch.bfloat16)
+        entry = CostKey.for_setting(small, 2, 16, 16, "torch", torch.bfloat16)
+        monkeypatch.setitem(cpu_kernel._state, "native", {torch.bfloat16: False})
+        widened = CostKey.for_setting(small, 2, 16, 16, "torch", torch.bfloat16)
+        assert (entry.cpu_path, widened.cpu_path) == ("compiled-16bit", "compiled")
+        assert entry.digest() != widened.digest()
+        assert compiled_full("torch", "cpu", torch.bfloat16)  # full heads beside sparse ones run in either
     # a table saved before the field existed loads with "" and is re-measured rather than reused
     old = dict(asdict(here.key)); del old["cpu_path"]
     path = cache_dir() / f"{here.key.digest()}.json"
