@@ -264,10 +264,11 @@ def native(dtype: torch.dtype) -> bool:
     return checks[dtype]
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The type the kernel's GEMM operands are prepared in for calls of `dtype`: the input's own in the 16-bit entry
-    (`native`), else float32."""
-    return dtype if dtype != torch.float32 and native(dtype) else torch.float32
+def compute_dtype(dtype: torch.dtype, head_dim: int | None = None) -> torch.dtype:
+    """The type the kernel's GEMM operands are prepared in for calls of `dtype` (and `head_dim`): the input's own in
+    the 16-bit entry (`native`; its packed pairs run along the head dimension, so an even one), else float32."""
+    even = head_dim is None or head_dim % 2 == 0
+    return dtype if dtype != torch.float32 and even and native(dtype) else torch.float32
 
 
 def takes(dtype: torch.dtype) -> bool:
@@ -283,15 +284,16 @@ def runs(dtype: torch.dtype) -> bool:
 
 
 def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether a call can run in the compiled kernel: CPU, a dtype it `takes` for all three (and an even head size for
-    the 16-bit entry, whose packed pairs run along it), no gradients, and the kernel loads."""
+    """Whether a call can run in the compiled kernel: CPU, a dtype it `takes` for all three, no gradients, and the
+    kernel loads. A 16-bit call with an odd head size, which the 16-bit entry cannot pack, computes in float32, except
+    on AMX, where SDPA takes it (`takes`)."""
     if _state.get("off"):
         return False
     if q.device.type != "cpu" or k.dtype != q.dtype or v.dtype != q.dtype or not takes(q.dtype):
         return False
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         return False
-    if native(q.dtype) and q.shape[-1] % 2:
+    if q.shape[-1] % 2 and amx(q.dtype):
         return False
     return load() is not None
 
@@ -355,7 +357,7 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scratch: Scratch 
     entry (`native`): (q, K^T, V, S) in the input's type, K^T and V VNNI-packed (`csrc/sparse_cpu.cpp`). `scratch(name,
     shape, dtype)` gives the buffers ("q", "kt", "v"; the caller may reuse them across calls), fresh tensors without it."""
     B, H, S, D = k.shape
-    if compute_dtype(q.dtype) != torch.float32:
+    if compute_dtype(q.dtype, D) != torch.float32:
         return _pack(q, k, v, scratch)
     kt = scratch("kt", (B, H, D, kt_columns(S)), torch.float32)
     kt[..., :S].copy_(k.transpose(-1, -2))

@@ -369,7 +369,7 @@ class SparseAttention:
                     a0, r, c = shape.tolist()
                     which = None if n == H else heads  # a whole layer's heads: one batched copy each way
                     B, _, Sq, D = q.shape
-                    compute = cpu_kernel.compute_dtype(q.dtype)  # the swapped copies in the kernel's operand type
+                    compute = cpu_kernel.compute_dtype(q.dtype, D)  # the swapped copies in the kernel's operand type
                     qs, ks, vs = (_swap(x, a0, r, c, which, out=_scratch(name, (B, n, Sq, D), compute))
                                   for x, name in ((q, "q"), (k, "k"), (v, "v")))
                     og = _scratch("out", (B, n, Sq, D))

@@ -329,7 +329,8 @@ def test_the_16_bit_entry_runs_blocks_with_empty_rows(entry_16bit, monkeypatch, 
 
 def test_a_mixed_bfloat16_layer_runs_the_16_bit_entry(entry_16bit, monkeypatch):
     """A layer of every kind (the multi-diagonal head through its swapped copies) in bfloat16: every group in the
-    16-bit entry, the layer within bfloat16's rounding of the float64 reference; an odd head size takes SDPA."""
+    16-bit entry, the layer within bfloat16's rounding of the float64 reference; an odd head size takes SDPA on AMX and
+    the kernel's float32 compute elsewhere."""
     from sparsediff.layout import TokenLayout
     from sparsediff.runtime import SparseAttention
 
@@ -352,10 +353,20 @@ def test_a_mixed_bfloat16_layer_runs_the_16_bit_entry(entry_16bit, monkeypatch):
     torch.testing.assert_close(out, expect.bfloat16(), atol=1e-2, rtol=2e-2)
     assert torch.equal(out[:, 1], torch.zeros_like(out[:, 1]))
     calls.clear()
-    q5, k5, v5 = (x[..., :31] for x in (q, k, v))
-    assert not cpu_kernel.usable(q5, k5, v5)  # an odd head size: the packed pairs run along it
+    q5, k5, v5 = (x[..., :31] for x in (q, k, v))  # an odd head size: the packed pairs run along it, so no entry
+    monkeypatch.setattr(cpu_kernel, "amx", lambda dtype: True)
+    assert not cpu_kernel.usable(q5, k5, v5)  # on AMX: SDPA
     SparseAttention(backend="torch")(q5, k5, v5, layout, patterns, block_size=16)
-    assert calls == []
+    monkeypatch.setattr(cpu_kernel, "amx", lambda dtype: False)
+    assert cpu_kernel.usable(q5, k5, v5) and cpu_kernel.compute_dtype(torch.bfloat16, 31) == torch.float32
+    wide = []  # elsewhere (AVX512-BF16): the kernel's float32 compute
+    f32 = cpu_kernel.load().sparse_attention
+    monkeypatch.setattr(cpu_kernel.load(), "sparse_attention", lambda *a: wide.append(a[0].dtype) or f32(*a))
+    out5, stats5 = SparseAttention(backend="torch")(q5, k5, v5, layout, patterns, block_size=16)
+    assert calls == [] and wide == [torch.float32] * 5
+    masks = token_masks(stats5.groups, layout, [get_pattern(p) for p in patterns], 16)
+    expect = reference_attention(q5.double(), k5.double(), v5.double(), masks)
+    torch.testing.assert_close(out5, expect.bfloat16(), atol=1e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("bf16_dot", [False, True])
