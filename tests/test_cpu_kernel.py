@@ -484,3 +484,18 @@ def test_a_layer_of_reordered_heads_only_makes_no_shared_inputs(kernel, monkeypa
         pure, _ = runtime.SparseAttention(backend="torch")(q, k, v, layout, ["multi_diagonal_w1"] * 4, block_size=16)
     torch.testing.assert_close(out, pure, rtol=1e-5, atol=1e-5)
 
+
+
+@pytest.mark.parametrize("S", [37, 64])
+def test_16_bit_packing_is_the_same_through_32_bit_words_and_elementwise(S):
+    """K^T's VNNI packing moves pairs of 16-bit values as 32-bit words where K's layout allows it (even strides and
+    offset) and element by element elsewhere (here: a view at an odd offset): both give the same buffer."""
+    g = torch.Generator().manual_seed(3)
+    big = torch.randn(2, 3, S, 17, generator=g).bfloat16()
+    odd = big[..., 1:17]  # odd offset and row stride: the element-wise path
+    even = odd.contiguous()  # the word path
+    assert odd.storage_offset() % 2 == 1 and even.storage_offset() == 0
+    (_, kp_odd, vp_odd, _), (_, kp_even, vp_even, _) = (cpu_kernel._pack(x, x, x, cpu_kernel._fresh) for x in (odd, even))
+    assert torch.equal(kp_odd[..., :S, :], kp_even[..., :S, :]) and torch.equal(vp_odd, vp_even)
+    expect = even.unflatten(-1, (8, 2)).transpose(2, 3)  # element (d, j) of K^T at [d // 2, j, d % 2]
+    assert torch.equal(kp_even[..., :S, :], expect)
