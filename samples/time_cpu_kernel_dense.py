@@ -46,7 +46,26 @@ def main() -> None:
     print(f"max abs difference to SDPA: {err.item():.1e}")
     kernel = best_ms(lambda: cpu_kernel.dense_attention(q, k, v), args.repeats)
     sdpa = best_ms(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
-    print(f"dense through the kernel {kernel:.0f} ms, SDPA {sdpa:.0f} ms ({kernel / sdpa:.2f}x SDPA's time)")
+    print(f"dense through the kernel {kernel:.1f} ms, SDPA {sdpa:.1f} ms ({kernel / sdpa:.2f}x SDPA's time)")
+    if dtype != torch.float32 and cpu_kernel.native(dtype):
+        prep = best_ms(lambda: cpu_kernel.prepare(q, k, v, scratch), args.repeats)
+        cpu_kernel._state["native"][dtype] = False  # the same call widened to float32 (as SPARSEDIFF_CPU_KERNEL_16BIT=0)
+        try:
+            wide = best_ms(lambda: cpu_kernel.dense_attention(q, k, v), args.repeats)
+        finally:
+            cpu_kernel._state["native"][dtype] = True
+        print(f"the same through the float32 compute {wide:.1f} ms; the 16-bit entry's prepare (packing) {prep:.2f} ms")
+
+
+_buffers: dict = {}
+
+
+def scratch(name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """Buffers kept across calls, as the runtime keeps them: `prepare` timed without allocating."""
+    t = _buffers.get(name)
+    if t is None or t.shape != shape or t.dtype != dtype:
+        t = _buffers[name] = torch.empty(shape, dtype=dtype)
+    return t
 
 
 if __name__ == "__main__":
