@@ -42,17 +42,17 @@ def compiled_full(backend: str, device: "torch.device | str", dtype: torch.dtype
     return cpu_path(backend, device, dtype).startswith("compiled")
 
 
-def cpu_path(backend: str, device: "torch.device | str", dtype: torch.dtype) -> str:
-    """Which path the torch backend runs on the CPU for `dtype`: "compiled" (the compiled kernel, computing in
-    float32), "compiled-16bit" (its 16-bit entry: `cpu_kernel.native`) or "pure" (pure torch); "" for other backends
-    and devices."""
+def cpu_path(backend: str, device: "torch.device | str", dtype: torch.dtype, head_dim: int | None = None) -> str:
+    """Which path the torch backend runs on the CPU for `dtype` (and `head_dim`): "compiled" (the compiled kernel,
+    computing in float32), "compiled-16bit" (its 16-bit entry: `cpu_kernel.native`, even head sizes) or "pure" (pure
+    torch); "" for other backends and devices."""
     from sparsediff.kernels import cpu_kernel
 
     if backend != "torch" or torch.device(device).type != "cpu":
         return ""
     if not cpu_kernel.runs(dtype):
         return "pure"
-    return "compiled-16bit" if cpu_kernel.compute_dtype(dtype) != torch.float32 else "compiled"
+    return "compiled-16bit" if cpu_kernel.compute_dtype(dtype, head_dim) != torch.float32 else "compiled"
 
 
 def cache_dir() -> Path:
@@ -85,7 +85,7 @@ class CostKey:
         dev = torch.device(device)
         backend = resolve_backend(backend, dev)
         return cls(device_name(dev), backend, str(dtype).removeprefix("torch."), str(layout),
-                   num_heads, head_dim, batch, block_size, torch.__version__, cpu_path(backend, dev, dtype))
+                   num_heads, head_dim, batch, block_size, torch.__version__, cpu_path(backend, dev, dtype, head_dim))
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]

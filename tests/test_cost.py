@@ -56,7 +56,7 @@ def test_full_heads_beside_sparse_ones_have_their_curve_in_every_dtype_the_kerne
     from sparsediff.kernels import cpu_kernel
 
     loads = cpu_kernel.load() is not None
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # on a CPU with AMX or AVX512-BF16, bfloat16 in the 16-bit entry
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # AMX or AVX512-BF16: bfloat16 in the 16-bit entry
         assert compiled_full("torch", "cpu", dtype) == (loads and cpu_kernel.takes(dtype))
     assert cpu_kernel.takes(torch.float32) and not cpu_kernel.takes(torch.float64)
     assert not compiled_full("torch", "cpu", torch.float64)
@@ -109,6 +109,8 @@ def test_cache_is_keyed_by_the_cpu_path(tmp_path, monkeypatch):
         widened = CostKey.for_setting(small, 2, 16, 16, "torch", torch.bfloat16)
         assert (entry.cpu_path, widened.cpu_path) == ("compiled-16bit", "compiled")
         assert entry.digest() != widened.digest()
+        monkeypatch.setitem(cpu_kernel._state, "native", {torch.bfloat16: True})
+        assert CostKey.for_setting(small, 2, 15, 16, "torch", torch.bfloat16).cpu_path == "compiled"  # odd: float32
         assert compiled_full("torch", "cpu", torch.bfloat16)  # full heads beside sparse ones run in either
     # a table saved before the field existed loads with "" and is re-measured rather than reused
     old = dict(asdict(here.key)); del old["cpu_path"]
