@@ -161,10 +161,10 @@ def _self_check(module) -> bool:
     raise RuntimeError("self-check failed (" + "; ".join(failures) + ")")
 
 
-def _self_check_16bit(module, dtype: torch.dtype) -> bool:
+def _self_check_16bit(module, dtype: torch.dtype, why: list | None = None) -> bool:
     """The 16-bit entry on a small case in `dtype` (an odd S, ranges with odd bounds split across score chunks, which
-    take its padded pairs) against float32 SDPA of the same rounded inputs; False (and why, at debug level) if it
-    raises or misses."""
+    take its padded pairs) against float32 SDPA of the same rounded inputs; False (and why, at debug level and in
+    `why` if given: "unavailable" or "wrong") if it raises or misses."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 81, 32, generator=g).to(dtype) for _ in range(3))
     nqb = -(-81 // 16)
@@ -183,10 +183,14 @@ def _self_check_16bit(module, dtype: torch.dtype) -> bool:
         module.sparse_attention_16bit(qc, kp, vp, got, torch.arange(2), ranges, counts, 16, 32**-0.5, 0, 0, 0, 81, 48, S)
     except Exception as exc:  # oneDNN's 16-bit micro-kernels are missing on some builds and CPUs
         logger.debug("sparsediff: the compiled kernel's %s entry is unavailable (%s)", dtype, exc)
+        if why is not None:
+            why.append(f"unavailable: {exc}")
         return False
     err = (got - want).abs().max().item()
     if err > 2e-2:
         logger.debug("sparsediff: the compiled kernel's %s entry is off by %.2e", dtype, err)
+        if why is not None:
+            why.append(f"wrong: off by {err:.2e}")
     return err <= 2e-2
 
 

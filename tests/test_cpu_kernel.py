@@ -249,9 +249,14 @@ def entry_16bit(kernel, monkeypatch):
     CPUs)."""
     if not cpu_kernel.native_16bit(torch.bfloat16):
         pytest.skip("the CPU has neither AMX nor AVX512-BF16: the compiled kernel's bfloat16 entry is not used here")
-    if not cpu_kernel.uses_brgemm() or not cpu_kernel._self_check_16bit(cpu_kernel.load(), torch.bfloat16):
-        pytest.fail(f"the compiled kernel's bfloat16 entry fails its self-check on a CPU with "
-                    f"{'AMX' if cpu_kernel.amx(torch.bfloat16) else 'AVX512-BF16'}")
+    why: list = []
+    if not cpu_kernel.uses_brgemm() or not cpu_kernel._self_check_16bit(cpu_kernel.load(), torch.bfloat16, why):
+        unit = "AMX" if cpu_kernel.amx(torch.bfloat16) else "AVX512-BF16"
+        if unit == "AVX512-BF16" and why and why[0].startswith("unavailable"):
+            # checked on AMD Zen 5 only: where this oneDNN build has no bfloat16 micro-kernels for such a CPU, calls
+            # fall back to the float32 compute (tested elsewhere) and there is no entry to test
+            pytest.skip(f"the bfloat16 entry is unavailable on this AVX512-BF16 CPU ({why[0]})")
+        pytest.fail(f"the compiled kernel's bfloat16 entry fails its self-check on a CPU with {unit}: {why or 'no brgemm'}")
     monkeypatch.setattr(cpu_kernel, "native_16bit", lambda dtype: dtype == torch.bfloat16)
     monkeypatch.setitem(cpu_kernel._state, "native", {torch.bfloat16: True})
     return cpu_kernel
@@ -499,3 +504,18 @@ def test_16_bit_packing_is_the_same_through_32_bit_words_and_elementwise(S):
     assert torch.equal(kp_odd[..., :S, :], kp_even[..., :S, :]) and torch.equal(vp_odd, vp_even)
     expect = even.unflatten(-1, (8, 2)).transpose(2, 3)  # element (d, j) of K^T at [d // 2, j, d % 2]
     assert torch.equal(kp_even[..., :S, :], expect)
+
+
+def test_the_16_bit_self_check_says_whether_the_entry_is_missing_or_wrong():
+    class Raises:
+        def sparse_attention_16bit(self, *args):
+            raise RuntimeError("no bfloat16 micro-kernels")
+
+    class Wrong:
+        def sparse_attention_16bit(self, q, kt, v, out, *args):
+            out.zero_()
+
+    for module, want in ((Raises(), "unavailable: no bfloat16 micro-kernels"), (Wrong(), "wrong: off by")):
+        why: list = []
+        assert not cpu_kernel._self_check_16bit(module, torch.bfloat16, why)
+        assert len(why) == 1 and why[0].startswith(want)
