@@ -494,7 +494,8 @@ def test_a_layer_of_reordered_heads_only_makes_no_shared_inputs(kernel, monkeypa
 @pytest.mark.parametrize("S", [37, 64])
 def test_16_bit_packing_is_the_same_through_32_bit_words_and_elementwise(S):
     """K^T's VNNI packing moves pairs of 16-bit values as 32-bit words where K's layout allows it (even strides and
-    offset) and element by element elsewhere (here: a view at an odd offset): both give the same buffer."""
+    offset) and element by element elsewhere (here: a view at an odd offset): both give the same buffer, and V's
+    pairs of rows are interleaved as the entry reads them."""
     g = torch.Generator().manual_seed(3)
     big = torch.randn(2, 3, S, 17, generator=g).bfloat16()
     odd = big[..., 1:17]  # odd offset and row stride: the element-wise path
@@ -504,6 +505,10 @@ def test_16_bit_packing_is_the_same_through_32_bit_words_and_elementwise(S):
     assert torch.equal(kp_odd[..., :S, :], kp_even[..., :S, :]) and torch.equal(vp_odd, vp_even)
     expect = even.unflatten(-1, (8, 2)).transpose(2, 3)  # element (d, j) of K^T at [d // 2, j, d % 2]
     assert torch.equal(kp_even[..., :S, :], expect)
+    pairs = S // 2  # V: element (j, d) at [j // 2, d, j % 2], the pad of an odd S zero
+    assert torch.equal(vp_even[:, :, :pairs], even[:, :, : 2 * pairs].unflatten(2, (pairs, 2)).transpose(-1, -2))
+    if S % 2:
+        assert torch.equal(vp_even[:, :, -1, :, 0], even[:, :, -1]) and not vp_even[:, :, -1, :, 1].any()
 
 
 def test_the_16_bit_self_check_says_whether_the_entry_is_missing_or_wrong():
