@@ -339,8 +339,8 @@ class SparseAttention:
         # The torch backend's compiled CPU path: every group but a reordered one writes its heads straight into one
         # output from the call's own q, K^T, v (no per-group slices, no scatter), made on the first such group (a layer
         # of reordered groups only never needs them). The output is float32: 16-bit inputs are widened into scratch
-        # buffers once (or, on a CPU with AMX, packed for the kernel's 16-bit entry), the output rounded back at the
-        # end.
+        # buffers once (or, on a CPU that multiplies them natively, packed for the kernel's 16-bit entry), the output
+        # rounded back at the end.
         compiled = backend == "torch" and cpu_kernel.usable(q, k, v)
         prepared = None
         if compiled:
