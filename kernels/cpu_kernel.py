@@ -218,13 +218,19 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BF16_DOT_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX10_2_512")
 
 
+def _isa_allows(*prefixes: str) -> bool:
+    """Whether ONEDNN_MAX_CPU_ISA (unset or ALL: no limit) leaves oneDNN AMX or an instruction set named by one of
+    `prefixes`."""
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    return not isa or isa == "ALL" or "AMX" in isa or isa.startswith(prefixes)
+
+
 def amx(dtype: torch.dtype) -> bool:
     """Whether this CPU has AMX tiles for `dtype` (bfloat16 on Intel Xeon 4th generation and later, float16 from the
     6th), where torch's own 16-bit SDPA runs on them, ~3-5x faster than in float32: there a 16-bit call the kernel's
     16-bit entry cannot take goes to SDPA, not to the kernel's float32 compute. Respects a ONEDNN_MAX_CPU_ISA that
     leaves AMX out (oneDNN runs torch's 16-bit GEMMs)."""
-    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
-    if isa and isa != "ALL" and "AMX" not in isa:
+    if not _isa_allows():
         return False
     try:
         if dtype == torch.bfloat16:
@@ -246,8 +252,7 @@ def native_16bit(dtype: torch.dtype) -> bool:
         return True
     if dtype != torch.bfloat16:
         return False
-    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
-    if isa and isa != "ALL" and "AMX" not in isa and not isa.startswith(_BF16_DOT_ISAS):
+    if not _isa_allows(*_BF16_DOT_ISAS):
         return False
     try:
         return bool(torch.cpu._is_avx512_bf16_supported())
