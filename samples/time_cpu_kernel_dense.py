@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsediff.kernels import cpu_kernel
+from sparsediff.runtime import _scratch_named
 
 
 def best_ms(fn, repeats: int) -> float:
@@ -48,6 +49,7 @@ def main() -> None:
     sdpa = best_ms(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
     print(f"dense through the kernel {kernel:.1f} ms, SDPA {sdpa:.1f} ms ({kernel / sdpa:.2f}x SDPA's time)")
     if dtype != torch.float32 and cpu_kernel.native(dtype):
+        scratch = _scratch_named("layer")  # buffers kept across calls, as the runtime keeps them
         prep = best_ms(lambda: cpu_kernel.prepare(q, k, v, scratch), args.repeats)
         cpu_kernel._state["native"][dtype] = False  # the same call widened to float32 (as SPARSEDIFF_CPU_KERNEL_16BIT=0)
         try:
@@ -55,17 +57,6 @@ def main() -> None:
         finally:
             cpu_kernel._state["native"][dtype] = True
         print(f"the same through the float32 compute {wide:.1f} ms; the 16-bit entry's prepare (packing) {prep:.2f} ms")
-
-
-_buffers: dict = {}
-
-
-def scratch(name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """Buffers kept across calls, as the runtime keeps them: `prepare` timed without allocating."""
-    t = _buffers.get(name)
-    if t is None or t.shape != shape or t.dtype != dtype:
-        t = _buffers[name] = torch.empty(shape, dtype=dtype)
-    return t
 
 
 if __name__ == "__main__":
