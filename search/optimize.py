@@ -82,6 +82,14 @@ class SearchSpace:
     num_ranges: int = 2
 
 
+def check_ranges(num_ranges: int, num_steps: int) -> None:
+    """Refuse a range count the run cannot fill (a range without a step would take every profiled step's worst)."""
+    if not 1 <= num_ranges <= num_steps:
+        raise ValueError(
+            f"The plan cannot have {num_ranges} step ranges in a {num_steps}-step run; give between 1 and {num_steps} (--ranges)."
+        )
+
+
 def range_errors(profile: AttentionProfile, num_ranges: int, dense_steps: int, num_steps: int) -> list[torch.Tensor]:
     """Per step range, the (L, H, C) worst error over the profiled sparse steps inside it (all profiled steps when
     none fall inside). The worst case, because one bad step is enough to derail the rest of the trajectory."""
@@ -250,7 +258,12 @@ class PlanSearch:
                 raise ValueError(f"The block-{b} cost model lacks the profile's candidates {lacking}; measure them too.")
         self.min_psnr = min_psnr
         self.num_steps = evaluator.num_steps
-        self.study_name = study_name or f"sparsediff-{profile.model.model_class}-{profile.model.config_hash}-{profile.layout}-{profile_digest(profile)}"
+        check_ranges(self.space.num_ranges, self.num_steps)
+        # the same trial parameters give another plan with another range count: such a search is another study (the
+        # default count keeps the name studies had before it could change, so they still resume)
+        ranges = "" if self.space.num_ranges == 2 else f"-r{self.space.num_ranges}"
+        self.study_name = study_name or (f"sparsediff-{profile.model.model_class}-{profile.model.config_hash}-{profile.layout}-"
+                                         f"{profile_digest(profile)}{ranges}")
         self.storage = storage
         self.seed = seed
         self.heartbeat_interval = heartbeat_interval

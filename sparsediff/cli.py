@@ -217,7 +217,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
                              trials=args.trials, timeout=args.timeout, storage=args.storage, backend=args.backend,
                              block_sizes=block_sizes, force=args.force, progress=not args.json and not args.worker,
                              log=lambda line: logger.info(line), return_summary=True, validation_calls=validation_calls,
-                             choose=not args.worker)
+                             choose=not args.worker, ranges=args.ranges)
     except BaseException:
         for worker in workers:
             worker.terminate()
@@ -564,6 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     srch.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # runs trials only; started by --workers
     srch.add_argument("--backend", help="kernel backend to cost and run (default: automatic)")
     srch.add_argument("--block-sizes", help="block sizes to try, comma-separated (default: the profile's)")
+    srch.add_argument("--ranges", type=positive_int, default=2, help="step ranges of the plan, each with its own "
+                      "per-head patterns (default 2; at most the run's steps)")
     srch.add_argument("--prompts", help="calibration prompts, one per line (default: the profile's)")
     srch.add_argument("--steps", type=positive_int, help="denoising steps of the calibration runs (default: the profile's)")
     srch.add_argument("--validate-prompts", help="held-out prompts, one per line: the chosen plan must hold the floor on them too")

@@ -164,6 +164,7 @@ def test_os_errors_are_one_sentence_and_debug_shows_the_traceback(tmp_path, caps
         (["search", "--model", "m", "--profile", "p", "--out", "x.json", "--min-psnr", "nan"], "--min-psnr", "nan"),
         (["search", "--model", "m", "--profile", "p", "--out", "x.json", "--min-psnr", "inf"], "--min-psnr", "inf"),
         (["search", "--model", "m", "--profile", "p", "--out", "x.json", "--timeout", "-5"], "--timeout", "-5"),
+        (["search", "--model", "m", "--profile", "p", "--out", "x.json", "--ranges", "0"], "--ranges", "0"),
         (["profile", "--model", "m", "--out", "p", "--steps", "0"], "--steps", "0"),
         (["profile", "--model", "m", "--out", "p", "--block-size", "-8"], "--block-size", "-8"),
     ],

@@ -36,6 +36,35 @@ def test_build_plan_honours_dense_steps_and_layers_and_predicts_time():
     assert predicted_time(tight, cost, 4) == pytest.approx(dense)
 
 
+def test_a_range_per_step_gives_each_step_its_own_heads():
+    """With as many ranges as steps, each range's heads are the cheapest within the allowance at that step alone;
+    with fewer, the worst step of a range decides for all of it, so a range per step never keeps more heads full."""
+    profile, cost = synthetic_profile(), synthetic_cost()
+    per_step = build_plan(profile, cost, num_steps=4, dense_steps=0, dense_layers=0, allowance=[0.2] * 3, num_ranges=4)
+    assert [(r.start, r.end) for r in per_step.ranges] == [(0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0)]
+    for step, r in enumerate(per_step.ranges):
+        expected = assign_heads(profile.errors[step], CANDIDATES, cost, [0.2] * 3)
+        assert [tuple(p.name for p in layer) for layer in r.layers] == expected
+    halves = build_plan(profile, cost, 4, 0, 0, [0.2] * 3, num_ranges=2)
+    full = lambda plan: sum(p.kind == "full" for r in plan.ranges for layer in r.layers for p in layer)  # noqa: E731
+    assert full(per_step) * 2 < full(halves) * 4  # per step and range: fewer full heads in finer ranges
+    assert per_step.ranges != halves.ranges
+
+
+def test_the_range_count_is_checked_and_names_its_own_study(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    two = PlanSearch(synthetic_profile(), {16: synthetic_cost()}, SyntheticEvaluator(), SearchSpace(block_sizes=(16,)), storage=storage)
+    four = PlanSearch(synthetic_profile(), {16: synthetic_cost()}, SyntheticEvaluator(),
+                      SearchSpace(block_sizes=(16,), num_ranges=4), storage=storage)
+    assert four.study_name == two.study_name + "-r4"  # the same parameters give another plan: another study
+    four.run(trials=3, progress=False)
+    _, plan = four.choose(target_speedup=1.0)
+    assert len(plan.ranges) == 4
+    with pytest.raises(ValueError, match=r"cannot have 5 step ranges in a 4-step run; give between 1 and 4 \(--ranges\)"):
+        PlanSearch(synthetic_profile(), {16: synthetic_cost()}, SyntheticEvaluator(), SearchSpace(block_sizes=(16,), num_ranges=5),
+                   storage=storage)
+
+
 def make_search(tmp_path, min_psnr=30.0, **kw):
     return PlanSearch(synthetic_profile(), {16: synthetic_cost()}, SyntheticEvaluator(), SearchSpace(block_sizes=(16,)),
                       min_psnr=min_psnr, storage=f"sqlite:///{tmp_path / 'study.db'}", **kw)
@@ -230,6 +259,11 @@ def test_cli_profile_then_search(tmp_path, capsys, monkeypatch):
     validation = summary["validation"]
     assert validation["calls"] == 1 and validation["psnr"] >= 15 and validation["tried"][-1] == summary["chosen"]["number"]
     assert SparsePlan.load(plan_path).search["validation"] == validation
+    assert main([*args, "--force", "--ranges", "3"]) == 0  # a range per step: its own study, its plan has 3 ranges
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["study"].endswith("-r3") and summary["trials"] == 3 and len(SparsePlan.load(plan_path).ranges) == 3
+    assert main([*args, "--force", "--ranges", "4"]) == 2
+    assert "cannot have 4 step ranges in a 3-step run; give between 1 and 3 (--ranges)" in capsys.readouterr().err
     assert main([*args, "--force", "--validate-prompts", str(tmp_path / "missing.txt")]) == 2
     assert "is not a file of prompts" in capsys.readouterr().err
     assert main(["search", "--model", model, "--profile", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.json")]) == 2
