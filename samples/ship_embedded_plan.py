@@ -50,6 +50,8 @@ def main() -> None:
     p.add_argument("--reprofile", action="store_true", help="profile again even when the output folder holds a profile")
     p.add_argument("--steps", type=int, default=12, help="denoising steps of the profile and of the search (the demo's 12)")
     p.add_argument("--out", type=Path, default=ROOT / "samples" / "results" / "embedded")
+    p.add_argument("--ranges", type=int, default=2, help="step ranges of the plan (`sparsediff search --ranges`)")
+    p.add_argument("--allowance", default="0.01,1.0", help="range of the per-head error allowance (`sparsediff search --allowance`)")
     p.add_argument("--no-ship", action="store_true",
                    help="search and report only: leave the shipped plan as it is (compare before replacing it)")
     args = p.parse_args()
@@ -63,7 +65,8 @@ def main() -> None:
         run("profile", "--model", "embedded", "--prompts", prompts, "--steps", args.steps, *size, "--candidates", CANDIDATES,
             "--block-size", "64", "--out", args.out / "profile")
     run("search", "--model", "embedded", "--profile", args.out / "profile", "--out", args.out / "plan.json",
-        "--min-psnr", args.min_psnr, "--trials", args.trials, "--validate-prompts", held_out, "--force")
+        "--min-psnr", args.min_psnr, "--trials", args.trials, "--validate-prompts", held_out, "--ranges", args.ranges,
+        "--allowance", args.allowance, "--force")
     if args.no_ship:
         print(f"searched plan: {args.out / 'plan.json'} (not shipped: --no-ship)")
         return

@@ -259,11 +259,17 @@ class PlanSearch:
         self.min_psnr = min_psnr
         self.num_steps = evaluator.num_steps
         check_ranges(self.space.num_ranges, self.num_steps)
-        # the same trial parameters give another plan with another range count: such a search is another study (the
-        # default count keeps the name studies had before it could change, so they still resume)
-        ranges = "" if self.space.num_ranges == 2 else f"-r{self.space.num_ranges}"
+        lo, hi = self.space.allowance
+        if not 0 < lo < hi:
+            raise ValueError(f"The allowance range {lo},{hi} needs 0 < LO < HI; give e.g. 0.005,0.05 (--allowance).")
+        # the same trial parameters give another plan with another range count, and another allowance range draws
+        # other trials: such a search is another study (the defaults keep the name studies had before either could
+        # change, so they still resume)
+        space = "" if self.space.num_ranges == 2 else f"-r{self.space.num_ranges}"
+        if tuple(self.space.allowance) != SearchSpace.allowance:
+            space += "-a{:g}-{:g}".format(*self.space.allowance)
         self.study_name = study_name or (f"sparsediff-{profile.model.model_class}-{profile.model.config_hash}-{profile.layout}-"
-                                         f"{profile_digest(profile)}{ranges}")
+                                         f"{profile_digest(profile)}{space}")
         self.storage = storage
         self.seed = seed
         self.heartbeat_interval = heartbeat_interval

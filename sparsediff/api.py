@@ -447,6 +447,7 @@ def search_plan(
     validation_calls: "list[dict] | None" = None,
     choose: bool = True,
     ranges: int = 2,
+    allowance: tuple[float, float] = (0.01, 1.0),
 ):
     """Search the fastest plan for `pipe` on this machine that meets a quality floor (or a speed target).
 
@@ -484,6 +485,9 @@ def search_plan(
             each gives every head its own pattern from the profile's worst error inside it. More ranges follow the
             heads more closely along the trajectory (fewer heads kept dense for one bad step elsewhere) at the price
             of a larger plan fitted to fewer profiled steps each (at most the run's steps).
+        allowance (tuple[float, float], defaults to (0.01, 1.0)): range of the per-head error allowance (relative L2)
+            the trials draw from, log scale. Trials above the errors that hold the floor are spent on plans that fail
+            it; a narrower range spends them where the floor is crossed.
 
     Returns:
         SparsePlan: the chosen plan (its `search` field records the study, trial, PSNR and speedups), or
@@ -543,7 +547,7 @@ def search_plan(
                                   output_type=output_type)
     if storage is None:
         storage = f"sqlite:///{(out.with_suffix('.optuna.db') if out is not None else Path('sparsediff_search.db')).resolve()}"
-    run = PlanSearch(profile, costs, evaluator, SearchSpace(block_sizes=block_sizes, num_ranges=ranges), min_psnr=min_psnr, storage=storage,
+    run = PlanSearch(profile, costs, evaluator, SearchSpace(block_sizes=block_sizes, num_ranges=ranges, allowance=tuple(allowance)), min_psnr=min_psnr, storage=storage,
                      quality=(adapter.quality_name, adapter.quality_unit))
     run.run(trials, timeout, log=log or logger.info, progress=progress)
     if not choose:

@@ -45,6 +45,18 @@ def positive_float(text: str) -> float:
     return value
 
 
+def allowance_range(text: str) -> tuple[float, float]:
+    """argparse type: `LO,HI`, two numbers with 0 < LO < HI (the search's range of per-head error allowances)."""
+    parts = text.split(",")
+    try:
+        lo, hi = (float(x) for x in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not two numbers LO,HI; pass e.g. 0.005,0.05.") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
+        raise argparse.ArgumentTypeError(f"{text!r} needs 0 < LO < HI, both finite; pass e.g. 0.005,0.05.")
+    return lo, hi
+
+
 DTYPE_HELP = ("every component's dtype, as diffusers' from_pretrained(dtype=...) (default: the libraries' "
               "own, float32 for diffusers models); the search measures its costs in the dtype the model runs in")
 
@@ -217,7 +229,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
                              trials=args.trials, timeout=args.timeout, storage=args.storage, backend=args.backend,
                              block_sizes=block_sizes, force=args.force, progress=not args.json and not args.worker,
                              log=lambda line: logger.info(line), return_summary=True, validation_calls=validation_calls,
-                             choose=not args.worker, ranges=args.ranges)
+                             choose=not args.worker, ranges=args.ranges, allowance=args.allowance)
     except BaseException:
         for worker in workers:
             worker.terminate()
@@ -566,6 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
     srch.add_argument("--block-sizes", help="block sizes to try, comma-separated (default: the profile's)")
     srch.add_argument("--ranges", type=positive_int, default=2, help="step ranges of the plan, each with its own "
                       "per-head patterns (default 2; at most the run's steps)")
+    srch.add_argument("--allowance", type=allowance_range, default=(0.01, 1.0), metavar="LO,HI",
+                      help="range of the per-head error allowance (relative L2) the trials draw from, log scale "
+                      "(default 0.01,1.0); narrow it where the profile's errors show which allowances can hold the floor")
     srch.add_argument("--prompts", help="calibration prompts, one per line (default: the profile's)")
     srch.add_argument("--steps", type=positive_int, help="denoising steps of the calibration runs (default: the profile's)")
     srch.add_argument("--validate-prompts", help="held-out prompts, one per line: the chosen plan must hold the floor on them too")

@@ -60,6 +60,12 @@ def test_the_range_count_is_checked_and_names_its_own_study(tmp_path):
     four.run(trials=3, progress=False)
     _, plan = four.choose(target_speedup=1.0)
     assert len(plan.ranges) == 4
+    narrow = PlanSearch(synthetic_profile(), {16: synthetic_cost()}, SyntheticEvaluator(),
+                        SearchSpace(block_sizes=(16,), num_ranges=4, allowance=(0.005, 0.05)), storage=storage)
+    assert narrow.study_name == two.study_name + "-r4-a0.005-0.05"  # another range draws other trials: another study
+    narrow.run(trials=4, progress=False)
+    assert all(0.005 <= t.params["allowance"] <= 0.05 for t in narrow.study.trials)
+    assert narrow.study.trials[0].params["allowance"] == 0.005  # the cautious first trial: the range's low end
     with pytest.raises(ValueError, match=r"cannot have 5 step ranges in a 4-step run; give between 1 and 4 \(--ranges\)"):
         PlanSearch(synthetic_profile(), {16: synthetic_cost()}, SyntheticEvaluator(), SearchSpace(block_sizes=(16,), num_ranges=5),
                    storage=storage)
@@ -259,9 +265,10 @@ def test_cli_profile_then_search(tmp_path, capsys, monkeypatch):
     validation = summary["validation"]
     assert validation["calls"] == 1 and validation["psnr"] >= 15 and validation["tried"][-1] == summary["chosen"]["number"]
     assert SparsePlan.load(plan_path).search["validation"] == validation
-    assert main([*args, "--force", "--ranges", "3"]) == 0  # a range per step: its own study, its plan has 3 ranges
+    assert main([*args, "--force", "--ranges", "3", "--allowance", "0.02,0.2"]) == 0  # a range per step: its own study
     summary = json.loads(capsys.readouterr().out)
-    assert summary["study"].endswith("-r3") and summary["trials"] == 3 and len(SparsePlan.load(plan_path).ranges) == 3
+    assert summary["study"].endswith("-r3-a0.02-0.2") and summary["trials"] == 3
+    assert len(SparsePlan.load(plan_path).ranges) == 3 and 0.02 <= summary["chosen"]["params"]["allowance"] <= 0.2
     assert main([*args, "--force", "--ranges", "4"]) == 2
     assert "cannot have 4 step ranges in a 3-step run; give between 1 and 3 (--ranges)" in capsys.readouterr().err
     assert main([*args, "--force", "--validate-prompts", str(tmp_path / "missing.txt")]) == 2
