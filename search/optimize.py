@@ -72,6 +72,10 @@ class SearchSpace:
             (log scale).
         layer_scales (tuple[float, ...], defaults to (0.5, 1.0, 2.0)): per-layer multipliers of the allowance.
         num_ranges (int, defaults to 2): step ranges of the plan (equal shares of the trajectory).
+        sweep (int, defaults to 4): the study's first trials sweep the allowance over its range (log-spaced, lowest
+            first), the other knobs cautious (a fifth of the steps dense, no dense layer, every layer's scale 1): a
+            line through the most telling knob that gives the front a backbone where the sampler's first, random
+            population scatters over every knob at once.
     """
 
     max_dense_steps: int | None = None
@@ -80,6 +84,7 @@ class SearchSpace:
     allowance: tuple[float, float] = (0.01, 1.0)
     layer_scales: tuple[float, ...] = (0.5, 1.0, 2.0)
     num_ranges: int = 2
+    sweep: int = 4
 
 
 def check_ranges(num_ranges: int, num_steps: int) -> None:
@@ -262,6 +267,8 @@ class PlanSearch:
         lo, hi = self.space.allowance
         if not 0 < lo < hi:
             raise ValueError(f"The allowance range {lo},{hi} needs 0 < LO < HI; give e.g. 0.005,0.05 (--allowance).")
+        if self.space.sweep < 1:
+            raise ValueError(f"SearchSpace.sweep is {self.space.sweep}; give at least 1 (the cautious first trial).")
         # the same trial parameters give another plan with another range count, and another allowance range draws
         # other trials: such a search is another study (the defaults keep the name studies had before either could
         # change, so they still resume)
@@ -280,13 +287,14 @@ class PlanSearch:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             self.study.set_metric_names(["predicted_attention_ms", "psnr_db"])
         self.study_id = self.rdb.get_study_id_from_name(self.study_name)
-        if created:  # start from a cautious plan so the front has a quality anchor (only the creator: no duplicate)
-            L = profile.model.num_layers
-            self.study.enqueue_trial(
-                {"dense_steps": min(self.max_dense_steps, max(1, self.num_steps // 5)), "dense_layers": 0,
-                 "block_size": self.space.block_sizes[0], "allowance": self.space.allowance[0],
-                 **{f"layer_scale_{l}": 1.0 for l in range(L)}}
-            )
+        if created:  # the sweep (only the creator enqueues it: no duplicate); its first trial is the cautious anchor
+            L, (lo, hi), n = profile.model.num_layers, self.space.allowance, self.space.sweep
+            for i in range(n):
+                self.study.enqueue_trial(
+                    {"dense_steps": min(self.max_dense_steps, max(1, self.num_steps // 5)), "dense_layers": 0,
+                     "block_size": self.space.block_sizes[0], "allowance": lo * (hi / lo) ** (i / max(n - 1, 1)),
+                     **{f"layer_scale_{l}": 1.0 for l in range(L)}}
+                )
 
     def q(self, value: float, named: bool = True) -> str:
         """A quality value as the adapter names it ("PSNR 31.2 dB", "token agreement 0.958"; without the name: "31.2 dB")."""

@@ -65,7 +65,9 @@ def test_the_range_count_is_checked_and_names_its_own_study(tmp_path):
     assert narrow.study_name == two.study_name + "-r4-a0.005-0.05"  # another range draws other trials: another study
     narrow.run(trials=4, progress=False)
     assert all(0.005 <= t.params["allowance"] <= 0.05 for t in narrow.study.trials)
-    assert narrow.study.trials[0].params["allowance"] == 0.005  # the cautious first trial: the range's low end
+    sweep = [t.params["allowance"] for t in narrow.study.trials]  # the first trials sweep the range, lowest first
+    assert sweep == pytest.approx([0.005, 0.005 * 10 ** (1 / 3), 0.005 * 10 ** (2 / 3), 0.05])
+    assert all(t.params["dense_steps"] == 1 and t.params["dense_layers"] == 0 for t in narrow.study.trials)
     with pytest.raises(ValueError, match=r"cannot have 5 step ranges in a 4-step run; give between 1 and 4 \(--ranges\)"):
         PlanSearch(synthetic_profile(), {16: synthetic_cost()}, SyntheticEvaluator(), SearchSpace(block_sizes=(16,), num_ranges=5),
                    storage=storage)
@@ -147,9 +149,9 @@ def test_unreachable_targets_say_what_was_reached(tmp_path):
 def test_resume_continues_from_the_stored_trials(tmp_path):
     first = make_search(tmp_path)
     first.run(trials=3, progress=False)
-    assert len(first.study.trials) == 3
+    assert first.finished() == 3  # (the sweep's fourth trial waits in the queue)
     again = make_search(tmp_path)  # same storage and study name: loads it
-    assert len(again.study.trials) == 3
+    assert again.finished() == 3
     again.run(trials=7, progress=False)
     assert [t.number for t in again.study.trials] == list(range(7))
 

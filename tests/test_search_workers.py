@@ -129,7 +129,7 @@ def test_two_workers_share_the_budget_run_each_trial_once_and_choose_as_one_work
 
     # one worker over the same trials, in the same order, on SQLite: the same choice
     single = search_on(f"sqlite:///{tmp_path / 'single.db'}")
-    for trial in sorted(done, key=lambda t: t.number)[1:]:  # trial 0, the cautious start, is enqueued already
+    for trial in sorted(done, key=lambda t: t.number)[SearchSpace().sweep:]:  # the first ones, the sweep, are enqueued already
         single.study.enqueue_trial(trial.params)
     single.run(trials=12, progress=False)
     assert [t.params for t in single.study.get_trials(states=DONE)] == [t.params for t in sorted(done, key=lambda t: t.number)]
