@@ -86,13 +86,18 @@ class SearchSpace:
     num_ranges: int = 2
     sweep: int = 4
 
-
-def check_ranges(num_ranges: int, num_steps: int) -> None:
-    """Refuse a range count the run cannot fill (a range without a step would take every profiled step's worst)."""
-    if not 1 <= num_ranges <= num_steps:
-        raise ValueError(
-            f"The plan cannot have {num_ranges} step ranges in a {num_steps}-step run; give between 1 and {num_steps} (--ranges)."
-        )
+    def check(self, num_steps: int) -> "SearchSpace":
+        """Refuse what a search on a `num_steps`-step run cannot use, naming the flag (a range without a step would
+        take every profiled step's worst)."""
+        if not 1 <= self.num_ranges <= num_steps:
+            raise ValueError(f"The plan cannot have {self.num_ranges} step ranges in a {num_steps}-step run; give between 1 "
+                             f"and {num_steps} (--ranges).")
+        lo, hi = self.allowance
+        if not 0 < lo < hi:
+            raise ValueError(f"The allowance range {lo},{hi} needs 0 < LO < HI; give e.g. 0.005,0.05 (--allowance).")
+        if self.sweep < 1:
+            raise ValueError(f"SearchSpace.sweep is {self.sweep}; give at least 1 (the cautious first trial).")
+        return self
 
 
 def range_errors(profile: AttentionProfile, num_ranges: int, dense_steps: int, num_steps: int) -> list[torch.Tensor]:
@@ -263,12 +268,7 @@ class PlanSearch:
                 raise ValueError(f"The block-{b} cost model lacks the profile's candidates {lacking}; measure them too.")
         self.min_psnr = min_psnr
         self.num_steps = evaluator.num_steps
-        check_ranges(self.space.num_ranges, self.num_steps)
-        lo, hi = self.space.allowance
-        if not 0 < lo < hi:
-            raise ValueError(f"The allowance range {lo},{hi} needs 0 < LO < HI; give e.g. 0.005,0.05 (--allowance).")
-        if self.space.sweep < 1:
-            raise ValueError(f"SearchSpace.sweep is {self.space.sweep}; give at least 1 (the cautious first trial).")
+        self.space.check(self.num_steps)
         # the same trial parameters give another plan with another range count, and another allowance range draws
         # other trials: such a search is another study (the defaults keep the name studies had before either could
         # change, so they still resume)

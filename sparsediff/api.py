@@ -481,10 +481,10 @@ def search_plan(
             calls are run on these, fastest first, and the first that holds it is chosen (`plan.search["validation"]`).
         choose (bool, defaults to True): False makes this call a worker that only runs its share of the trials
             (until the study holds `trials`) and returns None; another call on the storage chooses and saves.
-        ranges (int, defaults to 2): step ranges of the plan (equal shares of the run);
-            each gives every head its own pattern from the profile's worst error inside it. More ranges follow the
-            heads more closely along the trajectory (fewer heads kept dense for one bad step elsewhere) at the price
-            of a larger plan fitted to fewer profiled steps each (at most the run's steps).
+        ranges (int, defaults to 2): step ranges of the plan (equal shares of the run); each gives every head its
+            own pattern from the profile's worst error inside it. More ranges follow the heads more closely along the
+            trajectory (fewer heads kept dense for one bad step elsewhere) at the price of a larger plan fitted to
+            fewer profiled steps each (at most the run's steps).
         allowance (tuple[float, float], defaults to (0.01, 1.0)): range of the per-head error allowance (relative L2)
             the trials draw from, log scale. Trials above the errors that hold the floor are spent on plans that fail
             it; a narrower range spends them where the floor is crossed.
@@ -498,7 +498,7 @@ def search_plan(
     from .pipelines.adapter import adapter_for
     from .render import render_search_report
     from .search.cost import CostModel
-    from .search.optimize import PlanSearch, SearchSpace, check_ranges
+    from .search.optimize import PlanSearch, SearchSpace
     from .search.profile import AttentionProfile
     from .search.quality import PipelineEvaluator
 
@@ -533,11 +533,12 @@ def search_plan(
                 f"{sorted(map(str, given)) or 'no calls'}. Give held-out prompts with the same steps (a plan's step ranges "
                 "are fractions of the run, but its quality was measured at that step count)."
             )
-    run_steps = [c.get("num_inference_steps") for c in calls]
-    if None not in run_steps:  # (calls without it are refused by the evaluator, naming them)
-        check_ranges(ranges, min(run_steps))  # before any cost is measured
     param = next(model.parameters())
     block_sizes = tuple(block_sizes or (profile.block_size,))
+    space = SearchSpace(block_sizes=block_sizes, num_ranges=ranges, allowance=tuple(allowance))
+    run_steps = [c.get("num_inference_steps") for c in calls]
+    if None not in run_steps:  # (calls without it are refused by the evaluator, naming them)
+        space.check(min(run_steps))  # before any cost is measured
     costs = {
         b: CostModel.load_or_measure(profile.layout, profile.model.num_heads, profile.model.head_dim, profile.candidates,
                                      block_size=b, backend=backend, dtype=param.dtype, device=str(param.device))
@@ -547,7 +548,7 @@ def search_plan(
                                   output_type=output_type)
     if storage is None:
         storage = f"sqlite:///{(out.with_suffix('.optuna.db') if out is not None else Path('sparsediff_search.db')).resolve()}"
-    run = PlanSearch(profile, costs, evaluator, SearchSpace(block_sizes=block_sizes, num_ranges=ranges, allowance=tuple(allowance)), min_psnr=min_psnr, storage=storage,
+    run = PlanSearch(profile, costs, evaluator, space, min_psnr=min_psnr, storage=storage,
                      quality=(adapter.quality_name, adapter.quality_unit))
     run.run(trials, timeout, log=log or logger.info, progress=progress)
     if not choose:
