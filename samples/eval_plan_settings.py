@@ -21,11 +21,10 @@ from pathlib import Path
 import torch
 
 from sparsediff.api import accelerate, load_pipeline
-from sparsediff.patterns import get_pattern
 from sparsediff.pipelines.adapter import adapter_for
-from sparsediff.plan import SparsePlan, StepRange
+from sparsediff.plan import SparsePlan
 from sparsediff.search.cost import CostModel
-from sparsediff.search.optimize import assign_heads, dense_time, predicted_time, range_errors
+from sparsediff.search.optimize import build_plan, dense_time, predicted_time
 from sparsediff.search.profile import AttentionProfile
 from sparsediff.search.quality import PipelineEvaluator
 
@@ -36,15 +35,11 @@ def plan_for(profile: AttentionProfile, cost: CostModel, steps: int, setting: st
     dense_steps, ranges, allowance, *scales = setting.split(":")
     L, R = profile.model.num_layers, int(ranges)
     layer_scales = [float(x) for x in scales[0].split(",")] if scales else [1.0] * L
-    range_scales = [float(x) for x in scales[1].split(",")] if len(scales) > 1 else [1.0] * R
-    if len(layer_scales) != L or len(range_scales) != R:
-        raise SystemExit(f"{setting!r}: give {L} layer scales and {R} range scales (or none)")
-    out = []
-    for r, errors in enumerate(range_errors(profile, R, int(dense_steps), steps)):
-        layers = assign_heads(errors, profile.candidates, cost, [float(allowance) * s * range_scales[r] for s in layer_scales])
-        out.append(StepRange(r / R, (r + 1) / R, tuple(tuple(get_pattern(n) for n in layer) for layer in layers)))
-    return SparsePlan(model=profile.model, ranges=out, block_size=profile.block_size, dense_steps=int(dense_steps),
-                      dense_layers=(), layout=str(profile.layout)).validate()
+    range_scales = [float(x) for x in scales[1].split(",")] if len(scales) > 1 else None
+    if len(layer_scales) != L:
+        raise SystemExit(f"{setting!r}: give {L} layer scales (or none)")
+    return build_plan(profile, cost, steps, int(dense_steps), 0, [float(allowance) * s for s in layer_scales], R,
+                      range_scales=range_scales)
 
 
 def main() -> None:

@@ -143,14 +143,20 @@ def build_plan(
     allowance: Sequence[float],
     num_ranges: int = 2,
     block_size: int | None = None,
+    range_scales: Sequence[float] | None = None,
 ) -> SparsePlan:
-    """A plan for `num_steps` steps from the profile's errors and the measured costs."""
+    """A plan for `num_steps` steps from the profile's errors and the measured costs. `range_scales` (one per range,
+    default 1) multiply the allowance per step range: not a search knob, a way to ask where along the trajectory error
+    hurts (`samples/eval_plan_settings.py`)."""
     L = profile.model.num_layers
     if len(allowance) != L:
         raise ValueError(f"allowance has {len(allowance)} entries but the model has {L} layers; give one per layer.")
+    range_scales = [1.0] * num_ranges if range_scales is None else list(range_scales)
+    if len(range_scales) != num_ranges:
+        raise ValueError(f"range_scales has {len(range_scales)} entries for {num_ranges} step ranges; give one per range.")
     ranges = []
     for r, errors in enumerate(range_errors(profile, num_ranges, dense_steps, num_steps)):
-        layers = assign_heads(errors, profile.candidates, cost, allowance)
+        layers = assign_heads(errors, profile.candidates, cost, [a * range_scales[r] for a in allowance])
         ranges.append(StepRange(r / num_ranges, (r + 1) / num_ranges, tuple(tuple(get_pattern(n) for n in l) for l in layers)))
     return SparsePlan(
         model=profile.model,

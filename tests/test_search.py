@@ -73,6 +73,17 @@ def test_the_range_count_is_checked_and_names_its_own_study(tmp_path):
                    storage=storage)
 
 
+def test_range_scales_multiply_the_allowance_per_range():
+    profile, cost = synthetic_profile(), synthetic_cost()
+    plain = build_plan(profile, cost, 4, 0, 0, [0.3] * 3, num_ranges=2)
+    scaled = build_plan(profile, cost, 4, 0, 0, [0.3] * 3, num_ranges=2, range_scales=[0.0, 1.0])
+    assert all(p.kind == "full" for layer in scaled.ranges[0].layers for p in layer)  # no error allowed: all full
+    assert scaled.ranges[1] == plain.ranges[1] and scaled.ranges[0] != plain.ranges[0]
+    assert build_plan(profile, cost, 4, 0, 0, [0.3] * 3, num_ranges=2, range_scales=[1.0, 1.0]).ranges == plain.ranges
+    with pytest.raises(ValueError, match="range_scales has 3 entries for 2 step ranges; give one per range"):
+        build_plan(profile, cost, 4, 0, 0, [0.3] * 3, num_ranges=2, range_scales=[1.0, 1.0, 1.0])
+
+
 def make_search(tmp_path, min_psnr=30.0, **kw):
     return PlanSearch(synthetic_profile(), {16: synthetic_cost()}, SyntheticEvaluator(), SearchSpace(block_sizes=(16,)),
                       min_psnr=min_psnr, storage=f"sqlite:///{tmp_path / 'study.db'}", **kw)
