@@ -447,7 +447,7 @@ def search_plan(
     validation_calls: "list[dict] | None" = None,
     choose: bool = True,
     ranges: int = 2,
-    allowance: tuple[float, float] = (0.01, 1.0),
+    allowance: "tuple[float, float] | None" = None,
 ):
     """Search the fastest plan for `pipe` on this machine that meets a quality floor (or a speed target).
 
@@ -485,8 +485,8 @@ def search_plan(
             own pattern from the profile's worst error inside it. More ranges follow the heads more closely along the
             trajectory (fewer heads kept dense for one bad step elsewhere) at the price of a larger plan fitted to
             fewer profiled steps each (at most the run's steps).
-        allowance (tuple[float, float], defaults to (0.01, 1.0)): range of the per-head error allowance (relative L2)
-            the trials draw from, log scale. Trials above the errors that hold the floor are spent on plans that fail
+        allowance (tuple[float, float], defaults to None): range of the per-head error allowance (relative L2) the
+            trials draw from, log scale; None is `SearchSpace`'s (0.01, 1.0). Trials above the errors that hold the floor are spent on plans that fail
             it; a narrower range spends them where the floor is crossed.
 
     Returns:
@@ -535,7 +535,7 @@ def search_plan(
             )
     param = next(model.parameters())
     block_sizes = tuple(block_sizes or (profile.block_size,))
-    space = SearchSpace(block_sizes=block_sizes, num_ranges=ranges, allowance=tuple(allowance))
+    space = SearchSpace(block_sizes=block_sizes, num_ranges=ranges, allowance=tuple(allowance or SearchSpace.allowance))
     run_steps = [c.get("num_inference_steps") for c in calls]
     if None not in run_steps:  # (calls without it are refused by the evaluator, naming them)
         space.check(min(run_steps))  # before any cost is measured

@@ -578,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     srch.add_argument("--block-sizes", help="block sizes to try, comma-separated (default: the profile's)")
     srch.add_argument("--ranges", type=positive_int, default=2, help="step ranges of the plan, each with its own "
                       "per-head patterns (default 2; at most the run's steps)")
-    srch.add_argument("--allowance", type=allowance_range, default=(0.01, 1.0), metavar="LO,HI",
+    srch.add_argument("--allowance", type=allowance_range, metavar="LO,HI",
                       help="range of the per-head error allowance (relative L2) the trials draw from, log scale "
                       "(default 0.01,1.0); narrow it where the profile's errors show which allowances can hold the floor")
     srch.add_argument("--prompts", help="calibration prompts, one per line (default: the profile's)")
