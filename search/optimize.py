@@ -76,6 +76,11 @@ class SearchSpace:
             first), the other knobs cautious (a fifth of the steps dense, no dense layer, every layer's scale 1): a
             line through the most telling knob that gives the front a backbone where the sampler's first, random
             population scatters over every knob at once.
+        refine (int, defaults to 4): the budget's last trials (at most this many) bisect the allowance of the fastest
+            trial meeting the floor, its other knobs kept, between it and the loosest allowance known to fall below
+            the floor with those knobs (or the range's top): the sampler's draws land anywhere in the range, while
+            the plan worth having sits just under the floor. Midpoints whose plan equals a bracket's own plan are
+            skipped without a run; it stops when the bracket narrows to a factor 1.1.
     """
 
     max_dense_steps: int | None = None
@@ -85,6 +90,7 @@ class SearchSpace:
     layer_scales: tuple[float, ...] = (0.5, 1.0, 2.0)
     num_ranges: int = 2
     sweep: int = 4
+    refine: int = 4
 
     def check(self, num_steps: int) -> "SearchSpace":
         """Refuse what a search on a `num_steps`-step run cannot use, naming the flag (a range without a step would
@@ -97,6 +103,8 @@ class SearchSpace:
             raise ValueError(f"The allowance range {lo},{hi} needs 0 < LO < HI; give e.g. 0.005,0.05 (--allowance).")
         if self.sweep < 1:
             raise ValueError(f"SearchSpace.sweep is {self.sweep}; give at least 1 (the cautious first trial).")
+        if self.refine < 0:
+            raise ValueError(f"The refinement budget is {self.refine} trials; give 0 (none) or more (--refine).")
         return self
 
 
@@ -422,6 +430,8 @@ class PlanSearch:
                             f"search without heartbeats never are: stop with Ctrl-C or --timeout)")
                     time.sleep(min(1.0, self.heartbeat_interval))
                     continue
+                if self.finished() >= trials - self.space.refine:  # the budget's last trials: refine the best
+                    self._queue_refinement(log)
                 trial = self.study.ask()
                 if self.finished() > trials:
                     # another worker took the last slot between our count and ask(): give this one back
@@ -448,6 +458,53 @@ class PlanSearch:
                     raise
                 bar.update(1)
         bar.close()
+
+    def next_refinement(self) -> tuple[dict[str, Any], str] | None:
+        """The next refinement trial's parameters and why (see `SearchSpace.refine`), or None: the budget is spent,
+        trials are queued already, no trial meets the floor yet, or the bracket is narrower than a factor 1.1."""
+        C, P, W = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.WAITING
+        trials = self.study.get_trials(deepcopy=False)
+        if any(t.state == W for t in trials) or sum("refine" in t.user_attrs for t in trials) >= self.space.refine:
+            return None  # queued trials (the sweep, another worker's refinement) go first
+        done = [t for t in trials if t.state in (C, P)]
+        meets = lambda t: t.state == C and t.values[1] >= self.min_psnr  # noqa: E731  (pruned: below the floor)
+        feasible = [t for t in done if meets(t)]
+        if not feasible:
+            return None
+        # the fastest meeting the floor; on a tie (a looser allowance that changed no head) the loosest
+        best = min(feasible, key=lambda t: (t.values[0], -t.params["allowance"], t.number))
+        knobs = lambda t: {k: v for k, v in t.params.items() if k != "allowance"}  # noqa: E731
+        lo = best.params["allowance"]
+        failed = [t for t in done if not meets(t) and knobs(t) == knobs(best) and t.params["allowance"] > lo]
+        upper = min(failed, key=lambda t: t.params["allowance"], default=None)
+        hi = upper.params["allowance"] if upper is not None else self.space.allowance[1]
+
+        def plan_at(allowance: float) -> dict:
+            return self.plan_for(optuna.trial.FixedTrial({**best.params, "allowance": allowance})).to_dict()
+
+        lo_plan, hi_plan = plan_at(lo), (plan_at(hi) if upper is not None else None)
+        while hi / lo >= 1.1:
+            mid = math.sqrt(lo * hi)
+            plan = plan_at(mid)
+            if plan == lo_plan:  # the same plan as the bracket's ends: its result is known, no run needed
+                lo = mid
+            elif plan == hi_plan:
+                hi = mid
+            else:
+                params = {**best.params, "allowance": mid}
+                if any(t.system_attrs.get("fixed_params") == params for t in trials):
+                    return None  # queued and taken by another worker, still running: its result decides the next
+                above = f"trial {upper.number}'s plan, below the floor" if upper is not None else "the range's top"
+                return params, (f"allowance {mid:.4g}, between {lo:.4g} (trial {best.number}'s plan, meeting the floor) "
+                                f"and {hi:.4g} ({above})")
+        return None
+
+    def _queue_refinement(self, log: Callable[[str], None]) -> None:
+        found = self.next_refinement()
+        if found is not None:
+            params, why = found
+            self.study.enqueue_trial(params, user_attrs={"refine": why})
+            log(f"refining: {why}")
 
     def _finished_elsewhere(self, trial, error: Exception) -> bool:
         """Whether `error` only says that another worker finished `trial` (completed or pruned) while this one ran it."""

@@ -448,6 +448,7 @@ def search_plan(
     choose: bool = True,
     ranges: int = 2,
     allowance: "tuple[float, float] | None" = None,
+    refine: int = 4,
 ):
     """Search the fastest plan for `pipe` on this machine that meets a quality floor (or a speed target).
 
@@ -488,6 +489,9 @@ def search_plan(
         allowance (tuple[float, float], defaults to None): range of the per-head error allowance (relative L2) the
             trials draw from, log scale; None is `SearchSpace`'s (0.01, 1.0). Trials above the errors that hold the floor are spent on plans that fail
             it; a narrower range spends them where the floor is crossed.
+        refine (int, defaults to 4): the budget's last trials (at most this many) bisect the allowance of the fastest
+            trial meeting the floor, its other knobs kept, towards the loosest one known to fail it: the plan worth
+            having sits just under the floor, where random draws rarely land. 0 leaves every trial to the sampler.
 
     Returns:
         SparsePlan: the chosen plan (its `search` field records the study, trial, PSNR and speedups), or
@@ -535,7 +539,8 @@ def search_plan(
             )
     param = next(model.parameters())
     block_sizes = tuple(block_sizes or (profile.block_size,))
-    space = SearchSpace(block_sizes=block_sizes, num_ranges=ranges, allowance=tuple(allowance or SearchSpace.allowance))
+    space = SearchSpace(block_sizes=block_sizes, num_ranges=ranges, allowance=tuple(allowance or SearchSpace.allowance),
+                        refine=refine)
     run_steps = [c.get("num_inference_steps") for c in calls]
     if None not in run_steps:  # (calls without it are refused by the evaluator, naming them)
         space.check(min(run_steps))  # before any cost is measured

@@ -26,6 +26,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number, 0 or above."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; pass 0 or more, e.g. 4.") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is below 0; pass 0 or more, e.g. 4.")
+    return value
+
+
 def finite_float(text: str) -> float:
     """argparse type: a finite number (no nan or inf)."""
     try:
@@ -229,7 +240,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
                              trials=args.trials, timeout=args.timeout, storage=args.storage, backend=args.backend,
                              block_sizes=block_sizes, force=args.force, progress=not args.json and not args.worker,
                              log=lambda line: logger.info(line), return_summary=True, validation_calls=validation_calls,
-                             choose=not args.worker, ranges=args.ranges, allowance=args.allowance)
+                             choose=not args.worker, ranges=args.ranges, allowance=args.allowance, refine=args.refine)
     except BaseException:
         for worker in workers:
             worker.terminate()
@@ -581,6 +592,9 @@ def build_parser() -> argparse.ArgumentParser:
     srch.add_argument("--allowance", type=allowance_range, metavar="LO,HI",
                       help="range of the per-head error allowance (relative L2) the trials draw from, log scale "
                       "(default 0.01,1.0); narrow it where the profile's errors show which allowances can hold the floor")
+    srch.add_argument("--refine", type=non_negative_int, default=4, metavar="N",
+                      help="the budget's last N trials bisect the allowance of the fastest plan meeting the floor towards "
+                      "the loosest known to fail it (default 4; 0: every trial from the sampler)")
     srch.add_argument("--prompts", help="calibration prompts, one per line (default: the profile's)")
     srch.add_argument("--steps", type=positive_int, help="denoising steps of the calibration runs (default: the profile's)")
     srch.add_argument("--validate-prompts", help="held-out prompts, one per line: the chosen plan must hold the floor on them too")

@@ -73,6 +73,50 @@ def test_the_range_count_is_checked_and_names_its_own_study(tmp_path):
                    storage=storage)
 
 
+def test_the_last_trials_bisect_the_allowance_of_the_fastest_plan_meeting_the_floor(tmp_path):
+    """Refinement: each of the budget's last trials keeps the knobs of the fastest trial meeting the floor so far and
+    takes an allowance strictly inside its bracket (that trial's, and the loosest known to fail with those knobs, or
+    the range's top), whose plan is neither end's. Here it finds a faster plan than the sampler's trials did."""
+    def search(refine: int, name: str) -> PlanSearch:
+        s = PlanSearch(synthetic_profile(), {16: synthetic_cost()}, SyntheticEvaluator(), SearchSpace(block_sizes=(16,), refine=refine),
+                       min_psnr=42.0, storage=f"sqlite:///{tmp_path / name}")
+        s.run(trials=10, progress=False)
+        return s
+
+    refined, plain = search(4, "refined.db"), search(0, "plain.db")
+    trials = refined.study.trials
+    meets = lambda t: t.state == optuna.trial.TrialState.COMPLETE and t.values[1] >= 42.0  # noqa: E731
+    knobs = lambda t: {k: v for k, v in t.params.items() if k != "allowance"}  # noqa: E731
+    steps = [t for t in trials if "refine" in t.user_attrs]
+    assert steps and all(t.number >= 10 - 4 for t in steps)  # only the budget's last trials
+    assert not any("refine" in t.user_attrs for t in plain.study.trials)
+    assert [t.params for t in plain.study.trials[:6]] == [t.params for t in trials[:6]]  # the same trials before it
+    for t in steps:
+        before = [u for u in trials if u.number < t.number]
+        best = min((u for u in before if meets(u)), key=lambda u: (u.values[0], -u.params["allowance"]))
+        assert knobs(t) == knobs(best)
+        lo = best.params["allowance"]
+        hi = min((u.params["allowance"] for u in before if not meets(u) and knobs(u) == knobs(best) and u.params["allowance"] > lo),
+                 default=SearchSpace.allowance[1])
+        assert lo < t.params["allowance"] < hi
+        plans = [refined.plan_for(optuna.trial.FixedTrial({**t.params, "allowance": a})).to_dict() for a in (lo, t.params["allowance"])]
+        assert plans[0] != plans[1]  # a run that can tell something new
+        assert f"trial {best.number}'s plan, meeting the floor" in t.user_attrs["refine"]
+    assert refined.choose()[0].predicted_ms < plain.choose()[0].predicted_ms  # a faster plan at the same floor
+    assert refined.next_refinement() is None  # the budget is spent
+
+
+def test_refinement_stops_when_the_bracket_is_narrow(tmp_path):
+    s = PlanSearch(synthetic_profile(), {16: synthetic_cost()}, SyntheticEvaluator(), SearchSpace(block_sizes=(16,), refine=50),
+                   min_psnr=42.0, storage=f"sqlite:///{tmp_path / 'study.db'}")
+    s.run(trials=20, progress=False)
+    steps = [t for t in s.study.trials if "refine" in t.user_attrs]
+    assert 0 < len(steps) < 20 - s.space.sweep  # it stopped by itself, the sampler had the rest
+    assert s.next_refinement() is None
+    with pytest.raises(ValueError, match=r"refinement budget is -1 trials; give 0 \(none\) or more \(--refine\)"):
+        SearchSpace(refine=-1).check(4)
+
+
 def test_range_scales_multiply_the_allowance_per_range():
     profile, cost = synthetic_profile(), synthetic_cost()
     plain = build_plan(profile, cost, 4, 0, 0, [0.3] * 3, num_ranges=2)
