@@ -70,6 +70,7 @@ class PlanController:
         self.plan = plan
         self.log = log
         self.runtimes = [SparseAttention(backend=backend) for _ in range(num_layers)]
+        self._full_layers_here: bool | None = None  # whether all-full layers run in the runtime (None: not seen yet)
         self._layout_bound = layout_bound_patterns(plan) if plan is not None else []
         self._layouts_seen: set[TokenLayout] = set()  # checked already (a call's layout repeats every step)
         scored = plan is not None and any(p.needs_scores for r in plan.ranges for layer in r.layers for p in layer)
@@ -81,14 +82,20 @@ class PlanController:
             runtime.reset()
 
     def patterns(self, layer: int, state: CallState) -> tuple[Pattern, ...] | None:
-        """The layer's patterns at this step, or None when every head is `full` (the call stays the model's own)."""
+        """The layer's patterns at this step, or None where the call stays the model's own: a dense step or layer of
+        the plan, an all-dense plan, and a layer whose heads the plan made all `full` where the runtime would run them
+        as SDPA anyway (known from the first such call; see `SparseAttention.runs_full_layers`)."""
         if self.plan is None or self.plan.is_all_dense:
             return None
         if state.num_steps is None:
             warn_once(logger, f"sparsediff: the number of denoising steps of {state.model} is unknown, so it runs dense; pass num_steps to accelerate().")
             return None
+        if self.plan.is_dense_step(state.step, state.num_steps) or layer in self.plan.dense_layers:
+            return None
         patterns = self.plan.layer_patterns(state.step, state.num_steps, layer)
-        return None if all(p.kind == "full" for p in patterns) else patterns
+        if self._full_layers_here is False and all(p.kind == "full" for p in patterns):
+            return None
+        return patterns
 
     @property
     def may_replace(self) -> bool:
@@ -108,6 +115,10 @@ class PlanController:
         if self.plan.min_tokens and max(layout.num_tokens for _, layout in groups) < self.plan.min_tokens:
             return None  # shorter than the plan applies to: the model's own attention
         runtime = self.runtimes[layer]
+        if all(p.kind == "full" for p in patterns):  # a layer of full heads: here only where the compiled kernel runs it
+            self._full_layers_here = runtime.runs_full_layers(query, key, value)
+            if not self._full_layers_here:
+                return None
         # diffusers' dispatch hands SDPA (B, S, H, D) tensors permuted to (B, H, S, D); the sparse kernels run
         # markedly faster on contiguous heads (measured 1.3-1.6x on CPU), for one cheap copy.
         query, key, value = query.contiguous(), key.contiguous(), value.contiguous()

@@ -32,8 +32,9 @@ from sparsediff.runtime import SparseAttention, group_heads, resolve_backend
 from sparsediff.timing import device_name, median_ms
 
 COST_SCHEMA = 2
-# Full heads in a layer that has other groups: on the torch backend's compiled CPU path they run dense through the
-# compiled kernel (a layer of full heads alone runs SDPA, the model's own attention); timed as their own curve.
+# Full heads in a sparse step: on the torch backend's compiled CPU path they run dense through the compiled kernel,
+# beside other groups or a layer of them alone (the dense steps and layers of a plan run SDPA, the model's own
+# attention: `dense_layer_time`); timed as their own curve (the name is the one cached tables have).
 FULL_BESIDE = "full beside sparse"
 
 
@@ -108,11 +109,11 @@ class CostModel:
         return interpolate(self.points[p.name], heads)
 
     def layer_time(self, patterns: Sequence["Pattern | str"]) -> float:
-        """Predicted ms of one layer call: the sum over its fused groups (full heads beside other groups on their
-        own curve where one was measured)."""
+        """Predicted ms of one layer call of a sparse step: the sum over its fused groups (full heads on the compiled
+        kernel's curve where one was measured)."""
         groups = group_heads([get_pattern(x) for x in patterns])
-        beside = len(groups) > 1 and FULL_BESIDE in self.points
-        return sum(interpolate(self.points[FULL_BESIDE], len(h)) if beside and p.kind == "full" else self.group_time(p, len(h))
+        compiled = FULL_BESIDE in self.points
+        return sum(interpolate(self.points[FULL_BESIDE], len(h)) if compiled and p.kind == "full" else self.group_time(p, len(h))
                    for p, h in groups)
 
     def dense_layer_time(self) -> float:

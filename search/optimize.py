@@ -179,11 +179,13 @@ def build_plan(
 def predicted_time(plan: SparsePlan, cost: CostModel, num_steps: int) -> float:
     """Attention milliseconds of one run of `num_steps` steps under `plan`, from the cost model."""
     dense = cost.dense_layer_time()
+    if plan.is_all_dense:
+        return dense_time(plan, cost, num_steps)
     total = 0.0
     for step in range(num_steps):
         for layer in range(plan.model.num_layers):
-            patterns = plan.layer_patterns(step, num_steps, layer)
-            total += dense if all(p.kind == "full" for p in patterns) else cost.layer_time(patterns)
+            own = plan.is_dense_step(step, num_steps) or layer in plan.dense_layers  # the model's own attention
+            total += dense if own else cost.layer_time(plan.layer_patterns(step, num_steps, layer))
     return total
 
 

@@ -2,8 +2,10 @@
 
 For `q, k, v` of shape (B, H, S, D), a layer's per-head patterns are grouped by (pattern, parameters). Each
 group runs in one kernel call over its heads (head fusion); `skip` heads stay zero and cost nothing; `full`
-heads run dense SDPA together (beside sparse heads on the torch backend's CPU path: dense through the compiled CPU
-kernel, the faster of the two there; a layer whose heads are all full always runs SDPA, the model's own attention).
+heads run dense SDPA together (on the torch backend's CPU path: dense through the compiled CPU kernel, beside sparse
+heads or a layer of them alone, since its GEMMs are at least as fast as SDPA's there, ~1.6-2x on AMD CPUs where MKL
+runs SDPA's at AVX2 rates; BENCHMARKS 1a. The model's own attention runs where the plan says dense: its dense steps
+and layers, and every call of an all-dense plan, which never reach this runtime).
 A call returns its output and one `AttentionStats`; heads are named by their global index in the layer, so a
 caller holding a slice of the heads runs exactly the plan's patterns for them. Specs (block masks, block tables) are
 built once per (layout, block size, patterns) and cached. `topk_blocks` heads take their block scores from full attention at their first call
@@ -290,6 +292,11 @@ class SparseAttention:
         self._groups[key] = built
         return built
 
+    def runs_full_layers(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether a call of these tensors whose heads are all `full` runs here faster than the model's own attention
+        would: through the compiled CPU kernel (elsewhere it would be SDPA either way, so the model's own call stays)."""
+        return resolve_backend(self.backend, q.device) == "torch" and cpu_kernel.usable(q, k, v)
+
     def __call__(
         self,
         q: torch.Tensor,
@@ -331,17 +338,17 @@ class SparseAttention:
             warn_once(logger, f"sparsediff: calls whose queries are only the last keys (a cache before them) run on the torch backend; the {backend} kernels take whole sequences.")
             backend = "torch"
         groups = self.groups(q, k, layout, patterns, block_size, scale, head_start)
-        if len(groups) == 1 and groups[0].pattern.kind == "full":
-            out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-            return out, AttentionStats(1.0, 0, 0, H, True, 1, backend, tuple(groups))
-        kernel = _kernel(backend)
-        stats = AttentionStats(0.0, 0, 0, 0, False, 1, backend, tuple(groups))
         # The torch backend's compiled CPU path: every group but a reordered one writes its heads straight into one
         # output from the call's own q, K^T, v (no per-group slices, no scatter), made on the first such group (a layer
         # of reordered groups only never needs them). The output is float32: 16-bit inputs are widened into scratch
         # buffers once (or, on a CPU that multiplies them natively, packed for the kernel's 16-bit entry), the output
-        # rounded back at the end.
+        # rounded back at the end. A layer of full heads runs there too (dense, in one call).
         compiled = backend == "torch" and cpu_kernel.usable(q, k, v)
+        if len(groups) == 1 and groups[0].pattern.kind == "full" and not compiled:
+            out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+            return out, AttentionStats(1.0, 0, 0, H, True, 1, backend, tuple(groups))
+        kernel = _kernel(backend)
+        stats = AttentionStats(0.0, 0, 0, 0, False, 1, backend, tuple(groups))
         prepared = None
         if compiled:
             out = torch.zeros(q.shape, dtype=torch.float32)

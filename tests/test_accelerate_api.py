@@ -65,6 +65,33 @@ def test_dense_layers_of_the_plan_stay_dense(wan_model):
     assert not s.dense and s.density == 0.5 and s.heads_skipped == 2 and s.layers == 2  # layer 0 full, layer 1 skipped
 
 
+def test_a_layer_the_plan_made_all_full_runs_in_the_compiled_kernel_but_a_dense_layer_is_the_models_own(wan_model):
+    """In a sparse step, a layer whose heads the search left all `full` runs dense through the compiled CPU kernel (as
+    full heads beside sparse ones do: its GEMMs are at least as fast as SDPA's); the plan's dense steps and layers,
+    and every call without the kernel, stay the model's own attention, bit for bit."""
+    from sparsediff.kernels import cpu_kernel
+
+    fp = fingerprint(wan_model)
+    full, skip = ((get_pattern(n),) * fp.num_heads for n in ("full", "skip"))
+    assigned = SparsePlan(model=fp, ranges=[StepRange(0.0, 1.0, (full, skip))], block_size=8)
+    dense_layer = SparsePlan(model=fp, ranges=[StepRange(0.0, 1.0, (skip, skip))], block_size=8, dense_layers=(0,))
+
+    def run(plan):
+        with sparsediff.accelerate(wan_model, plan, num_steps=1) as handle, torch.no_grad():  # as pipelines run
+            out = run_step(wan_model, "cond")
+            (s,) = handle.stats
+        return out, s
+
+    own, s = run(dense_layer)
+    assert s.heads_full == 0 and s.heads_skipped == fp.num_heads  # layer 0: the model's own call (no runtime stats)
+    out, s = run(assigned)
+    assert s.heads_full == (fp.num_heads if cpu_kernel.runs(torch.float32) else 0) and s.heads_skipped == fp.num_heads
+    torch.testing.assert_close(out, own, rtol=1e-4, atol=1e-5)
+    with cpu_kernel.disabled():
+        out, s = run(assigned)
+    assert s.heads_full == 0 and torch.equal(out, own)  # without the kernel the runtime would run SDPA: the model's own
+
+
 def test_bare_model_all_full_is_exact_and_remove_restores_identity(wan_model):
     before = [m.processor for m in wan_model.modules() if hasattr(m, "processor")]
     reference = run_step(wan_model, "cond")

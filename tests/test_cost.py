@@ -45,10 +45,11 @@ def test_noisy_inversions_are_pooled():
 
 def test_layer_time_is_the_sum_over_fused_groups(model):
     mixed = ["diagonal_w1", "full", "diagonal_w1", "skip"]
-    # full heads beside other groups take their own curve where the compiled CPU kernel runs them (measured then)
-    full = interpolate(model.points[FULL_BESIDE], 1) if FULL_BESIDE in model.points else model.group_time("full", 1)
-    assert model.layer_time(mixed) == pytest.approx(model.group_time("diagonal_w1", 2) + full)
-    assert model.layer_time(["full"] * 4) == pytest.approx(model.dense_layer_time())  # a dense layer: SDPA
+    # full heads of a sparse step take their own curve where the compiled CPU kernel runs them (measured then)
+    full = (lambda n: interpolate(model.points[FULL_BESIDE], n)) if FULL_BESIDE in model.points else (lambda n: model.group_time("full", n))
+    assert model.layer_time(mixed) == pytest.approx(model.group_time("diagonal_w1", 2) + full(1))
+    assert model.layer_time(["full"] * 4) == pytest.approx(full(4))  # a layer of them alone too
+    assert model.dense_layer_time() == model.group_time("full", 4)  # dense steps and layers: SDPA, the model's own
     assert (FULL_BESIDE in model.points) == compiled_full(model.key.backend, "cpu", torch.float32)
 
 

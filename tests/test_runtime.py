@@ -65,12 +65,24 @@ def test_a_slice_of_heads_runs_the_plans_patterns_for_those_heads():
         SparseAttention()(q[:, :4], k[:, :4], v[:, :4], layout, MIXED, head_start=6)
 
 
-def test_all_full_layer_is_exactly_sdpa():
+def test_an_all_full_layer_is_sdpa_unless_the_compiled_kernel_runs_it():
+    from sparsediff.kernels import cpu_kernel
+
     layout = TokenLayout.parse("video:3x4x4")
     q, k, v = qkv(layout, 4)
-    out, stats = SparseAttention(backend="torch")(q, k, v, layout, ["full"] * 4)
-    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v))
+    sdpa = F.scaled_dot_product_attention(q, k, v)
+    with cpu_kernel.disabled():  # no compiled kernel: SDPA, bit for bit, and nothing to gain from the runtime
+        runtime = SparseAttention(backend="torch")
+        out, stats = runtime(q, k, v, layout, ["full"] * 4)
+        assert not runtime.runs_full_layers(q, k, v)
+    assert torch.equal(out, sdpa)
     assert stats.dense and stats.density == 1.0 and stats.heads_full == 4
+    runtime = SparseAttention(backend="torch")
+    assert runtime.runs_full_layers(q, k, v) == cpu_kernel.usable(q, k, v)
+    assert not SparseAttention(backend="reference").runs_full_layers(q, k, v)
+    out, stats = runtime(q, k, v, layout, ["full"] * 4)
+    torch.testing.assert_close(out, sdpa, rtol=1e-5, atol=1e-5)
+    assert stats.density == 1.0 and stats.heads_full == 4 and stats.dense == (not cpu_kernel.usable(q, k, v))
 
 
 @pytest.mark.parametrize("compiled", [False, True])

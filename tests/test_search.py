@@ -7,6 +7,8 @@ import textwrap
 import optuna
 import pytest
 
+from sparsediff.patterns import get_pattern
+from sparsediff.plan import SparsePlan, StepRange
 from sparsediff.search.optimize import PlanSearch, SearchSpace, assign_heads, build_plan, predicted_time
 from tests.search_fixtures import CANDIDATES, LAYOUT, HeldOutEvaluator, SyntheticEvaluator, synthetic_cost, synthetic_profile
 
@@ -34,6 +36,20 @@ def test_build_plan_honours_dense_steps_and_layers_and_predicts_time():
     assert cost.dense_layer_time() * 3 + cost.dense_layer_time() * 3 < t < dense  # dense step + dense layer cost
     tight = build_plan(profile, cost, 4, 0, 0, [0.0] * 3)
     assert predicted_time(tight, cost, 4) == pytest.approx(dense)
+
+
+def test_predicted_time_counts_the_plans_dense_steps_and_layers_as_sdpa_and_full_heads_of_sparse_steps_on_their_curve():
+    from sparsediff.search.cost import FULL_BESIDE
+
+    profile, cost = synthetic_profile(), synthetic_cost()
+    cost.points[FULL_BESIDE] = [(n, 2.5 * n) for n in (1, 2, 4)]  # the compiled kernel's dense curve, faster than SDPA's
+    full, diagonal = ((get_pattern(n),) * 4 for n in ("full", "diagonal_w1"))
+    plan = SparsePlan(model=profile.model, ranges=[StepRange(0.0, 1.0, (full, full, diagonal))], dense_steps=1, dense_layers=(0,))
+    sdpa, compiled, sparse = cost.dense_layer_time(), 2.5 * 4, cost.group_time("diagonal_w1", 4)
+    # step 0 and layer 0: the model's own SDPA; layer 1, all full in the sparse steps: the compiled curve
+    assert predicted_time(plan, cost, 4) == pytest.approx(3 * sdpa + 3 * (sdpa + compiled + sparse))
+    dense = SparsePlan(model=profile.model, ranges=[StepRange(0.0, 1.0, (full,) * 3)])
+    assert dense.is_all_dense and predicted_time(dense, cost, 4) == pytest.approx(4 * 3 * sdpa)  # the model's own
 
 
 def test_a_range_per_step_gives_each_step_its_own_heads():
