@@ -15,26 +15,27 @@ logger = logging.getLogger("sparsediff")
 
 
 # ---- checks at the boundary: arguments, devices and output paths, before any work ----------------------------
-def positive_int(text: str) -> int:
-    """argparse type: a whole number above 0."""
+def _whole(text: str, minimum: int, example: int) -> int:
+    """A whole number of at least `minimum`, or argparse's error naming the value and the fix."""
+    wanted = "one above 0" if minimum == 1 else f"{minimum} or more"
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; pass one above 0, e.g. 8.") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not above 0; pass a whole number above 0, e.g. 8.")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; pass {wanted}, e.g. {example}.") from None
+    if value < minimum:
+        below = "is not above 0" if minimum == 1 else f"is below {minimum}"
+        raise argparse.ArgumentTypeError(f"{text!r} {below}; pass a whole number, {wanted}, e.g. {example}.")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number above 0."""
+    return _whole(text, 1, 8)
 
 
 def non_negative_int(text: str) -> int:
-    """argparse type: a whole number, 0 or above."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; pass 0 or more, e.g. 4.") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is below 0; pass 0 or more, e.g. 4.")
-    return value
+    """argparse type: a whole number, 0 or above (a budget that may be none)."""
+    return _whole(text, 0, 4)
 
 
 def finite_float(text: str) -> float:

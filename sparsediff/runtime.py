@@ -293,8 +293,8 @@ class SparseAttention:
         return built
 
     def runs_full_layers(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-        """Whether a call of these tensors whose heads are all `full` runs here faster than the model's own attention
-        would: through the compiled CPU kernel (elsewhere it would be SDPA either way, so the model's own call stays)."""
+        """Whether a call of these tensors whose heads are all `full` runs here through the compiled CPU kernel
+        (elsewhere this runtime would run SDPA, the model's own attention, so the model's own call stays)."""
         return resolve_backend(self.backend, q.device) == "torch" and cpu_kernel.usable(q, k, v)
 
     def __call__(
