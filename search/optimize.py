@@ -81,6 +81,10 @@ class SearchSpace:
             the floor with those knobs (or the range's top): the sampler's draws land anywhere in the range, while
             the plan worth having sits just under the floor. Midpoints whose plan equals a bracket's own plan are
             skipped without a run; it stops when the bracket narrows to a factor 1.1.
+        prune_ahead (int, defaults to 3): once this many trials have completed, a trial is also pruned at a step where
+            its running PSNR, less the smallest loss any completed trial had from that step to its end, is below the
+            floor: errors only accumulate along the trajectory, so such a trial would end below it, and its remaining
+            steps are saved. 0 prunes only at the floor itself.
     """
 
     max_dense_steps: int | None = None
@@ -91,6 +95,7 @@ class SearchSpace:
     num_ranges: int = 2
     sweep: int = 4
     refine: int = 4
+    prune_ahead: int = 3
 
     def check(self, num_steps: int) -> "SearchSpace":
         """Refuse what a search on a `num_steps`-step run cannot use, naming the flag (a range without a step would
@@ -105,6 +110,9 @@ class SearchSpace:
             raise ValueError(f"SearchSpace.sweep is {self.sweep}; give at least 1 (the cautious first trial).")
         if self.refine < 0:
             raise ValueError(f"The refinement budget is {self.refine} trials; give 0 (none) or more (--refine).")
+        if self.prune_ahead < 0:
+            raise ValueError(f"prune_ahead is {self.prune_ahead}; give 0 (prune at the floor only) or the completed trials "
+                             "to learn from (--prune-ahead).")
         return self
 
 
@@ -387,16 +395,42 @@ class PlanSearch:
         trial.set_user_attr("predicted_speedup", speedup)
         trial.set_user_attr("density", plan.predicted_flops_share(self.profile.layout, self.num_steps))
 
+        losses = self.losses_to_end()
+
         def report(step: int, psnr: float) -> None:
             trial.set_user_attr(f"psnr_step_{step}", min(psnr, PSNR_CAP))
             if psnr < self.min_psnr:
                 trial.set_user_attr("pruned_at_step", step)
                 raise optuna.TrialPruned(f"{self.q(psnr)} at step {step} is below the floor {self.floor()}")
+            loss, n = losses.get(step, (0.0, 0))
+            if loss > 0 and psnr - loss < self.min_psnr:
+                trial.set_user_attr("pruned_at_step", step)
+                trial.set_user_attr("pruned_ahead", loss)
+                raise optuna.TrialPruned(
+                    f"{self.q(psnr)} at step {step}, and every one of {n} completed trials lost at least "
+                    f"{self.q(loss, named=False)} from this step to its end: it would end below the floor {self.floor()}")
 
         result = self.evaluator(plan, report)
         trial.set_user_attr("seconds", result.seconds)
         trial.set_user_attr("measured_speedup", self.evaluator.dense_seconds / max(result.seconds, 1e-9))
         return t, min(result.psnr, PSNR_CAP)
+
+    def losses_to_end(self) -> dict[int, tuple[float, int]]:
+        """Per step, the smallest drop in quality from that step to the end over the completed trials, and their count
+        (`SearchSpace.prune_ahead`): empty until that many have completed. Trials or steps at the PSNR cap (identical
+        to dense) tell nothing about the drop and are left out."""
+        if self.space.prune_ahead == 0:
+            return {}
+        done = [t for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                if t.values is not None and t.values[1] < PSNR_CAP]
+        if len(done) < self.space.prune_ahead:
+            return {}
+        drops: dict[int, list[float]] = {}
+        for t in done:
+            for key, value in t.user_attrs.items():
+                if key.startswith("psnr_step_") and value < PSNR_CAP:
+                    drops.setdefault(int(key.removeprefix("psnr_step_")), []).append(value - t.values[1])
+        return {step: (min(d), len(d)) for step, d in drops.items() if len(d) >= self.space.prune_ahead}
 
     # ---- the loop ------------------------------------------------------------------------------------
     def finished(self, running: bool = True) -> int:

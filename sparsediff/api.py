@@ -449,6 +449,7 @@ def search_plan(
     ranges: int = 2,
     allowance: "tuple[float, float] | None" = None,
     refine: int = 4,
+    prune_ahead: int = 3,
 ):
     """Search the fastest plan for `pipe` on this machine that meets a quality floor (or a speed target).
 
@@ -492,6 +493,9 @@ def search_plan(
         refine (int, defaults to 4): the budget's last trials (at most this many) bisect the allowance of the fastest
             trial meeting the floor, its other knobs kept, towards the loosest one known to fail it: the plan worth
             having sits just under the floor, where random draws rarely land. 0 leaves every trial to the sampler.
+        prune_ahead (int, defaults to 3): once this many trials have completed, a trial is pruned as soon as its
+            running PSNR less the smallest loss any of them had from that step to the end falls below the floor (it
+            would end below it); 0 prunes only when the running PSNR itself falls below the floor.
 
     Returns:
         SparsePlan: the chosen plan (its `search` field records the study, trial, PSNR and speedups), or
@@ -540,7 +544,7 @@ def search_plan(
     param = next(model.parameters())
     block_sizes = tuple(block_sizes or (profile.block_size,))
     space = SearchSpace(block_sizes=block_sizes, num_ranges=ranges, allowance=tuple(allowance or SearchSpace.allowance),
-                        refine=refine)
+                        refine=refine, prune_ahead=prune_ahead)
     run_steps = [c.get("num_inference_steps") for c in calls]
     if None not in run_steps:  # (calls without it are refused by the evaluator, naming them)
         space.check(min(run_steps))  # before any cost is measured

@@ -241,7 +241,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
                              trials=args.trials, timeout=args.timeout, storage=args.storage, backend=args.backend,
                              block_sizes=block_sizes, force=args.force, progress=not args.json and not args.worker,
                              log=lambda line: logger.info(line), return_summary=True, validation_calls=validation_calls,
-                             choose=not args.worker, ranges=args.ranges, allowance=args.allowance, refine=args.refine)
+                             choose=not args.worker, ranges=args.ranges, allowance=args.allowance, refine=args.refine,
+                             prune_ahead=args.prune_ahead)
     except BaseException:
         for worker in workers:
             worker.terminate()
@@ -596,6 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
     srch.add_argument("--refine", type=non_negative_int, default=4, metavar="N",
                       help="the budget's last N trials bisect the allowance of the fastest plan meeting the floor towards "
                       "the loosest known to fail it (default 4; 0: every trial from the sampler)")
+    srch.add_argument("--prune-ahead", type=non_negative_int, default=3, metavar="N",
+                      help="once N trials have completed, prune a trial whose running quality less the smallest loss "
+                      "any of them had from that step to the end is below the floor (default 3; 0: only at the floor)")
     srch.add_argument("--prompts", help="calibration prompts, one per line (default: the profile's)")
     srch.add_argument("--steps", type=positive_int, help="denoising steps of the calibration runs (default: the profile's)")
     srch.add_argument("--validate-prompts", help="held-out prompts, one per line: the chosen plan must hold the floor on them too")

@@ -206,6 +206,49 @@ def test_pruned_trials_are_recorded(tmp_path):
     assert all("pruned_at_step" in t.user_attrs for t in pruned)
 
 
+class DriftingEvaluator(SyntheticEvaluator):
+    """The synthetic runs, losing 4 dB per step on their way to the final PSNR."""
+
+    def __call__(self, plan, report):
+        result = super().__call__(plan, lambda step, value: None)
+        for step in range(self.num_steps):
+            report(step, result.psnr + 4.0 * (self.num_steps - step))
+        return result
+
+
+def test_trials_bound_to_end_below_the_floor_are_pruned_ahead_of_it(tmp_path):
+    """Every run loses 4 dB per step to its end: once 3 trials have completed, a trial whose running PSNR less the
+    smallest loss they had from that step is under the floor is pruned there, before its running PSNR reaches the
+    floor. The trials meeting the floor are the same either way; only failing ones are cut, and earlier."""
+    def search(prune_ahead: int, name: str) -> PlanSearch:
+        s = PlanSearch(synthetic_profile(), {16: synthetic_cost()}, DriftingEvaluator(),
+                       SearchSpace(block_sizes=(16,), refine=0, prune_ahead=prune_ahead), min_psnr=42.0,
+                       storage=f"sqlite:///{tmp_path / name}")
+        s.run(trials=12, progress=False)
+        return s
+
+    ahead, plain = search(3, "ahead.db"), search(0, "plain.db")
+    C = optuna.trial.TrialState.COMPLETE
+    meets = lambda s: {tuple(sorted(t.params.items())) for t in s.study.trials if t.state == C and t.values[1] >= 42.0}  # noqa: E731
+    assert meets(ahead) and meets(ahead) <= meets(plain)  # no trial that would meet the floor was cut
+    by_params = {tuple(sorted(t.params.items())): t for t in plain.study.trials}
+    early = [t for t in ahead.study.trials if "pruned_ahead" in t.user_attrs]
+    assert early  # failing trials were cut ahead of the floor...
+    for t in early:
+        step = t.user_attrs["pruned_at_step"]
+        assert t.user_attrs["pruned_ahead"] == pytest.approx(4.0 * (4 - step))  # the loss every completed trial had
+        assert t.user_attrs[f"psnr_step_{step}"] >= 42.0 > t.user_attrs[f"psnr_step_{step}"] - t.user_attrs["pruned_ahead"]
+        assert sum(u.state == C for u in ahead.study.trials if u.number < t.number) >= 3
+        twin = by_params.get(tuple(sorted(t.params.items())))
+        if twin is not None:  # ...earlier than the same trial without, or where it completed below the floor
+            assert twin.state == C and twin.values[1] < 42.0 or twin.user_attrs["pruned_at_step"] > step
+    completed = [t for t in ahead.study.trials if t.state == C]
+    assert ahead.losses_to_end()[1] == (pytest.approx(12.0), len(completed))
+    assert plain.losses_to_end() == {}
+    with pytest.raises(ValueError, match=r"prune_ahead is -1; give 0 .*\(--prune-ahead\)"):
+        SearchSpace(prune_ahead=-1).check(4)
+
+
 def test_unreachable_targets_say_what_was_reached(tmp_path):
     search = make_search(tmp_path)
     search.run(trials=4, progress=False)
