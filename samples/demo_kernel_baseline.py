@@ -36,7 +36,7 @@ def all_full_through_kernel(pipe, plan: SparsePlan):
     the runtime (the compiled kernel on CPU). `is_all_dense` is patched for this measurement only: `accelerate`
     would otherwise leave such a plan as the model's own attention."""
     data = plan.to_dict()
-    data.update(dense_steps=0, dense_layers=[], search=None)
+    data.update(dense_steps=0, dense_layers=[], search={})
     for r in data["ranges"]:
         r["layers"] = [["full"] * len(layer) for layer in r["layers"]]
     full = SparsePlan.from_dict(data)

@@ -494,8 +494,8 @@ def search_plan(
             trial meeting the floor, its other knobs kept, towards the loosest one known to fail it: the plan worth
             having sits just under the floor, where random draws rarely land. 0 leaves every trial to the sampler.
         prune_ahead (int, defaults to 3): once this many trials have completed, a trial is pruned as soon as its
-            running PSNR less the smallest loss any of them had from that step to the end falls below the floor (it
-            would end below it); 0 prunes only when the running PSNR itself falls below the floor.
+            running PSNR less 90% of the smallest loss any of them had from that step to the end, plus 1 dB of slack, falls
+            below the floor (it would end below it); 0 prunes only when the running PSNR itself falls below the floor.
 
     Returns:
         SparsePlan: the chosen plan (its `search` field records the study, trial, PSNR and speedups), or

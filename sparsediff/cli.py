@@ -598,8 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the budget's last N trials bisect the allowance of the fastest plan meeting the floor towards "
                       "the loosest known to fail it (default 4; 0: every trial from the sampler)")
     srch.add_argument("--prune-ahead", type=non_negative_int, default=3, metavar="N",
-                      help="once N trials have completed, prune a trial whose running quality less the smallest loss "
-                      "any of them had from that step to the end is below the floor (default 3; 0: only at the floor)")
+                      help="once N trials have completed, prune a trial whose running PSNR less 90%% of the smallest "
+                      "loss any of them had from that step to the end, plus 1 dB, is below the floor (default 3; 0: only at the floor)")
     srch.add_argument("--prompts", help="calibration prompts, one per line (default: the profile's)")
     srch.add_argument("--steps", type=positive_int, help="denoising steps of the calibration runs (default: the profile's)")
     srch.add_argument("--validate-prompts", help="held-out prompts, one per line: the chosen plan must hold the floor on them too")

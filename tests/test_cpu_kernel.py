@@ -157,6 +157,7 @@ def test_16_bit_inputs_run_the_kernel_in_float32(kernel, monkeypatch, dtype, mod
     """bfloat16 / float16 inputs are widened once and computed in float32: the result is the float32 kernel's on the
     same (rounded) inputs, rounded once to the input dtype, so it is as close to the reference as that rounding."""
     monkeypatch.setattr(cpu_kernel, "native_16bit", lambda dtype: False)  # as on a CPU without AMX or AVX512-BF16
+    monkeypatch.setattr(cpu_kernel, "amx", lambda dtype: False)  # (with AMX, SDPA would take 16-bit calls)
     calls = []
     run = cpu_kernel.attend_into
     monkeypatch.setattr(cpu_kernel, "attend_into", lambda *a, **kw: calls.append(a[0].dtype) or run(*a, **kw))
@@ -429,10 +430,11 @@ def test_a_build_is_announced_and_a_cached_load_is_silent(monkeypatch, caplog):
 
 
 def test_a_layers_groups_write_into_one_output_and_a_layer_of_full_heads_runs_there_too(kernel, monkeypatch):
-    monkeypatch.setattr(cpu_kernel, "native_16bit", lambda dtype: False)  # bfloat16 through the kernel, as without AMX
     """On the compiled path every group of a layer (full heads too) runs from the call's own q, K^T, v into one
     output; a reordered group (multi_diagonal) takes its own copies; a layer of full heads alone is one dense call
     (the model's own SDPA runs where the plan says dense: tests/test_accelerate_pipelines.py)."""
+    monkeypatch.setattr(cpu_kernel, "native_16bit", lambda dtype: False)  # bfloat16 through the kernel, as without AMX
+    monkeypatch.setattr(cpu_kernel, "amx", lambda dtype: False)
     from sparsediff.kernels.reference import reference_attention
     from sparsediff.layout import TokenLayout
     from sparsediff.runtime import SparseAttention
