@@ -85,6 +85,9 @@ class SearchSpace:
             the floor with those knobs (or the range's top): the sampler's draws land anywhere in the range, while
             the plan worth having sits just under the floor. Midpoints whose plan equals a bracket's own plan are
             skipped without a run; it stops when the bracket narrows to a factor 1.1.
+        range_scales (tuple[float, ...], defaults to (1.0,)): per-step-range multipliers of the allowance, one drawn per
+            range (with one value, no knob): errors in some parts of the trajectory cost more quality than in others
+            (on the embedded model the second quarter of the steps most, the last half least, BENCHMARKS.md §5).
         prune_ahead (int, defaults to 3): once this many trials have completed, a trial is also pruned at a step where
             its running PSNR, less 90% of the smallest loss any completed trial had from that step to its end plus
             1 dB of slack, is below the floor: errors only accumulate along the trajectory, so such a trial would end
@@ -99,6 +102,7 @@ class SearchSpace:
     num_ranges: int = 2
     sweep: int = 4
     refine: int = 4
+    range_scales: tuple[float, ...] = (1.0,)
     prune_ahead: int = 3
 
     def check(self, num_steps: int) -> "SearchSpace":
@@ -114,6 +118,9 @@ class SearchSpace:
             raise ValueError(f"SearchSpace.sweep is {self.sweep}; give at least 1 (the cautious first trial).")
         if self.refine < 0:
             raise ValueError(f"The refinement budget is {self.refine} trials; give 0 (none) or more (--refine).")
+        if not self.range_scales or any(not (x > 0) for x in self.range_scales):
+            raise ValueError(f"The range scales {','.join(map(str, self.range_scales))} must be positive numbers; give e.g. "
+                             "0.5,1,2 (--range-scales).")
         if self.prune_ahead < 0:
             raise ValueError(f"prune_ahead is {self.prune_ahead}; give 0 (prune at the floor only) or the completed trials "
                              "to learn from (--prune-ahead).")
@@ -166,8 +173,8 @@ def build_plan(
     range_scales: Sequence[float] | None = None,
 ) -> SparsePlan:
     """A plan for `num_steps` steps from the profile's errors and the measured costs. `range_scales` (one per range,
-    default 1) multiply the allowance per step range: not a search knob, a way to ask where along the trajectory error
-    hurts (`samples/eval_plan_settings.py`)."""
+    default 1) multiply the allowance per step range (`SearchSpace.range_scales`; `samples/eval_plan_settings.py` asks
+    where along the trajectory error hurts)."""
     L = profile.model.num_layers
     if len(allowance) != L:
         raise ValueError(f"allowance has {len(allowance)} entries but the model has {L} layers; give one per layer.")
@@ -303,6 +310,8 @@ class PlanSearch:
         space = "" if self.space.num_ranges == 2 else f"-r{self.space.num_ranges}"
         if tuple(self.space.allowance) != SearchSpace.allowance:
             space += "-a{:g}-{:g}".format(*self.space.allowance)
+        if tuple(self.space.range_scales) != SearchSpace.range_scales:  # another knob: another study
+            space += "-s" + "-".join(f"{x:g}" for x in self.space.range_scales)
         self.study_name = study_name or (f"sparsediff-{profile.model.model_class}-{profile.model.config_hash}-{profile.layout}-"
                                          f"{profile_digest(profile)}{space}")
         self.storage = storage
@@ -321,7 +330,7 @@ class PlanSearch:
                 self.study.enqueue_trial(
                     {"dense_steps": min(self.max_dense_steps, max(1, self.num_steps // 5)), "dense_layers": 0,
                      "block_size": self.space.block_sizes[0], "allowance": lo * (hi / lo) ** (i / max(n - 1, 1)),
-                     **{f"layer_scale_{l}": 1.0 for l in range(L)}}
+                     **{f"layer_scale_{l}": 1.0 for l in range(L)}, **self._neutral_range_scales()}
                 )
 
     def q(self, value: float, named: bool = True) -> str:
@@ -385,10 +394,21 @@ class PlanSearch:
             "allowance": trial.suggest_float("allowance", *s.allowance, log=True),
             **{f"layer_scale_{l}": trial.suggest_categorical(f"layer_scale_{l}", list(s.layer_scales)) for l in range(L)},
         }
+        range_scales = None
+        if len(s.range_scales) > 1:
+            range_scales = [trial.suggest_categorical(f"range_scale_{r}", list(s.range_scales)) for r in range(s.num_ranges)]
         allowance = [p["allowance"] * p[f"layer_scale_{l}"] for l in range(L)]
         plan = build_plan(self.profile, self.costs[p["block_size"]], self.num_steps, p["dense_steps"], p["dense_layers"],
-                          allowance, s.num_ranges, p["block_size"])
+                          allowance, s.num_ranges, p["block_size"], range_scales)
         return plan
+
+    def _neutral_range_scales(self) -> dict[str, float]:
+        """The sweep's range scales: 1 where it is a choice (else the choice nearest it), none without the knob."""
+        s = self.space
+        if len(s.range_scales) <= 1:
+            return {}
+        neutral = min(s.range_scales, key=lambda x: (abs(math.log(x)), x))
+        return {f"range_scale_{r}": neutral for r in range(s.num_ranges)}
 
     def objective(self, trial: optuna.Trial) -> tuple[float, float]:
         plan = self.plan_for(trial)

@@ -450,6 +450,7 @@ def search_plan(
     allowance: "tuple[float, float] | None" = None,
     refine: int = 4,
     prune_ahead: int = 3,
+    range_scales: "tuple[float, ...] | None" = None,
 ):
     """Search the fastest plan for `pipe` on this machine that meets a quality floor (or a speed target).
 
@@ -496,6 +497,9 @@ def search_plan(
         prune_ahead (int, defaults to 3): once this many trials have completed, a trial is pruned as soon as its
             running PSNR less 90% of the smallest loss any of them had from that step to the end, plus 1 dB of slack, falls
             below the floor (it would end below it); 0 prunes only when the running PSNR itself falls below the floor.
+        range_scales (tuple[float, ...], defaults to None): choices of a per-step-range multiplier of the allowance,
+            one drawn per range by each trial (e.g. (0.75, 1.0, 1.5, 2.0)): errors cost more quality in some parts of
+            the run than in others. None: every range 1, no such knob. Another setting is another study.
 
     Returns:
         SparsePlan: the chosen plan (its `search` field records the study, trial, PSNR and speedups), or
@@ -544,7 +548,7 @@ def search_plan(
     param = next(model.parameters())
     block_sizes = tuple(block_sizes or (profile.block_size,))
     space = SearchSpace(block_sizes=block_sizes, num_ranges=ranges, allowance=tuple(allowance or SearchSpace.allowance),
-                        refine=refine, prune_ahead=prune_ahead)
+                        refine=refine, prune_ahead=prune_ahead, range_scales=tuple(range_scales or SearchSpace.range_scales))
     run_steps = [c.get("num_inference_steps") for c in calls]
     if None not in run_steps:  # (calls without it are refused by the evaluator, naming them)
         space.check(min(run_steps))  # before any cost is measured

@@ -69,6 +69,17 @@ def allowance_range(text: str) -> tuple[float, float]:
     return lo, hi
 
 
+def scale_choices(text: str) -> tuple[float, ...]:
+    """argparse type: comma-separated positive, finite numbers (the search's choices of a multiplier)."""
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated numbers; pass e.g. 0.75,1,1.5,2.") from None
+    if not all(math.isfinite(x) and x > 0 for x in values):
+        raise argparse.ArgumentTypeError(f"{text!r} needs positive, finite numbers; pass e.g. 0.75,1,1.5,2.")
+    return tuple(sorted(set(values)))
+
+
 DTYPE_HELP = ("every component's dtype, as diffusers' from_pretrained(dtype=...) (default: the libraries' "
               "own, float32 for diffusers models); the search measures its costs in the dtype the model runs in")
 
@@ -242,7 +253,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
                              block_sizes=block_sizes, force=args.force, progress=not args.json and not args.worker,
                              log=lambda line: logger.info(line), return_summary=True, validation_calls=validation_calls,
                              choose=not args.worker, ranges=args.ranges, allowance=args.allowance, refine=args.refine,
-                             prune_ahead=args.prune_ahead)
+                             prune_ahead=args.prune_ahead, range_scales=args.range_scales)
     except BaseException:
         for worker in workers:
             worker.terminate()
@@ -597,6 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
     srch.add_argument("--refine", type=non_negative_int, default=4, metavar="N",
                       help="the budget's last N trials bisect the allowance of the fastest plan meeting the floor towards "
                       "the loosest known to fail it (default 4; 0: every trial from the sampler)")
+    srch.add_argument("--range-scales", type=scale_choices, metavar="X,Y,...",
+                      help="choices of a per-step-range multiplier of the allowance, one drawn per range (default: none, "
+                      "every range 1); e.g. 0.75,1,1.5,2 lets the search spend error where along the run it costs least")
     srch.add_argument("--prune-ahead", type=non_negative_int, default=3, metavar="N",
                       help="once N trials have completed, prune a trial whose running PSNR less 90%% of the smallest "
                       "loss any of them had from that step to the end, plus 1 dB, is below the floor (default 3; 0: only at the floor)")

@@ -167,6 +167,8 @@ def test_os_errors_are_one_sentence_and_debug_shows_the_traceback(tmp_path, caps
         (["search", "--model", "m", "--profile", "p", "--out", "x.json", "--ranges", "0"], "--ranges", "0"),
         (["search", "--model", "m", "--profile", "p", "--out", "x.json", "--refine", "-1"], "--refine", "-1"),
         (["search", "--model", "m", "--profile", "p", "--out", "x.json", "--prune-ahead", "-2"], "--prune-ahead", "-2"),
+        (["search", "--model", "m", "--profile", "p", "--out", "x.json", "--range-scales", "0,1"], "--range-scales", "0,1"),
+        (["search", "--model", "m", "--profile", "p", "--out", "x.json", "--range-scales", "1,x"], "--range-scales", "1,x"),
         (["search", "--model", "m", "--profile", "p", "--out", "x.json", "--allowance", "0.05,0.01"], "--allowance", "0.05,0.01"),
         (["search", "--model", "m", "--profile", "p", "--out", "x.json", "--allowance", "0,0.1"], "--allowance", "0,0.1"),
         (["search", "--model", "m", "--profile", "p", "--out", "x.json", "--allowance", "0.01"], "--allowance", "0.01"),

@@ -89,6 +89,33 @@ def test_the_range_count_is_checked_and_names_its_own_study(tmp_path):
                    storage=storage)
 
 
+def test_range_scales_are_a_knob_of_their_own_study(tmp_path):
+    """With several range scales each trial draws one per step range, and its plan is `build_plan`'s with them; the
+    sweep keeps them at 1; the setting names its own study; the chosen plan records them."""
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    plain = PlanSearch(synthetic_profile(), {16: synthetic_cost()}, SyntheticEvaluator(), SearchSpace(block_sizes=(16,), num_ranges=4),
+                       storage=storage)
+    scaled = PlanSearch(synthetic_profile(), {16: synthetic_cost()}, SyntheticEvaluator(),
+                        SearchSpace(block_sizes=(16,), num_ranges=4, range_scales=(0.5, 1.0, 2.0)), storage=storage, min_psnr=35.0)
+    assert scaled.study_name == plain.study_name + "-s0.5-1-2"
+    scaled.run(trials=10, progress=False)
+    trials = scaled.study.trials
+    assert all(t.params[f"range_scale_{r}"] == 1.0 for t in trials[:4] for r in range(4))  # the sweep
+    assert len({tuple(t.params[f"range_scale_{r}"] for r in range(4)) for t in trials}) > 1  # drawn after it
+    cost = synthetic_cost()
+    for t in trials:
+        p = t.params
+        expected = build_plan(scaled.profile, cost, 4, p["dense_steps"], p["dense_layers"],
+                              [p["allowance"] * p[f"layer_scale_{l}"] for l in range(3)], 4, 16,
+                              [p[f"range_scale_{r}"] for r in range(4)])
+        assert scaled.plan_for(t).to_dict() == expected.to_dict()
+    _, plan = scaled.choose()
+    assert all(f"range_scale_{r}" in plan.search["params"] for r in range(4))
+    assert not any(k.startswith("range_scale") for t in plain.study.trials for k in t.params)  # no knob by default
+    with pytest.raises(ValueError, match=r"range scales 0,1 must be positive numbers; give e.g. 0.5,1,2 \(--range-scales\)"):
+        SearchSpace(range_scales=(0, 1)).check(4)
+
+
 def test_the_last_trials_bisect_the_allowance_of_the_fastest_plan_meeting_the_floor(tmp_path):
     """Refinement: each of the budget's last trials keeps the knobs of the fastest trial meeting the floor so far and
     takes an allowance strictly inside its bracket (that trial's, and the loosest known to fail with those knobs, or
