@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from contextlib import contextmanager
 from unittest import mock
 
@@ -24,9 +23,8 @@ import numpy as np
 import torch
 
 from sparsediff.api import accelerate, load_pipeline
-from sparsediff.generate import generate
+from sparsediff.generate import Generation, demo_prompts, generate
 from sparsediff.metrics import psnr
-from sparsediff.pipelines.embedded import detector
 from sparsediff.plan import SparsePlan
 
 
@@ -48,12 +46,6 @@ def all_full_through_kernel(pipe, plan: SparsePlan):
             handle.remove()
 
 
-def timed(pipe, prompt: str, seed: int, steps: int, size: dict) -> tuple[np.ndarray, float]:
-    start = time.perf_counter()
-    out = pipe([prompt], generator=torch.Generator().manual_seed(seed), output_type="np", num_inference_steps=steps, **size)
-    return np.asarray(out.frames), time.perf_counter() - start
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", type=int, default=3, help="the demo's first N prompts")
@@ -64,35 +56,28 @@ def main() -> None:
     pipe = load_pipeline("embedded")
     pipe.set_progress_bar_config(disable=True)
     plan = SparsePlan.load(args.plan) if args.plan else pipe.shipped_plan()
-    pool = detector.eval_prompts(32)
-    prompts = [pool[(9 * i) % len(pool)] for i in range(args.prompts)]  # the demo's prompts
+    prompts = demo_prompts(args.prompts)
     size = dict(height=64, width=64, num_frames=8)
     generate(pipe, prompts[:1], None, num_inference_steps=2, **size)  # warm-ups, as the demo's
     generate(pipe, prompts[:1], plan, num_inference_steps=3, **size)
     with all_full_through_kernel(pipe, plan):
-        timed(pipe, prompts[0], 0, 2, size)
+        generate(pipe, prompts[:1], None, num_inference_steps=2, **size)
 
-    def run(kind: str, prompt: str, seed: int) -> tuple[np.ndarray, float]:
-        if kind == "dense":
-            return timed(pipe, prompt, seed, args.steps, size)
-        if kind == "kernel":
+    def run(kind: str, prompt: str, seed: int) -> Generation:
+        if kind == "kernel":  # (plan None: generate leaves the pipeline as the context accelerated it)
             with all_full_through_kernel(pipe, plan):
-                return timed(pipe, prompt, seed, args.steps, size)
-        handle = accelerate(pipe, plan)
-        try:
-            return timed(pipe, prompt, seed, args.steps, size)
-        finally:
-            handle.remove()
+                return generate(pipe, [prompt], None, seed=seed, num_inference_steps=args.steps, **size)
+        return generate(pipe, [prompt], plan if kind == "sparse" else None, seed=seed, num_inference_steps=args.steps, **size)
 
     kinds = ["dense", "kernel", "sparse"]
     frames = {k: [] for k in kinds}
     seconds = {k: 0.0 for k in kinds}
     for i, prompt in enumerate(prompts):
         for kind in kinds[i % 3:] + kinds[:i % 3]:  # rotate the order so a slow spell falls on every side
-            f, s = run(kind, prompt, i)
-            frames[kind].append(f)
-            seconds[kind] += s
-            print(f"  {prompt!r} {kind}: {s:.1f} s", flush=True)
+            out = run(kind, prompt, i)
+            frames[kind].append(out.frames)
+            seconds[kind] += out.seconds
+            print(f"  {prompt!r} {kind}: {out.seconds:.1f} s", flush=True)
     ref = np.concatenate(frames["dense"])
     result = {
         "prompts": prompts,

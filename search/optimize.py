@@ -42,7 +42,9 @@ from .profile import AttentionProfile
 logger = logging.getLogger(__name__)
 
 # `SearchSpace.prune_ahead` prunes where the running quality less PRUNE_AHEAD_SHARE x (the least loss to the end seen)
-# + PRUNE_AHEAD_SLACK is below the floor
+# + PRUNE_AHEAD_SLACK is below the floor. The slack: on the embedded model's study a trial's loss fell up to 1.8 dB (6%)
+# short of the least loss of the trials completed before it (BENCHMARKS.md §5), and refinement trials sit just above
+# the floor.
 PRUNE_AHEAD_SHARE, PRUNE_AHEAD_SLACK = 0.9, 1.0
 
 
@@ -86,7 +88,7 @@ class SearchSpace:
             the plan worth having sits just under the floor. Midpoints whose plan equals a bracket's own plan are
             skipped without a run; it stops when the bracket narrows to a factor 1.1.
         range_scales (tuple[float, ...], defaults to (1.0,)): per-step-range multipliers of the allowance, one drawn per
-            range (with one value, no knob): errors in some parts of the trajectory cost more quality than in others
+            range (one value: every range takes it, no knob): errors in some parts of the trajectory cost more quality than in others
             (on the embedded model the second quarter of the steps most, the last half least, BENCHMARKS.md §5).
         prune_ahead (int, defaults to 3): once this many trials have completed, a trial is also pruned at a step where
             its running PSNR, less 90% of the smallest loss any completed trial had from that step to its end plus
@@ -394,7 +396,7 @@ class PlanSearch:
             "allowance": trial.suggest_float("allowance", *s.allowance, log=True),
             **{f"layer_scale_{l}": trial.suggest_categorical(f"layer_scale_{l}", list(s.layer_scales)) for l in range(L)},
         }
-        range_scales = None
+        range_scales = [s.range_scales[0]] * s.num_ranges  # one value: every range takes it, no knob
         if len(s.range_scales) > 1:
             range_scales = [trial.suggest_categorical(f"range_scale_{r}", list(s.range_scales)) for r in range(s.num_ranges)]
         allowance = [p["allowance"] * p[f"layer_scale_{l}"] for l in range(L)]
@@ -427,9 +429,6 @@ class PlanSearch:
                 trial.set_user_attr("pruned_at_step", step)
                 raise optuna.TrialPruned(f"{self.q(psnr)} at step {step} is below the floor {self.floor()}")
             loss, n = losses.get(step, (0.0, 0))
-            # the least loss seen, less a slack: on the embedded model's study a trial's loss fell up to 1.8 dB (6%)
-            # short of the least loss of the trials completed before it (BENCHMARKS.md §5), and refinement trials
-            # sit just above the floor
             bound = PRUNE_AHEAD_SHARE * loss - PRUNE_AHEAD_SLACK
             if bound > 0 and psnr - bound < self.min_psnr:
                 trial.set_user_attr("pruned_at_step", step)

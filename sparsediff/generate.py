@@ -197,6 +197,15 @@ def side_by_side(dense: np.ndarray, sparse: np.ndarray, gap: int = 2) -> np.ndar
     return np.concatenate(rows[:-1], axis=1)
 
 
+def demo_prompts(n: int) -> list[str]:
+    """The demo's first `n` prompts: a stride of 9 through the detector's 32 evaluation prompts, a new colour and a new
+    direction each time."""
+    from .pipelines.embedded import detector
+
+    pool = detector.eval_prompts(32)
+    return [pool[(9 * i) % len(pool)] for i in range(n)]
+
+
 def run_demo(
     out_dir: "str | os.PathLike" = "demo",
     prompts: "list[str] | None" = None,
@@ -220,9 +229,7 @@ def run_demo(
     plan = pipe.shipped_plan()
     if plan is None:
         raise ValueError("The embedded model has no shipped plan yet; make one with `python samples/ship_embedded_plan.py`.")
-    if not prompts:  # stride 9 through the 32 evaluation prompts: a new colour and a new direction each time
-        pool = detector.eval_prompts(32)
-        prompts = [pool[(9 * i) % len(pool)] for i in range(num_prompts)]
+    prompts = prompts or demo_prompts(num_prompts)
     size = dict(height=height, width=width, num_frames=num_frames)
     # warm-up, dense and sparse (3 steps: one dense, then one in each half of the plan's step ranges), so that one-off
     # costs (oneDNN's micro-kernels JIT-compiled per shape, the compiled kernel's load) stay out of the timings

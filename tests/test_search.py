@@ -112,6 +112,12 @@ def test_range_scales_are_a_knob_of_their_own_study(tmp_path):
     _, plan = scaled.choose()
     assert all(f"range_scale_{r}" in plan.search["params"] for r in range(4))
     assert not any(k.startswith("range_scale") for t in plain.study.trials for k in t.params)  # no knob by default
+    single = PlanSearch(synthetic_profile(), {16: synthetic_cost()}, SyntheticEvaluator(),
+                        SearchSpace(block_sizes=(16,), num_ranges=4, range_scales=(2.0,)), storage=storage)
+    fixed = {"dense_steps": 1, "dense_layers": 0, "block_size": 16, "allowance": 0.1, **{f"layer_scale_{l}": 1.0 for l in range(3)}}
+    assert single.plan_for(optuna.trial.FixedTrial(fixed)).to_dict() == build_plan(  # one value: every range takes it
+        single.profile, cost, 4, 1, 0, [0.1] * 3, 4, 16, [2.0] * 4).to_dict()
+    assert single.plan_for(optuna.trial.FixedTrial(fixed)).to_dict() != plain.plan_for(optuna.trial.FixedTrial(fixed)).to_dict()
     with pytest.raises(ValueError, match=r"range scales 0,1 must be positive numbers; give e.g. 0.5,1,2 \(--range-scales\)"):
         SearchSpace(range_scales=(0, 1)).check(4)
 
