@@ -54,6 +54,8 @@ def main() -> None:
     p.add_argument("--ranges", type=int, default=4, help="step ranges of the plan (`sparsediff search --ranges`)")
     p.add_argument("--allowance", default="0.005,0.05", help="range of the per-head error allowance (`sparsediff search --allowance`)")
     p.add_argument("--range-scales", default=None, help="choices of a per-range allowance multiplier (`sparsediff search --range-scales`)")
+    p.add_argument("--refine", type=int, default=4,
+                   help="the budget's last trials that refine the best plan (`sparsediff search --refine`)")
     p.add_argument("--no-ship", action="store_true",
                    help="search and report only: leave the shipped plan as it is (compare before replacing it)")
     args = p.parse_args()
@@ -68,7 +70,7 @@ def main() -> None:
             "--block-size", "64", "--out", args.out / "profile")
     run("search", "--model", "embedded", "--profile", args.out / "profile", "--out", args.out / "plan.json",
         "--min-psnr", args.min_psnr, "--trials", args.trials, "--validate-prompts", held_out, "--ranges", args.ranges,
-        "--allowance", args.allowance, "--force", *(["--range-scales", args.range_scales] if args.range_scales else []))
+        "--allowance", args.allowance, "--refine", args.refine, "--force", *(["--range-scales", args.range_scales] if args.range_scales else []))
     if args.no_ship:
         print(f"searched plan: {args.out / 'plan.json'} (not shipped: --no-ship)")
         return

@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 # short of the least loss of the trials completed before it (BENCHMARKS.md §5), and refinement trials sit just above
 # the floor.
 PRUNE_AHEAD_SHARE, PRUNE_AHEAD_SLACK = 0.9, 1.0
+# A refinement trial's own per-range and per-layer multipliers of the allowance (user attribute; `next_refinement`).
+SCALES_ATTR = "scales"
 
 
 @dataclass
@@ -86,7 +88,8 @@ class SearchSpace:
             trial meeting the floor, its other knobs kept, between it and the loosest allowance known to fall below
             the floor with those knobs (or the range's top): the sampler's draws land anywhere in the range, while
             the plan worth having sits just under the floor. Midpoints whose plan equals a bracket's own plan are
-            skipped without a run; it stops when the bracket narrows to a factor 1.1.
+            skipped without a run; it stops when the bracket narrows to a factor 1.1. Then the trial's per-range and
+            per-layer multipliers, one at a time, the same way (`PlanSearch.next_refinement`).
         range_scales (tuple[float, ...], defaults to (1.0,)): per-step-range multipliers of the allowance, one drawn per
             range (one value: every range takes it, no knob): errors in some parts of the trajectory cost more quality than in others
             (on the embedded model the second quarter of the steps most, the last half least, BENCHMARKS.md §5).
@@ -399,10 +402,24 @@ class PlanSearch:
         range_scales = [s.range_scales[0]] * s.num_ranges  # one value: every range takes it, no knob
         if len(s.range_scales) > 1:
             range_scales = [trial.suggest_categorical(f"range_scale_{r}", list(s.range_scales)) for r in range(s.num_ranges)]
-        allowance = [p["allowance"] * p[f"layer_scale_{l}"] for l in range(L)]
+        layer_scales = [p[f"layer_scale_{l}"] for l in range(L)]
+        refined = trial.user_attrs.get(SCALES_ATTR)  # a refinement trial's own multipliers (`next_refinement`)
+        if refined is not None:
+            range_scales, layer_scales = list(refined["range"]), list(refined["layer"])
+        allowance = [p["allowance"] * m for m in layer_scales]
         plan = build_plan(self.profile, self.costs[p["block_size"]], self.num_steps, p["dense_steps"], p["dense_layers"],
                           allowance, s.num_ranges, p["block_size"], range_scales)
         return plan
+
+    def scales(self, trial: "optuna.trial.FrozenTrial") -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The trial's per-range and per-layer multipliers of its allowance: drawn (or the single range scale), or a
+        refinement trial's own."""
+        refined = trial.user_attrs.get(SCALES_ATTR)
+        if refined is not None:
+            return tuple(refined["range"]), tuple(refined["layer"])
+        s, L = self.space, self.profile.model.num_layers
+        ranges = tuple(trial.params.get(f"range_scale_{r}", s.range_scales[0]) for r in range(s.num_ranges))
+        return ranges, tuple(trial.params[f"layer_scale_{l}"] for l in range(L))
 
     def _neutral_range_scales(self) -> dict[str, float]:
         """The sweep's range scales: 1 where it is a choice (else the choice nearest it), none without the knob."""
@@ -523,9 +540,18 @@ class PlanSearch:
                 bar.update(1)
         bar.close()
 
-    def next_refinement(self) -> tuple[dict[str, Any], str] | None:
-        """The next refinement trial's parameters and why (see `SearchSpace.refine`), or None: the budget is spent,
-        trials are queued already, no trial meets the floor yet, or the bracket is narrower than a factor 1.1."""
+    def next_refinement(self) -> tuple[dict[str, Any], dict[str, Any], str] | None:
+        """The next refinement trial's parameters, user attributes and why (see `SearchSpace.refine`), or None: the
+        budget is spent, trials are queued already, no trial meets the floor yet, or every bracket is narrower than
+        a factor 1.1.
+
+        The fastest trial meeting the floor is the base. Its allowance is bisected first, its other knobs kept. Once
+        that bracket is closed, one multiplier at a time: a step range's or a layer's (the trial's own `scales`,
+        stored as the refinement trial's user attribute `scales`, not as a parameter the sampler would draw), the one
+        whose next plan the cost model predicts fastest first; the next value doubles the multiplier until a trial
+        falls below the floor, then bisects. A bracket's top is the least value at which the base, so changed, is
+        looser everywhere than a trial below the floor with the same dense steps, dense layers and block size (looser
+        allowances only lose quality: the assumption the bisection rests on), else the allowance range's top."""
         C, P, W = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.WAITING
         trials = self.study.get_trials(deepcopy=False)
         if any(t.state == W for t in trials) or sum("refine" in t.user_attrs for t in trials) >= self.space.refine:
@@ -536,38 +562,101 @@ class PlanSearch:
         if not feasible:
             return None
         # the fastest meeting the floor; on a tie (a looser allowance that changed no head) the loosest
-        best = min(feasible, key=lambda t: (t.values[0], -t.params["allowance"], t.number))
-        knobs = lambda t: {k: v for k, v in t.params.items() if k != "allowance"}  # noqa: E731
-        lo = best.params["allowance"]
-        failed = [t for t in done if not meets(t) and knobs(t) == knobs(best) and t.params["allowance"] > lo]
-        upper = min(failed, key=lambda t: t.params["allowance"], default=None)
-        hi = upper.params["allowance"] if upper is not None else self.space.allowance[1]
+        best = min(feasible, key=lambda t: (t.values[0], -self._looseness(t), t.number))
+        knobs = lambda t: (t.params["dense_steps"], t.params["dense_layers"], t.params["block_size"])  # noqa: E731
+        failed = [(t, self._effective(t)) for t in done if not meets(t) and knobs(t) == knobs(best)]
+        taken = [(t.system_attrs.get("fixed_params"), t.user_attrs.get(SCALES_ATTR)) for t in trials]  # enqueued ones
+        a, (rs, ls) = best.params["allowance"], self.scales(best)
+        top = self.space.allowance[1]
+        coordinates = [("allowance", None, a, top)]
+        coordinates += [("range", r, rs[r], top / a) for r in range(len(rs))] if len(rs) > 1 else []
+        coordinates += [("layer", l, ls[l], top / a) for l in range(len(ls))] if len(ls) > 1 else []
+        options = []
+        for kind, index, lo, hi in coordinates:
+            def point(value: float, kind=kind, index=index) -> tuple[float, list[float], list[float]]:
+                r_, l_ = list(rs), list(ls)
+                if kind == "range":
+                    r_[index] = value
+                elif kind == "layer":
+                    l_[index] = value
+                return (value if kind == "allowance" else a), r_, l_
 
-        def plan_at(allowance: float) -> dict:
-            return self.plan_for(optuna.trial.FixedTrial({**best.params, "allowance": allowance})).to_dict()
+            upper = None  # the failed trial that sets the top, and whether the top is its own point
+            for t, e in failed:
+                v = self._least_looser(point, e, kind, index)
+                if v is not None and lo < v < hi:
+                    hi, upper = v, t
+            plan_at = lambda v, point=point: self._plan(best, *point(v)).to_dict()  # noqa: E731
+            lo_plan, hi_plan = plan_at(lo), (plan_at(hi) if upper is not None else None)
+            while hi / lo >= 1.1:
+                mid = math.sqrt(lo * hi)
+                if kind != "allowance" and upper is None:  # no failure known above: double (the range's top is far)
+                    mid = min(mid, 2 * lo)
+                plan = plan_at(mid)
+                if plan == lo_plan:  # the same plan as the bracket's ends: its result is known, no run needed
+                    lo = mid
+                elif plan == hi_plan:
+                    hi = mid
+                else:
+                    allowance, r_, l_ = point(mid)
+                    params = {**best.params, "allowance": allowance}
+                    scales = None if kind == "allowance" and best.user_attrs.get(SCALES_ATTR) is None else {"range": r_, "layer": l_}
+                    if (params, scales) in taken:  # enqueued before (another worker runs it): its result decides
+                        if kind == "allowance":
+                            return None
+                        break
+                    name = "allowance" if kind == "allowance" else f"{kind} {index}'s scale"
+                    above = (f"trial {upper.number}'s plan or looser, below the floor" if upper is not None
+                             else "the allowance range's top")
+                    why = (f"{name} {mid:.4g}, between {lo:.4g} (trial {best.number}'s plan, meeting the floor) and "
+                           f"{hi:.4g} ({above})")
+                    attrs = {"refine": why, **({SCALES_ATTR: scales} if scales is not None else {})}
+                    cost = self.costs[best.params["block_size"]]
+                    options.append((predicted_time(self._plan(best, allowance, r_, l_), cost, self.num_steps), len(options),
+                                    params, attrs, why))
+                    break
+            if kind == "allowance" and options:
+                break  # the allowance first, as long as its bracket is open
+        if not options:
+            return None
+        _, _, params, attrs, why = min(options, key=lambda o: o[:2])
+        return params, attrs, why
 
-        lo_plan, hi_plan = plan_at(lo), (plan_at(hi) if upper is not None else None)
-        while hi / lo >= 1.1:
-            mid = math.sqrt(lo * hi)
-            plan = plan_at(mid)
-            if plan == lo_plan:  # the same plan as the bracket's ends: its result is known, no run needed
-                lo = mid
-            elif plan == hi_plan:
-                hi = mid
-            else:
-                params = {**best.params, "allowance": mid}
-                if any(t.system_attrs.get("fixed_params") == params for t in trials):
-                    return None  # queued and taken by another worker, still running: its result decides the next
-                above = f"trial {upper.number}'s plan, below the floor" if upper is not None else "the range's top"
-                return params, (f"allowance {mid:.4g}, between {lo:.4g} (trial {best.number}'s plan, meeting the floor) "
-                                f"and {hi:.4g} ({above})")
-        return None
+    def _effective(self, trial: "optuna.trial.FrozenTrial") -> list[list[float]]:
+        """The trial's effective allowance per step range and layer."""
+        (rs, ls), a = self.scales(trial), trial.params["allowance"]
+        return [[a * r * l for l in ls] for r in rs]
+
+    def _looseness(self, trial: "optuna.trial.FrozenTrial") -> float:
+        return sum(math.log(x) for row in self._effective(trial) for x in row)
+
+    @staticmethod
+    def _least_looser(point: Callable, failed: list[list[float]], kind: str, index: int | None) -> float | None:
+        """The least value of the coordinate at which `point(value)` is at least as loose as the effective allowances
+        `failed` everywhere, or None when the other coordinates already keep it tighter somewhere."""
+        a, rs, ls = point(1.0)
+        need = 0.0
+        for r, row in enumerate(failed):
+            for l, f in enumerate(row):
+                if kind == "allowance":
+                    need = max(need, f / (rs[r] * ls[l]))
+                elif (kind == "range" and r == index) or (kind == "layer" and l == index):
+                    need = max(need, f / (a * (ls[l] if kind == "range" else rs[r])))
+                elif a * rs[r] * ls[l] < f * (1 - 1e-9):
+                    return None
+        return need
+
+    def _plan(self, base: "optuna.trial.FrozenTrial", allowance: float, range_scales: Sequence[float],
+              layer_scales: Sequence[float]) -> SparsePlan:
+        p = base.params
+        return build_plan(self.profile, self.costs[p["block_size"]], self.num_steps, p["dense_steps"], p["dense_layers"],
+                          [allowance * m for m in layer_scales], self.space.num_ranges, p["block_size"], range_scales)
 
     def _queue_refinement(self, log: Callable[[str], None]) -> None:
         found = self.next_refinement()
         if found is not None:
-            params, why = found
-            self.study.enqueue_trial(params, user_attrs={"refine": why})
+            params, attrs, why = found
+            self.study.enqueue_trial(params, user_attrs=attrs)
             log(f"refining: {why}")
 
     def _finished_elsewhere(self, trial, error: Exception) -> bool:
@@ -686,6 +775,7 @@ class PlanSearch:
             "measured_speedup": trial.user_attrs.get("measured_speedup"),
             "cost_model": dict(self.costs[plan.block_size].key.__dict__),
             "params": dict(trial.params),
+            **({"scales": trial.user_attrs[SCALES_ATTR]} if SCALES_ATTR in trial.user_attrs else {}),
         }
         if validation is not None:
             validation["calls"] = len(getattr(validator, "calls", ()))

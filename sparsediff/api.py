@@ -493,7 +493,8 @@ def search_plan(
             it; a narrower range spends them where the floor is crossed.
         refine (int, defaults to 4): the budget's last trials (at most this many) bisect the allowance of the fastest
             trial meeting the floor, its other knobs kept, towards the loosest one known to fail it: the plan worth
-            having sits just under the floor, where random draws rarely land. 0 leaves every trial to the sampler.
+            having sits just under the floor, where random draws rarely land; once it is bracketed, one step range's
+            or layer's multiplier at a time (`SearchSpace.refine`). 0 leaves every trial to the sampler.
         prune_ahead (int, defaults to 3): once this many trials have completed, a trial is pruned as soon as its
             running PSNR less 90% of the smallest loss any of them had from that step to the end, plus 1 dB of slack, falls
             below the floor (it would end below it); 0 prunes only when the running PSNR itself falls below the floor.
@@ -578,7 +579,8 @@ def search_plan(
         "trials": len(outcomes),
         "pruned": sum(o.state == "pruned" for o in outcomes),
         "pareto_front": [o.__dict__ for o in run.pareto_front()],
-        "chosen": {**chosen.__dict__, "measured_speedup": plan.search.get("measured_speedup")},
+        "chosen": {**chosen.__dict__, "measured_speedup": plan.search.get("measured_speedup"),
+                   **({"scales": plan.search["scales"]} if "scales" in plan.search else {})},
         "dense_seconds": evaluator.dense_seconds,
     }
     if "validation" in plan.search:

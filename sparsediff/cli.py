@@ -276,6 +276,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
               f"{o['params'].get('allowance', 0):>9.3f}{mark}")
     print(f"chosen plan {summary['plan']}: predicted attention speedup {c['predicted_speedup']:.2f}x, measured run "
           f"speedup {c['measured_speedup']:.2f}x, PSNR {c['psnr']:.1f} dB; report {summary['report']}")
+    if "scales" in c:  # a refinement trial's own multipliers of the allowance
+        print("refined multipliers: per step range " + ", ".join(f"{x:.3g}" for x in c["scales"]["range"]) +
+              "; per layer " + ", ".join(f"{x:.3g}" for x in c["scales"]["layer"]))
     if "validation" in summary:
         v = summary["validation"]
         print(f"held out: {v['psnr']:.1f} dB on {v['calls']} held-out prompt(s) (trials validated, fastest first: {v['tried']})")
@@ -607,7 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default 0.01,1.0); narrow it where the profile's errors show which allowances can hold the floor")
     srch.add_argument("--refine", type=non_negative_int, default=4, metavar="N",
                       help="the budget's last N trials bisect the allowance of the fastest plan meeting the floor towards "
-                      "the loosest known to fail it (default 4; 0: every trial from the sampler)")
+                      "the loosest known to fail it, then one step range's or layer's multiplier at a time (default 4; 0: "
+                      "every trial from the sampler)")
     srch.add_argument("--range-scales", type=scale_choices, metavar="X,Y,...",
                       help="choices of a per-step-range multiplier of the allowance, one drawn per range (default: none, "
                       "every range 1); e.g. 0.75,1,1.5,2 lets the search spend error where along the run it costs least")

@@ -10,6 +10,7 @@ import pytest
 from sparsediff.patterns import get_pattern
 from sparsediff.plan import SparsePlan, StepRange
 from sparsediff.search.optimize import PlanSearch, SearchSpace, assign_heads, build_plan, predicted_time
+from sparsediff.search.optimize import Evaluation
 from tests.search_fixtures import CANDIDATES, LAYOUT, HeldOutEvaluator, SyntheticEvaluator, synthetic_cost, synthetic_profile
 
 
@@ -124,8 +125,9 @@ def test_range_scales_are_a_knob_of_their_own_study(tmp_path):
 
 def test_the_last_trials_bisect_the_allowance_of_the_fastest_plan_meeting_the_floor(tmp_path):
     """Refinement: each of the budget's last trials keeps the knobs of the fastest trial meeting the floor so far and
-    takes an allowance strictly inside its bracket (that trial's, and the loosest known to fail with those knobs, or
-    the range's top), whose plan is neither end's. Here it finds a faster plan than the sampler's trials did."""
+    moves one coordinate (the allowance while its bracket is open, then one range's or layer's multiplier) strictly
+    inside its bracket (that trial's value, and the least known to fail: a trial below the floor no looser, or the
+    range's top), to a plan that is neither end's. Here it finds a faster plan than the sampler's trials did."""
     def search(refine: int, name: str) -> PlanSearch:
         s = PlanSearch(synthetic_profile(), {16: synthetic_cost()}, SyntheticEvaluator(), SearchSpace(block_sizes=(16,), refine=refine),
                        min_psnr=42.0, storage=f"sqlite:///{tmp_path / name}")
@@ -135,35 +137,76 @@ def test_the_last_trials_bisect_the_allowance_of_the_fastest_plan_meeting_the_fl
     refined, plain = search(4, "refined.db"), search(0, "plain.db")
     trials = refined.study.trials
     meets = lambda t: t.state == optuna.trial.TrialState.COMPLETE and t.values[1] >= 42.0  # noqa: E731
-    knobs = lambda t: {k: v for k, v in t.params.items() if k != "allowance"}  # noqa: E731
+    knobs = lambda t: {k: v for k, v in t.params.items() if k != "allowance" and not k.startswith("layer_scale")}  # noqa: E731
     steps = [t for t in trials if "refine" in t.user_attrs]
     assert steps and all(t.number >= 10 - 4 for t in steps)  # only the budget's last trials
     assert not any("refine" in t.user_attrs for t in plain.study.trials)
     assert [t.params for t in plain.study.trials[:6]] == [t.params for t in trials[:6]]  # the same trials before it
     for t in steps:
         before = [u for u in trials if u.number < t.number]
-        best = min((u for u in before if meets(u)), key=lambda u: (u.values[0], -u.params["allowance"]))
+        best = min((u for u in before if meets(u)), key=lambda u: (u.values[0], -refined._looseness(u)))
         assert knobs(t) == knobs(best)
-        lo = best.params["allowance"]
-        hi = min((u.params["allowance"] for u in before if not meets(u) and knobs(u) == knobs(best) and u.params["allowance"] > lo),
-                 default=SearchSpace.allowance[1])
-        assert lo < t.params["allowance"] < hi
-        plans = [refined.plan_for(optuna.trial.FixedTrial({**t.params, "allowance": a})).to_dict() for a in (lo, t.params["allowance"])]
-        assert plans[0] != plans[1]  # a run that can tell something new
+        coordinates = lambda u: [u.params["allowance"], *refined.scales(u)[0], *refined.scales(u)[1]]  # noqa: E731
+        old, new = coordinates(best), coordinates(t)
+        moved = [i for i in range(len(old)) if old[i] != new[i]]
+        assert len(moved) == 1 and new[moved[0]] > old[moved[0]]  # one coordinate, loosened
+        i = moved[0]
+        ceiling = SearchSpace.allowance[1] / (1.0 if i == 0 else best.params["allowance"])
+        for u in before:  # no trial below the floor is tighter than t anywhere and has this coordinate at or under t's
+            if not meets(u) and knobs(u) == knobs(best):
+                e_u, e_t = refined._effective(u), refined._effective(t)
+                assert any(e_t[r][l] < e_u[r][l] for r in range(len(e_u)) for l in range(len(e_u[0])))
+        assert new[i] < ceiling
+        plan = lambda c: refined._plan(best, c[0], c[1:3], c[3:]).to_dict()  # noqa: E731  (2 ranges, 3 layers)
+        assert plan(old) != plan(new)  # a run that can tell something new
         assert f"trial {best.number}'s plan, meeting the floor" in t.user_attrs["refine"]
     assert refined.choose()[0].predicted_ms < plain.choose()[0].predicted_ms  # a faster plan at the same floor
     assert refined.next_refinement() is None  # the budget is spent
 
 
-def test_refinement_stops_when_the_bracket_is_narrow(tmp_path):
-    s = PlanSearch(synthetic_profile(), {16: synthetic_cost()}, SyntheticEvaluator(), SearchSpace(block_sizes=(16,), refine=50),
-                   min_psnr=42.0, storage=f"sqlite:///{tmp_path / 'study.db'}")
-    s.run(trials=20, progress=False)
-    steps = [t for t in s.study.trials if "refine" in t.user_attrs]
-    assert 0 < len(steps) < 20 - s.space.sweep  # it stopped by itself, the sampler had the rest
-    assert s.next_refinement() is None
-    with pytest.raises(ValueError, match=r"refinement budget is -1 trials; give 0 \(none\) or more \(--refine\)"):
-        SearchSpace(refine=-1).check(4)
+class RangeWeightedEvaluator(SyntheticEvaluator):
+    """Quality falls with the FLOP share skipped in each step range, weighted: the last range's errors cost least."""
+
+    weights = (1.0, 1.0, 0.05)
+
+    def __call__(self, plan: SparsePlan, report):
+        from sparsediff.plan import SparsePlan as Plan
+
+        share = 0.0
+        for r, w in zip(plan.ranges, self.weights):
+            alone = Plan(model=plan.model, ranges=[StepRange(0.0, 1.0, r.layers)], block_size=plan.block_size)
+            share += w * (1.0 - alone.predicted_flops_share(LAYOUT, self.num_steps))
+        value = 50.0 - 30.0 * share
+        for step in range(self.num_steps):
+            report(step, value + (self.num_steps - step))
+        return Evaluation(psnr=value, seconds=1e-3, step_psnr=[value] * self.num_steps)
+
+
+def test_refinement_moves_one_multiplier_at_a_time_once_the_allowance_is_bracketed(tmp_path):
+    """Where some step ranges' errors cost less quality, a larger refinement budget loosens those ranges' multipliers
+    beyond the bisected allowance (a user attribute of the trial, not a drawn parameter), and the chosen plan is
+    faster at the same floor and records them."""
+    def search(refine: int, name: str) -> PlanSearch:
+        s = PlanSearch(synthetic_profile(), {16: synthetic_cost()}, RangeWeightedEvaluator(),
+                       SearchSpace(block_sizes=(16,), num_ranges=3, refine=refine), min_psnr=42.0,
+                       storage=f"sqlite:///{tmp_path / name}")
+        s.run(trials=8 + refine, progress=False)
+        return s
+
+    short, long = search(4, "short.db"), search(16, "long.db")
+    coordinate = [t for t in long.study.trials if "scales" in t.user_attrs]
+    assert coordinate and all("refine" in t.user_attrs for t in coordinate)  # only refinement trials have their own
+    assert any("range 2's scale" in t.user_attrs["refine"] for t in coordinate)
+    assert all(not k.startswith("range_scale") for t in coordinate for k in t.params)  # not a parameter
+    (chosen, plan), (short_chosen, _) = long.choose(), short.choose()
+    assert chosen.predicted_ms < short_chosen.predicted_ms and chosen.psnr >= 42.0
+    trial = long.study.trials[chosen.number]
+    assert plan.search["scales"] == trial.user_attrs["scales"]
+    ranges, layers = plan.search["scales"]["range"], plan.search["scales"]["layer"]
+    assert ranges[2] > ranges[0]  # the cheap range got the looser multiplier
+    p = trial.params
+    assert plan.to_dict() == {**build_plan(long.profile, synthetic_cost(), 4, p["dense_steps"], p["dense_layers"],
+                                           [p["allowance"] * m for m in layers], 3, 16, ranges).to_dict(), "search": plan.search}
 
 
 def test_range_scales_multiply_the_allowance_per_range():
