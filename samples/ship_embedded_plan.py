@@ -2,13 +2,15 @@
 
 The plan that `accelerate(pipe)` and `sparsediff demo` use on the embedded model comes from here:
 
-    python samples/ship_embedded_plan.py --reprofile   # ~35 min on a 2-core CPU (profile 10, search 25)
+    python samples/ship_embedded_plan.py --reprofile   # ~40 min on a 2-core CPU (profile 6-10, search 25-35)
 
 It runs `sparsediff profile` on two calibration prompts (12 steps like the demo, 8 x 64 x 64 pixels = 8192 tokens),
-then `sparsediff search` (30 trials, 4 step ranges, allowances drawn from 0.005-0.05; floor 28 dB PSNR of the final
-frames against dense, the demo's target) with four held-out prompts (`--validate-prompts`): the Pareto plans meeting
-the floor on the calibration prompts are run on the held-out ones, fastest first, and the first that holds 28 dB there
-is shipped to `pipelines/assets/embedded/plan.json`.
+then `sparsediff search` (70 trials, the last 40 of them refining the best plan: its allowance, then one step range's
+or layer's multiplier at a time; 4 step ranges, allowances drawn from 0.005-0.05; floor 29 dB PSNR of the final frames
+against dense, 1 dB over the demo's 28 dB target since the demo's own prompts come out ~1 dB under the calibration
+ones) with four held-out prompts (`--validate-prompts`): the Pareto plans meeting the floor on the calibration prompts
+are run on the held-out ones, fastest first, and the first that holds the floor there is shipped to
+`pipelines/assets/embedded/plan.json`.
 Outputs (profile, study, report) go to `samples/results/embedded/`. The held-out prompts are neither the calibration
 prompts nor the demo's, so the demo is a third, unseen set.
 
@@ -46,15 +48,17 @@ def run(*args: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--trials", type=int, default=30)
-    p.add_argument("--min-psnr", type=float, default=28.0, help="quality floor, on the calibration and the held-out prompts")
+    p.add_argument("--trials", type=int, default=70)
+    p.add_argument("--min-psnr", type=float, default=29.0,
+                   help="quality floor, on the calibration and the held-out prompts (1 dB over the demo's 28: the demo's "
+                   "own prompts, a third set, came out 0.8-1.0 dB under the calibration PSNR of the last three plans)")
     p.add_argument("--reprofile", action="store_true", help="profile again even when the output folder holds a profile")
     p.add_argument("--steps", type=int, default=12, help="denoising steps of the profile and of the search (the demo's 12)")
     p.add_argument("--out", type=Path, default=ROOT / "samples" / "results" / "embedded")
     p.add_argument("--ranges", type=int, default=4, help="step ranges of the plan (`sparsediff search --ranges`)")
     p.add_argument("--allowance", default="0.005,0.05", help="range of the per-head error allowance (`sparsediff search --allowance`)")
     p.add_argument("--range-scales", default=None, help="choices of a per-range allowance multiplier (`sparsediff search --range-scales`)")
-    p.add_argument("--refine", type=int, default=4,
+    p.add_argument("--refine", type=int, default=40,
                    help="the budget's last trials that refine the best plan (`sparsediff search --refine`)")
     p.add_argument("--no-ship", action="store_true",
                    help="search and report only: leave the shipped plan as it is (compare before replacing it)")
