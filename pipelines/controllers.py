@@ -152,7 +152,7 @@ class PlanController:
             warn_once(logger, f"sparsediff: the plan was searched on video layout {'x'.join(map(str, searched))} "
                       f"(frames x height x width in tokens) and now runs on {layout}. Its patterns scale with the "
                       "layout, but its quality was checked only at the searched size (the embedded model's plan "
-                      "loses 10 dB at a quarter of it, BENCHMARKS.md §5): compare with a dense run "
+                      "loses 9 dB at a quarter of it, BENCHMARKS.md §5): compare with a dense run "
                       "(`--plan dense`), or search a plan at this size with `sparsediff search`.")
 
 
