@@ -200,6 +200,24 @@ def build_plan(
     ).validate()
 
 
+def _least_looser(allowance: float, range_scales: Sequence[float], layer_scales: Sequence[float],
+                  failed: list[list[float]], kind: str, index: int | None) -> float | None:
+    """The least value of one coordinate (`kind` "allowance", or a "range" or "layer" multiplier at `index`) at which a
+    point (`allowance` x range x layer multipliers) is at least as loose as the effective allowances `failed` (per range
+    and layer) everywhere, or None when the other coordinates keep it tighter somewhere (`PlanSearch.next_refinement`)."""
+    a, rs, ls = allowance, range_scales, layer_scales
+    need = 0.0
+    for r, row in enumerate(failed):
+        for l, f in enumerate(row):
+            if kind == "allowance":
+                need = max(need, f / (rs[r] * ls[l]))
+            elif (kind == "range" and r == index) or (kind == "layer" and l == index):
+                need = max(need, f / (a * (ls[l] if kind == "range" else rs[r])))
+            elif a * rs[r] * ls[l] < f * (1 - 1e-9):  # tighter here whatever the coordinate: never as loose
+                return None
+    return need
+
+
 def predicted_time(plan: SparsePlan, cost: CostModel, num_steps: int) -> float:
     """Attention milliseconds of one run of `num_steps` steps under `plan`, from the cost model."""
     dense = cost.dense_layer_time()
@@ -406,10 +424,7 @@ class PlanSearch:
         refined = trial.user_attrs.get(SCALES_ATTR)  # a refinement trial's own multipliers (`next_refinement`)
         if refined is not None:
             range_scales, layer_scales = list(refined["range"]), list(refined["layer"])
-        allowance = [p["allowance"] * m for m in layer_scales]
-        plan = build_plan(self.profile, self.costs[p["block_size"]], self.num_steps, p["dense_steps"], p["dense_layers"],
-                          allowance, s.num_ranges, p["block_size"], range_scales)
-        return plan
+        return self._plan(p, p["allowance"], range_scales, layer_scales)
 
     def scales(self, trial: "optuna.trial.FrozenTrial") -> tuple[tuple[float, ...], tuple[float, ...]]:
         """The trial's per-range and per-layer multipliers of its allowance: drawn (or the single range scale), or a
@@ -581,12 +596,12 @@ class PlanSearch:
                     l_[index] = value
                 return (value if kind == "allowance" else a), r_, l_
 
-            upper = None  # the failed trial that sets the top, and whether the top is its own point
+            upper = None  # the failed trial that sets the top
             for t, e in failed:
-                v = self._least_looser(point, e, kind, index)
+                v = _least_looser(a, rs, ls, e, kind, index)
                 if v is not None and lo < v < hi:
                     hi, upper = v, t
-            plan_at = lambda v, point=point: self._plan(best, *point(v)).to_dict()  # noqa: E731
+            plan_at = lambda v, point=point: self._plan(best.params, *point(v)).to_dict()  # noqa: E731
             lo_plan, hi_plan = plan_at(lo), (plan_at(hi) if upper is not None else None)
             while hi / lo >= 1.1:
                 mid = math.sqrt(lo * hi)
@@ -612,7 +627,7 @@ class PlanSearch:
                            f"{hi:.4g} ({above})")
                     attrs = {"refine": why, **({SCALES_ATTR: scales} if scales is not None else {})}
                     cost = self.costs[best.params["block_size"]]
-                    options.append((predicted_time(self._plan(best, allowance, r_, l_), cost, self.num_steps), len(options),
+                    options.append((predicted_time(self._plan(best.params, allowance, r_, l_), cost, self.num_steps), len(options),
                                     params, attrs, why))
                     break
             if kind == "allowance" and options:
@@ -630,25 +645,10 @@ class PlanSearch:
     def _looseness(self, trial: "optuna.trial.FrozenTrial") -> float:
         return sum(math.log(x) for row in self._effective(trial) for x in row)
 
-    @staticmethod
-    def _least_looser(point: Callable, failed: list[list[float]], kind: str, index: int | None) -> float | None:
-        """The least value of the coordinate at which `point(value)` is at least as loose as the effective allowances
-        `failed` everywhere, or None when the other coordinates already keep it tighter somewhere."""
-        a, rs, ls = point(1.0)
-        need = 0.0
-        for r, row in enumerate(failed):
-            for l, f in enumerate(row):
-                if kind == "allowance":
-                    need = max(need, f / (rs[r] * ls[l]))
-                elif (kind == "range" and r == index) or (kind == "layer" and l == index):
-                    need = max(need, f / (a * (ls[l] if kind == "range" else rs[r])))
-                elif a * rs[r] * ls[l] < f * (1 - 1e-9):
-                    return None
-        return need
-
-    def _plan(self, base: "optuna.trial.FrozenTrial", allowance: float, range_scales: Sequence[float],
+    def _plan(self, params: dict[str, Any], allowance: float, range_scales: Sequence[float],
               layer_scales: Sequence[float]) -> SparsePlan:
-        p = base.params
+        """The plan of a trial's dense steps, dense layers and block size (`params`) at this allowance and multipliers."""
+        p = params
         return build_plan(self.profile, self.costs[p["block_size"]], self.num_steps, p["dense_steps"], p["dense_layers"],
                           [allowance * m for m in layer_scales], self.space.num_ranges, p["block_size"], range_scales)
 

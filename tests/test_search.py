@@ -157,11 +157,25 @@ def test_the_last_trials_bisect_the_allowance_of_the_fastest_plan_meeting_the_fl
                 e_u, e_t = refined._effective(u), refined._effective(t)
                 assert any(e_t[r][l] < e_u[r][l] for r in range(len(e_u)) for l in range(len(e_u[0])))
         assert new[i] < ceiling
-        plan = lambda c: refined._plan(best, c[0], c[1:3], c[3:]).to_dict()  # noqa: E731  (2 ranges, 3 layers)
+        plan = lambda c: refined._plan(best.params, c[0], c[1:3], c[3:]).to_dict()  # noqa: E731  (2 ranges, 3 layers)
         assert plan(old) != plan(new)  # a run that can tell something new
         assert f"trial {best.number}'s plan, meeting the floor" in t.user_attrs["refine"]
     assert refined.choose()[0].predicted_ms < plain.choose()[0].predicted_ms  # a faster plan at the same floor
     assert refined.next_refinement() is None  # the budget is spent
+
+
+def test_a_point_is_known_to_fail_from_the_least_value_looser_everywhere_than_a_failed_trial():
+    from sparsediff.search.optimize import _least_looser
+
+    failed = [[0.2, 0.4], [0.3, 0.3]]  # effective allowances of a trial below the floor: 2 ranges x 2 layers
+    # the allowance alone: every cell must reach the failed one's, with the base's multipliers (1, 2) x (1, 1)
+    assert _least_looser(0.1, [1.0, 2.0], [1.0, 1.0], failed, "allowance", None) == pytest.approx(0.4)
+    # range 0's multiplier at allowance 0.1, layers (1, 1): range 1 (0.1 x 4) is looser than 0.3 already; range 0 needs 4
+    assert _least_looser(0.1, [1.0, 4.0], [1.0, 1.0], failed, "range", 0) == pytest.approx(4.0)
+    # range 1 tighter than the failed trial (0.1 x 2 < 0.3): no value of range 0's multiplier makes it as loose
+    assert _least_looser(0.1, [1.0, 2.0], [1.0, 1.0], failed, "range", 0) is None
+    # layer 1's multiplier, ranges (3, 3): layer 0 (0.3) is as loose; layer 1 needs 0.4 / 0.3
+    assert _least_looser(0.1, [3.0, 3.0], [1.0, 1.0], failed, "layer", 1) == pytest.approx(0.4 / 0.3)
 
 
 class RangeWeightedEvaluator(SyntheticEvaluator):
