@@ -164,6 +164,17 @@ def test_the_last_trials_bisect_the_allowance_of_the_fastest_plan_meeting_the_fl
     assert refined.next_refinement() is None  # the budget is spent
 
 
+def test_refinement_stops_when_the_bracket_is_narrow(tmp_path):
+    s = PlanSearch(synthetic_profile(), {16: synthetic_cost()}, SyntheticEvaluator(), SearchSpace(block_sizes=(16,), refine=50),
+                   min_psnr=42.0, storage=f"sqlite:///{tmp_path / 'study.db'}")
+    s.run(trials=40, progress=False)
+    steps = [t for t in s.study.trials if "refine" in t.user_attrs]
+    assert 0 < len(steps) < 40 - s.space.sweep  # it stopped by itself, the sampler had the rest
+    assert s.next_refinement() is None
+    with pytest.raises(ValueError, match=r"refinement budget is -1 trials; give 0 \(none\) or more \(--refine\)"):
+        SearchSpace(refine=-1).check(4)
+
+
 def test_a_point_is_known_to_fail_from_the_least_value_looser_everywhere_than_a_failed_trial():
     from sparsediff.search.optimize import _least_looser
 
