@@ -417,18 +417,14 @@ class PlanSearch:
             "allowance": trial.suggest_float("allowance", *s.allowance, log=True),
             **{f"layer_scale_{l}": trial.suggest_categorical(f"layer_scale_{l}", list(s.layer_scales)) for l in range(L)},
         }
-        range_scales = [s.range_scales[0]] * s.num_ranges  # one value: every range takes it, no knob
-        if len(s.range_scales) > 1:
-            range_scales = [trial.suggest_categorical(f"range_scale_{r}", list(s.range_scales)) for r in range(s.num_ranges)]
-        layer_scales = [p[f"layer_scale_{l}"] for l in range(L)]
-        refined = trial.user_attrs.get(SCALES_ATTR)  # a refinement trial's own multipliers (`next_refinement`)
-        if refined is not None:
-            range_scales, layer_scales = list(refined["range"]), list(refined["layer"])
-        return self._plan(p, p["allowance"], range_scales, layer_scales)
+        if len(s.range_scales) > 1:  # a knob (one value: every range takes it, nothing to draw)
+            for r in range(s.num_ranges):
+                trial.suggest_categorical(f"range_scale_{r}", list(s.range_scales))
+        return self._plan(p, p["allowance"], *self.scales(trial))  # the drawn multipliers, or a refinement trial's own
 
-    def scales(self, trial: "optuna.trial.FrozenTrial") -> tuple[tuple[float, ...], tuple[float, ...]]:
+    def scales(self, trial: "optuna.Trial | optuna.trial.FrozenTrial") -> tuple[tuple[float, ...], tuple[float, ...]]:
         """The trial's per-range and per-layer multipliers of its allowance: drawn (or the single range scale), or a
-        refinement trial's own."""
+        refinement trial's own (`next_refinement`). A running trial's once `plan_for` has drawn them."""
         refined = trial.user_attrs.get(SCALES_ATTR)
         if refined is not None:
             return tuple(refined["range"]), tuple(refined["layer"])

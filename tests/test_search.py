@@ -195,11 +195,9 @@ class RangeWeightedEvaluator(SyntheticEvaluator):
     weights = (1.0, 1.0, 0.05)
 
     def __call__(self, plan: SparsePlan, report):
-        from sparsediff.plan import SparsePlan as Plan
-
         share = 0.0
         for r, w in zip(plan.ranges, self.weights):
-            alone = Plan(model=plan.model, ranges=[StepRange(0.0, 1.0, r.layers)], block_size=plan.block_size)
+            alone = SparsePlan(model=plan.model, ranges=[StepRange(0.0, 1.0, r.layers)], block_size=plan.block_size)
             share += w * (1.0 - alone.predicted_flops_share(LAYOUT, self.num_steps))
         value = 50.0 - 30.0 * share
         for step in range(self.num_steps):
