@@ -8,6 +8,7 @@ family. An adapter knows
 - how it installs itself into a denoiser and out again (`install` -> an `Installation` with `remove()`), which
   includes where a call's token layout and denoising step come from,
 - how a search runs the model and scores an output against the dense one (`run`, `quality`, `quality_name`), and
+  several calls' scores as one (`combine`, named by `combined`), and
 - the plan a model ships with, if any (`shipped_plan`).
 
 `install_all` is the one install loop that `accelerate`, `profile` and the training helpers share: every denoiser
@@ -49,6 +50,9 @@ class Adapter:
     # Whether quality at an intermediate step bounds the final one, so a search may prune a trial as soon as a step
     # falls below the floor (true of a video trajectory, whose errors only accumulate).
     prune_on_steps: ClassVar[bool] = True
+    # How `combine` makes one figure of several calls' qualities; a search keeps studies and stored validations of
+    # another way apart (names other than "mean" go into their names).
+    combined: ClassVar[str] = "mean"
 
     def matches(self, pipe_or_model: Any) -> bool:
         raise NotImplementedError
@@ -79,6 +83,10 @@ class Adapter:
     def quality(self, output: torch.Tensor, reference: torch.Tensor) -> float:
         """How close `output` is to the dense `reference` (higher is better)."""
         raise NotImplementedError
+
+    def combine(self, qualities: Sequence[float]) -> float:
+        """One figure for several calls' `quality` values: here their mean (right for a share, such as agreement)."""
+        return sum(qualities) / len(qualities)
 
     def shipped_plan(self, pipe_or_model: Any) -> SparsePlan | None:
         """The plan the model ships with (sparsediff's own models keep one beside their weights), or None."""

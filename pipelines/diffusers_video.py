@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from diffusers.hooks import HookRegistry
 
-from ..metrics import psnr
+from ..metrics import pooled_psnr, psnr
 from ..plan import ModelFingerprint
 from .adapter import Adapter, register_adapter
 from .families import Family, family_of, supported
@@ -94,6 +94,7 @@ class DiffusersVideoAdapter(Adapter):
     """Adapter for the diffusers video families in `families.FAMILIES` (a registry of their own)."""
 
     name = "diffusers_video"
+    combined = "pooled"  # `combine`: the PSNR of all calls' outputs together
 
     def supported(self) -> str:
         return supported()
@@ -189,6 +190,12 @@ class DiffusersVideoAdapter(Adapter):
     def quality(self, output: torch.Tensor, reference: torch.Tensor) -> float:
         """PSNR in dB, the peak being the reference's data range (frames or latents alike)."""
         return psnr(output, reference)
+
+    def combine(self, qualities: Sequence[float]) -> float:
+        """The PSNR of the calls' outputs together (`pooled_psnr`), as `sparsediff demo` measures its prompts: a mean
+        of dB values would let a prompt the plan keeps well make up for one it spoils (a search at a mean of 28.7 dB on
+        eight held-out prompts gave plans 27.4-28.7 dB on the demo's three)."""
+        return pooled_psnr(qualities)
 
 
 register_adapter(DiffusersVideoAdapter())

@@ -52,11 +52,13 @@ SCALES_ATTR = "scales"
 
 @dataclass
 class Evaluation:
-    """End-to-end quality of one plan: final PSNR vs dense, per-step PSNR, and the wall time of the run."""
+    """End-to-end quality of one plan: final PSNR vs dense (the calls' combined), per-step PSNR (the worst call's),
+    the wall time of the run, and each call's final PSNR."""
 
     psnr: float
     seconds: float
     step_psnr: list[float] = field(default_factory=list)
+    call_psnr: list[float] = field(default_factory=list)
 
 
 class Evaluator(Protocol):
@@ -335,6 +337,9 @@ class PlanSearch:
             space += "-a{:g}-{:g}".format(*self.space.allowance)
         if tuple(self.space.range_scales) != SearchSpace.range_scales:  # another knob: another study
             space += "-s" + "-".join(f"{x:g}" for x in self.space.range_scales)
+        combined = getattr(evaluator, "combined", "mean")  # another figure of the calls' quality: another study
+        if combined != "mean":
+            space += f"-{combined}"
         self.study_name = study_name or (f"sparsediff-{profile.model.model_class}-{profile.model.config_hash}-{profile.layout}-"
                                          f"{profile_digest(profile)}{space}")
         self.storage = storage
@@ -699,8 +704,10 @@ class PlanSearch:
                 raise _BelowFloor(step, psnr)
 
         try:
-            value = min(validator(self.plan_for(trial), report).psnr, PSNR_CAP)
-            log(f"validation of trial {outcome.number}: {self.q(value)} on the held-out calls")
+            result = validator(self.plan_for(trial), report)
+            value = min(result.psnr, PSNR_CAP)
+            worst = f" (worst call {self.q(min(result.call_psnr), named=False)})" if len(result.call_psnr) > 1 else ""
+            log(f"validation of trial {outcome.number}: {self.q(value)} on the held-out calls{worst}")
         except _BelowFloor as e:
             step, value = e.args
             log(f"validation of trial {outcome.number}: {self.q(value)} at step {step}, below the floor {self.floor()}")

@@ -5,7 +5,9 @@
 
 `PipelineEvaluator` runs a pipeline's calibration calls once dense, keeping every step's output and the final
 output, then runs them again under a candidate plan with the same seeds and compares them with the adapter's quality
-measure (PSNR for video): after each step (reported as the run goes, so a bad plan can stop early) and at the end.
+measure (PSNR for video): after each step (reported as the run goes, so a bad plan can stop early) and at the end,
+where the calls' qualities make one figure as the adapter combines them (`Adapter.combine`: for video the PSNR of all
+calls' frames together, which a prompt the plan spoils pulls down more than a mean of dB values would).
 How a call runs and what it returns is the adapter's (`sparsediff.pipelines.adapter.Adapter.run`/`quality`), so the
 search knows no model family.
 """
@@ -43,7 +45,8 @@ class PipelineEvaluator:
         warmup (bool, defaults to True): run the first call once untimed before the dense reference runs (False for a
             second evaluator on a pipeline that has already run, such as held-out validation calls).
 
-    `key` names the calls (a digest of their arguments): results stored for one set of calls are not reused for another.
+    `key` names the calls (a digest of their arguments, and of how their qualities combine when not by their mean):
+    results stored for one set of calls, or combined another way, are not reused. `combined` names that way.
     """
 
     def __init__(
@@ -58,7 +61,9 @@ class PipelineEvaluator:
         self.calls = [{k: v for k, v in c.items() if k not in ("generator", "output_type")} for c in calls]
         self.pipe, self.apply, self.adapter, self.output_type = pipe, apply, adapter, output_type
         self.num_steps = int(steps.pop())
-        self.key = hashlib.sha256(json.dumps([self.calls, output_type], sort_keys=True, default=repr).encode()).hexdigest()[:8]
+        self.combined = getattr(adapter, "combined", "mean")
+        named = [self.calls, output_type] + ([self.combined] if self.combined != "mean" else [])  # mean: the keys before
+        self.key = hashlib.sha256(json.dumps(named, sort_keys=True, default=repr).encode()).hexdigest()[:8]
         if warmup:
             self._run(self.calls[0])  # the first run pays one-off costs the timed runs must not
         start = time.perf_counter()
@@ -89,4 +94,4 @@ class PipelineEvaluator:
             seconds = time.perf_counter() - start
         finally:
             handle.remove()
-        return Evaluation(psnr=sum(finals) / len(finals), seconds=seconds, step_psnr=per_step)
+        return Evaluation(psnr=self.adapter.combine(finals), seconds=seconds, step_psnr=per_step, call_psnr=finals)

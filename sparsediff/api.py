@@ -455,7 +455,9 @@ def search_plan(
     """Search the fastest plan for `pipe` on this machine that meets a quality floor (or a speed target).
 
     Costs are kernel latencies measured here (cached per device, backend, dtype and shape); quality is the PSNR of
-    the calibration runs under the plan against the dense runs. See `sparsediff.search.optimize` for the study.
+    the calibration runs under the plan against the dense runs (for video, of all their frames together, as
+    `sparsediff demo` measures: one prompt the plan spoils is not made up for by another it keeps; the adapter's
+    `combine`). See `sparsediff.search.optimize` for the study.
 
     Args:
         pipe: a supported diffusers video pipeline (not accelerated).

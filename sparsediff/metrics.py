@@ -1,6 +1,7 @@
 """The project's one PSNR and one SSIM: every comparison of a sparse output with the dense one goes through these.
 
-`psnr` takes tensors or arrays of any shape (latents, frames). `ssim` is the SSIM of Wang et al. (2004) as papers
+`psnr` takes tensors or arrays of any shape (latents, frames); `pooled_psnr` combines several outputs' PSNRs into
+the PSNR of them all together. `ssim` is the SSIM of Wang et al. (2004) as papers
 report it: scikit-image's `structural_similarity` with an 11-px Gaussian window (sigma 1.5) and population
 covariances, per frame, averaged over frames.
 """
@@ -8,6 +9,7 @@ covariances, per frame, averaged over frames.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -36,6 +38,24 @@ def psnr(x: "torch.Tensor | np.ndarray", reference: "torch.Tensor | np.ndarray",
     if mse == 0.0:
         return PSNR_CAP
     return min(PSNR_CAP, 10 * math.log10(data_range**2 / mse))
+
+
+def pooled_psnr(values: "Sequence[float]") -> float:
+    """The PSNR of several outputs' mean squared error, from their PSNRs (each against its own peak), capped at
+    `PSNR_CAP`: for outputs of one size and one peak, the `psnr` of them all taken together, as `sparsediff demo`
+    reports its prompts. Never above the mean of the dB values, and below it whenever they differ: one bad output
+    costs what it costs in the pooled frames, where a mean of dB lets a good one make up for it.
+
+    >>> round(pooled_psnr([30.0, 30.0]), 6), round(pooled_psnr([32.0, 26.0]), 2)
+    (30.0, 28.04)
+    """
+    values = [float(v) for v in values]
+    if not values or any(math.isnan(v) for v in values):
+        raise ValueError(f"pooled_psnr needs one or more PSNR values in dB; got {values}.")
+    if len(values) == 1:  # its own PSNR exactly (the round trip through the MSE may move the last bit)
+        return min(values[0], PSNR_CAP)
+    mse = sum(10 ** (-v / 10) for v in values) / len(values)  # relative to the peak squared
+    return PSNR_CAP if mse == 0.0 else min(PSNR_CAP, -10 * math.log10(mse))
 
 
 def ssim(x: "torch.Tensor | np.ndarray", reference: "torch.Tensor | np.ndarray", data_range: float = 1.0) -> float:

@@ -1,4 +1,6 @@
-"""PSNR and SSIM: the cap, hand-computed values, agreement with scikit-image, and the errors."""
+"""PSNR, pooled PSNR and SSIM: the cap, hand-computed values, agreement with scikit-image, and the errors."""
+
+import math
 
 import numpy as np
 import pytest
@@ -72,3 +74,20 @@ def test_shape_mismatch_names_both_shapes():
 def test_psnr_rejects_a_non_positive_data_range():
     with pytest.raises(ValueError, match="positive data_range; got 0"):
         psnr(np.zeros(3), np.ones(3), data_range=0)
+
+
+def test_pooled_psnr_is_the_psnr_of_the_outputs_together():
+    from sparsediff.metrics import pooled_psnr
+
+    g = torch.Generator().manual_seed(0)
+    reference = torch.rand(3, 4, 8, 8, 3, generator=g, dtype=torch.float64)
+    outputs = reference + torch.randn(reference.shape, generator=g, dtype=torch.float64) * torch.tensor([0.01, 0.03, 0.1]).view(3, 1, 1, 1, 1)
+    each = [psnr(o, r, data_range=1.0) for o, r in zip(outputs, reference)]
+    together = psnr(outputs, reference, data_range=1.0)
+    assert pooled_psnr(each) == pytest.approx(together, rel=1e-12)
+    assert pooled_psnr(each) < sum(each) / 3 - 5  # the noisiest output dominates: far under the mean of the dB values
+    assert pooled_psnr([31.7]) == 31.7 and pooled_psnr([30.0, 30.0]) == pytest.approx(30.0) and pooled_psnr([PSNR_CAP] * 2) == PSNR_CAP
+    assert pooled_psnr([32.0, 26.0]) == pytest.approx(-10 * math.log10((10**-3.2 + 10**-2.6) / 2))
+    for bad in ([], [float("nan")]):
+        with pytest.raises(ValueError, match="pooled_psnr needs one or more PSNR values"):
+            pooled_psnr(bad)

@@ -424,6 +424,16 @@ def test_search_on_a_tiny_wan_pipeline(tmp_path, monkeypatch):
     again = evaluator(loaded, lambda step, value: None)
     assert again.psnr >= 20.0
     assert abs(again.psnr - summary["chosen"]["psnr"]) < 1e-6  # deterministic: same seeds, same kernels
+    # several calls make one figure as the video adapter combines them: the PSNR of all their frames together, which
+    # a worse call pulls below the mean of the calls' dB values; a study and its validations are named after it
+    from sparsediff.metrics import pooled_psnr
+
+    assert summary["study"].endswith("-pooled")
+    two = PipelineEvaluator(pipe, [*calls, dict(calls[0], seed=1)], apply=evaluator.apply, adapter=adapter_for(pipe))
+    both = two(loaded, lambda step, value: None)
+    assert len(both.call_psnr) == 2 and both.call_psnr[0] == again.psnr  # the same call, seeds and kernels
+    assert both.psnr == pooled_psnr(both.call_psnr) < max(both.call_psnr)
+    assert both.psnr <= sum(both.call_psnr) / 2 and two.combined == "pooled" and two.key != evaluator.key
     with sparsediff.accelerate(pipe, loaded, backend="torch"):
         frames = pipe(**call_kwargs(output_type="np")).frames
     assert torch.isfinite(torch.as_tensor(frames)).all()
