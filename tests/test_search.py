@@ -492,7 +492,7 @@ def test_cli_profile_then_search(tmp_path, capsys, monkeypatch):
     assert SparsePlan.load(plan_path).search["validation"] == validation
     assert main([*args, "--force", "--ranges", "3", "--allowance", "0.02,0.2"]) == 0  # a range per step: its own study
     summary = json.loads(capsys.readouterr().out)
-    assert summary["study"].endswith("-r3-a0.02-0.2") and summary["trials"] == 3
+    assert summary["study"].endswith("-r3-a0.02-0.2-pooled") and summary["trials"] == 3
     assert len(SparsePlan.load(plan_path).ranges) == 3 and 0.02 <= summary["chosen"]["params"]["allowance"] <= 0.2
     assert main([*args, "--force", "--ranges", "4"]) == 2
     assert "cannot have 4 step ranges in a 3-step run; give between 1 and 3 (--ranges)" in capsys.readouterr().err
