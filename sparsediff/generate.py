@@ -162,6 +162,7 @@ class DemoResult:
     accuracy_sparse: dict[str, float]
     files: dict[str, str]
     dtype: str = "float32"  # the model's weights and activations (the plan was searched in float32)
+    prompt_psnr: list[float] = field(default_factory=list)  # each prompt's own; `psnr` is of all frames together
 
     @property
     def speedup(self) -> float:
@@ -173,6 +174,7 @@ class DemoResult:
     def table(self) -> str:
         rows = [  # the correctness check first, then the speed it bought
             ("PSNR sparse vs dense", f"{self.psnr:.1f} dB"),
+            *([("PSNR per prompt", " / ".join(f"{p:.1f}" for p in self.prompt_psnr) + " dB")] if len(self.prompt_psnr) > 1 else []),
             ("SSIM sparse vs dense", f"{self.ssim:.3f}"),
             ("denoising time dense", f"{self.dense_seconds:.1f} s"),
             ("denoising time sparse", f"{self.sparse_seconds:.1f} s"),
@@ -263,4 +265,5 @@ def run_demo(
         accuracy_sparse=detector.accuracy(list(sparse.frames), prompts),
         files=files,
         dtype=str(pipe.dtype).removeprefix("torch."),
+        prompt_psnr=[psnr(s, d, data_range=1.0) for s, d in zip(sparse.frames, dense.frames)],
     )

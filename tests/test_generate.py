@@ -9,6 +9,7 @@ from PIL import Image
 
 from sparsediff.cli import main
 from sparsediff.generate import frame_strip, side_by_side, write_video
+from sparsediff.metrics import pooled_psnr
 
 
 def clip(seed=0, frames=5, h=32, w=48):
@@ -89,6 +90,8 @@ def test_demo_on_the_shipped_model_at_a_small_size(tmp_path, capsys):
     assert 0.0 < result["density"] <= result["run_density"] < 1.0  # the sparse steps ran sparse; dense ones, if any, dense
     assert result["run_density"] == pytest.approx((dense_steps + (7 - dense_steps) * result["density"]) / 7, abs=1e-3)
     assert 10.0 < result["psnr"] < 99.0 and 0.0 < result["ssim"] < 1.0  # close to dense, not identical
+    assert len(result["prompt_psnr"]) == 2 and min(result["prompt_psnr"]) <= result["psnr"] <= max(result["prompt_psnr"])
+    assert result["psnr"] == pytest.approx(pooled_psnr(result["prompt_psnr"]), abs=1e-9)  # one size: frames together
     assert set(result["accuracy_dense"]) == set(result["accuracy_sparse"]) >= {"colour", "direction"}
     assert result["dtype"] == "float32"  # the default, as the plan was searched
     video = iio.imread(result["files"]["side_by_side"])
