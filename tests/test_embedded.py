@@ -318,3 +318,22 @@ def test_eval_script_compares_dense_and_a_plan_on_the_same_seeds(capsys):
     assert dense["settings"]["model"] == "pipelines/assets/embedded"  # saved results name no machine path
     with pytest.raises(SystemExit, match="--compile is for dense runs only"):
         module.main([*small, "--plan", "shipped", "--compile"])
+
+
+def test_validate_script_reports_each_prompt_and_the_pooled_psnr(capsys):
+    """samples/validate_embedded_plan.py: the shipped plan on the calibration prompts, prompt by prompt and pooled."""
+    import importlib.util
+    from pathlib import Path
+
+    from sparsediff.metrics import pooled_psnr
+
+    path = Path(__file__).resolve().parents[1] / "samples" / "validate_embedded_plan.py"
+    spec = importlib.util.spec_from_file_location("validate_embedded_plan", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--set", "calibration", "--steps", "3", "--height", "32", "--width", "32", "--backend", "torch"])
+    assert json.loads(capsys.readouterr().out) == result and result["prompts"] == module.SETS["calibration"][0]
+    each = result["prompt_psnr"]
+    assert len(each) == 2 and all(10.0 < v < 99.0 for v in each)  # sparse in some step: close to dense, not equal
+    assert result["worst"] == min(each) and result["pooled_psnr"] == pytest.approx(pooled_psnr(each), abs=0.01)
+    assert result["worst"] <= result["pooled_psnr"] <= result["mean_of_db"]
