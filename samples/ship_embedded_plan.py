@@ -56,6 +56,8 @@ def main() -> None:
     p.add_argument("--min-psnr", type=float, default=29.0,
                    help="quality floor, on the calibration and the held-out prompts (1 dB over the demo's 28: the demo's "
                    "own prompts, a third set, came out 0-1.8 dB under the calibration PSNR of this session's plans)")
+    p.add_argument("--held-out-psnr", type=float, default=None,
+                   help="the floor on the held-out prompts (`sparsediff search --validate-min-psnr`; default --min-psnr)")
     p.add_argument("--reprofile", action="store_true", help="profile again even when the output folder holds a profile")
     p.add_argument("--steps", type=int, default=12, help="denoising steps of the profile and of the search (the demo's 12)")
     p.add_argument("--out", type=Path, default=ROOT / "samples" / "results" / "embedded")
@@ -78,7 +80,8 @@ def main() -> None:
             "--block-size", "64", "--out", args.out / "profile")
     run("search", "--model", "embedded", "--profile", args.out / "profile", "--out", args.out / "plan.json",
         "--min-psnr", args.min_psnr, "--trials", args.trials, "--validate-prompts", held_out, "--ranges", args.ranges,
-        "--allowance", args.allowance, "--refine", args.refine, "--force", *(["--range-scales", args.range_scales] if args.range_scales else []))
+        "--allowance", args.allowance, "--refine", args.refine, "--force",
+        *(["--validate-min-psnr", args.held_out_psnr] if args.held_out_psnr is not None else []), *(["--range-scales", args.range_scales] if args.range_scales else []))
     if args.no_ship:
         print(f"searched plan: {args.out / 'plan.json'} (not shipped: --no-ship)")
         return

@@ -689,18 +689,24 @@ class PlanSearch:
         numbers = {t.number for t in self.study.best_trials}
         return sorted((o for o in self.outcomes() if o.number in numbers), key=lambda o: o.predicted_ms)
 
-    def validated_psnr(self, outcome: TrialOutcome, validator: Evaluator, log: Callable[[str], None] = logger.info) -> float:
+    def validated_psnr(self, outcome: TrialOutcome, validator: Evaluator, log: Callable[[str], None] = logger.info,
+                       floor: float | None = None) -> float:
         """The trial's plan run on the held-out calls of `validator`: the final PSNR, or the step PSNR at which it
-        fell below the floor (the run stops there, as a search trial would be pruned). Stored in the study, keyed
-        by the trial and the validator's calls, so choosing again costs nothing."""
+        fell below `floor` (default the search's; the run stops there, as a search trial would be pruned). Stored in
+        the study, keyed by the trial and the validator's calls, so choosing again costs nothing; a run stopped below
+        one floor is not taken as the verdict on a lower one (it runs again)."""
+        floor = self.min_psnr if floor is None else floor
         key = f"validation:{getattr(validator, 'key', 'default')}:{outcome.number}"
         stored = self.study.user_attrs.get(key)
-        if stored is not None:
+        if isinstance(stored, dict):  # a run stopped at a step below the floor it had then
+            if floor >= stored["stopped_below"]:
+                return float(stored["psnr"])
+        elif stored is not None:  # a complete run (or, stored before floors were recorded, either)
             return float(stored)
         trial = next(t for t in self.study.get_trials(deepcopy=False) if t.number == outcome.number)
 
         def report(step: int, psnr: float) -> None:
-            if psnr < self.min_psnr:
+            if psnr < floor:
                 raise _BelowFloor(step, psnr)
 
         try:
@@ -708,14 +714,16 @@ class PlanSearch:
             value = min(result.psnr, PSNR_CAP)
             worst = f" (worst call {self.q(min(result.call_psnr), named=False)})" if len(result.call_psnr) > 1 else ""
             log(f"validation of trial {outcome.number}: {self.q(value)} on the held-out calls{worst}")
+            self.study.set_user_attr(key, float(value))
         except _BelowFloor as e:
             step, value = e.args
-            log(f"validation of trial {outcome.number}: {self.q(value)} at step {step}, below the floor {self.floor()}")
-        self.study.set_user_attr(key, float(value))
+            log(f"validation of trial {outcome.number}: {self.q(value)} at step {step}, below the floor {self.q(floor, named=False)}")
+            self.study.set_user_attr(key, {"psnr": float(value), "step": int(step), "stopped_below": float(floor)})
         return float(value)
 
     def choose(
-        self, target_speedup: float | None = None, validator: Evaluator | None = None, log: Callable[[str], None] = logger.info
+        self, target_speedup: float | None = None, validator: Evaluator | None = None, log: Callable[[str], None] = logger.info,
+        validation_floor: float | None = None,
     ) -> tuple[TrialOutcome, SparsePlan]:
         """The fastest Pareto trial meeting the PSNR floor, or with `target_speedup`, the best-quality trial that
         reaches it. Raises, naming what was reached and the knob to loosen, when none qualifies.
@@ -725,7 +733,10 @@ class PlanSearch:
         first that holds it is chosen. (With `target_speedup` the chosen plan is only measured there.) A few
         calibration prompts can overestimate others: this is the guard against it. Not only the Pareto trials: a
         measure that saturates (token agreement 1.0) leaves one trial at the top of the front, and when it fails
-        the held-out calls the slower trials tied with it are the ones to try next."""
+        the held-out calls the slower trials tied with it are the ones to try next. `validation_floor` is the floor
+        on the held-out calls (default the search's): the calibration floor steers the search, this one is the
+        verdict."""
+        held_floor = self.min_psnr if validation_floor is None else validation_floor
         front = self.pareto_front()
         done = [o for o in self.outcomes() if o.state == "complete"]
         validation: dict[str, Any] | None = None
@@ -739,7 +750,7 @@ class PlanSearch:
                 )
             chosen = max(ok, key=lambda o: (o.psnr, -o.predicted_ms))
             if validator is not None:
-                validation = {"psnr": self.validated_psnr(chosen, validator, log), "tried": [chosen.number]}
+                validation = {"psnr": self.validated_psnr(chosen, validator, log, held_floor), "tried": [chosen.number]}
         else:
             ok = [o for o in front if o.psnr >= self.min_psnr]
             if not ok:
@@ -754,18 +765,21 @@ class PlanSearch:
                 tried: dict[int, float] = {}
                 meeting = sorted((o for o in done if o.psnr >= self.min_psnr), key=lambda o: (o.predicted_ms, o.number))
                 for o in meeting:
-                    tried[o.number] = self.validated_psnr(o, validator, log)
-                    if tried[o.number] >= self.min_psnr:
+                    tried[o.number] = self.validated_psnr(o, validator, log, held_floor)
+                    if tried[o.number] >= held_floor:
                         chosen = o
                         break
                 else:
                     summary = ", ".join(f"trial {n}: {self.q(v, named=False)}" for n, v in tried.items())
                     raise ValueError(
-                        f"No trial meeting the quality floor {self.floor()} on the calibration calls held it on the "
-                        f"held-out calls ({summary}). Lower --min-psnr, run more --trials, or calibrate on prompts "
-                        "more like the held-out ones; the study and these validations are kept."
+                        f"No trial meeting the quality floor {self.floor()} on the calibration calls held "
+                        f"{self.q(held_floor, named=False)} on the held-out calls ({summary}). Lower --min-psnr (or "
+                        "--validate-min-psnr), run more --trials, or calibrate on prompts more like the held-out ones; "
+                        "the study and these validations are kept."
                     )
                 validation = {"psnr": tried[chosen.number], "tried": list(tried)}
+            if validation is not None and validation_floor is not None:
+                validation["min_psnr"] = held_floor
         trial = next(t for t in self.study.get_trials(deepcopy=False) if t.number == chosen.number)
         plan = self.plan_for(trial)
         plan.search = {

@@ -451,6 +451,7 @@ def search_plan(
     refine: int = 4,
     prune_ahead: int = 3,
     range_scales: "tuple[float, ...] | None" = None,
+    validation_min_psnr: "float | None" = None,
 ):
     """Search the fastest plan for `pipe` on this machine that meets a quality floor (or a speed target).
 
@@ -503,6 +504,10 @@ def search_plan(
         range_scales (tuple[float, ...], defaults to None): choices of a per-step-range multiplier of the allowance,
             one drawn per range by each trial (e.g. (0.75, 1.0, 1.5, 2.0)): errors cost more quality in some parts of
             the run than in others. None: every range 1, no such knob. Another setting is another study.
+        validation_min_psnr (float, defaults to None): the floor on the `validation_calls` (None: `min_psnr`).
+            `min_psnr` steers the search on the calibration calls, this one is the verdict on the held-out ones
+            (recorded in `plan.search["validation"]["min_psnr"]`); choosing again at another floor reuses the
+            stored validations that still decide it.
 
     Returns:
         SparsePlan: the chosen plan (its `search` field records the study, trial, PSNR and speedups), or
@@ -539,6 +544,8 @@ def search_plan(
     calls = calls if calls is not None else profile.meta.get("calls")
     if not calls:
         raise ValueError("No calibration calls: pass calls=[{...pipeline arguments...}], or record the profile with `sparsediff profile`, which stores them.")
+    if validation_min_psnr is not None and not validation_calls:  # before anything runs
+        raise ValueError(f"validation_min_psnr={validation_min_psnr} needs validation_calls (--validate-prompts) to apply to.")
     if validation_calls is not None:
         wanted = {c.get("num_inference_steps") for c in calls}
         given = {c.get("num_inference_steps") for c in validation_calls}
@@ -573,7 +580,7 @@ def search_plan(
     if validation_calls:
         validator = PipelineEvaluator(pipe, validation_calls, apply=evaluator.apply, adapter=adapter, output_type=output_type,
                                       warmup=False)
-    chosen, plan = run.choose(target_speedup, validator=validator, log=log or logger.info)
+    chosen, plan = run.choose(target_speedup, validator=validator, log=log or logger.info, validation_floor=validation_min_psnr)
     outcomes = run.outcomes()
     summary = {
         "study": run.study_name,

@@ -253,7 +253,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
                              block_sizes=block_sizes, force=args.force, progress=not args.json and not args.worker,
                              log=lambda line: logger.info(line), return_summary=True, validation_calls=validation_calls,
                              choose=not args.worker, ranges=args.ranges, allowance=args.allowance, refine=args.refine,
-                             prune_ahead=args.prune_ahead, range_scales=args.range_scales)
+                             prune_ahead=args.prune_ahead, range_scales=args.range_scales,
+                             validation_min_psnr=args.validate_min_psnr)
     except BaseException:
         for worker in workers:
             worker.terminate()
@@ -621,6 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
     srch.add_argument("--prompts", help="calibration prompts, one per line (default: the profile's)")
     srch.add_argument("--steps", type=positive_int, help="denoising steps of the calibration runs (default: the profile's)")
     srch.add_argument("--validate-prompts", help="held-out prompts, one per line: the chosen plan must hold the floor on them too")
+    srch.add_argument("--validate-min-psnr", type=finite_float, default=None,
+                      help="the floor on the --validate-prompts (default --min-psnr): --min-psnr steers the search on the "
+                      "calibration prompts, this one decides on the held-out ones")
     srch.add_argument("--height", type=positive_int)
     srch.add_argument("--width", type=positive_int)
     srch.add_argument("--frames", type=positive_int)

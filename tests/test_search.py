@@ -267,7 +267,7 @@ def test_held_out_validation_chooses_the_fastest_plan_that_holds_the_floor_there
     unvalidated, _ = search.choose()
     held_out = HeldOutEvaluator(penalty=20.0)
     chosen, plan = search.choose(validator=held_out, log=lambda line: None)
-    values = {n: search.study.user_attrs[f"validation:held-out:{n}"] for n in plan.search["validation"]["tried"]}
+    values = {n: stored_psnr(search.study.user_attrs[f"validation:held-out:{n}"]) for n in plan.search["validation"]["tried"]}
     assert plan.search["validation"]["tried"][-1] == chosen.number and values[chosen.number] >= 35.0
     assert all(v < 35.0 for n, v in values.items() if n != chosen.number)  # the faster ones tried first failed there
     assert chosen.predicted_ms >= unvalidated.predicted_ms and chosen.psnr >= 35.0
@@ -276,9 +276,34 @@ def test_held_out_validation_chooses_the_fastest_plan_that_holds_the_floor_there
     again, _ = make_search(tmp_path, min_psnr=35.0).choose(validator=held_out, log=lambda line: None)  # stored: not rerun
     assert again.number == chosen.number and held_out.runs == runs
     # a harsher held-out set nothing holds: a clear error naming what each tried trial reached; the study is kept
-    with pytest.raises(ValueError, match=r"held it on the held-out calls \(trial \d+: -?[0-9.]+ dB.*Lower --min-psnr"):
+    with pytest.raises(ValueError, match=r"held 35.0 dB on the held-out calls \(trial \d+: -?[0-9.]+ dB.*Lower --min-psnr"):
         search.choose(validator=HeldOutEvaluator(offset=30.0, key="harsh"), log=lambda line: None)
     assert len(make_search(tmp_path, min_psnr=35.0).study.trials) == 16
+
+
+def stored_psnr(value):
+    """A stored validation: a float (a complete run) or a dict (a run stopped below a floor)."""
+    return value["psnr"] if isinstance(value, dict) else value
+
+
+def test_a_lower_held_out_floor_chooses_a_faster_plan_and_reruns_validations_stopped_above_it(tmp_path):
+    search = make_search(tmp_path, min_psnr=35.0)
+    search.run(trials=16, progress=False)
+    held_out = HeldOutEvaluator(penalty=20.0)
+    strict, strict_plan = search.choose(validator=held_out, log=lambda line: None)
+    attrs = lambda: {k.rsplit(":", 1)[1]: v for k, v in search.study.user_attrs.items() if k.startswith("validation:held-out:")}  # noqa: E731
+    stopped = {int(n) for n, v in attrs().items() if isinstance(v, dict)}
+    assert stopped and all(attrs()[str(n)]["stopped_below"] == 35.0 and attrs()[str(n)]["psnr"] < 35.0 for n in stopped)
+    assert "min_psnr" not in strict_plan.search["validation"]  # the search's floor, not given apart
+    runs = held_out.runs
+    loose, plan = search.choose(validator=held_out, log=lambda line: None, validation_floor=30.0)
+    tried = plan.search["validation"]["tried"]
+    assert plan.search["validation"]["min_psnr"] == 30.0 and plan.search["validation"]["psnr"] >= 30.0
+    assert plan.search["validation"]["psnr"] == pytest.approx(held_out(plan, lambda s, p: None).psnr)
+    assert loose.predicted_ms < strict.predicted_ms and loose.psnr >= 35.0  # the calibration floor still applies
+    # the runs stopped below 35 dB said nothing about 30 dB: those tried again ran again, the complete ones did not
+    assert stopped & set(tried) and held_out.runs - 1 - runs == len(stopped & set(tried))
+    assert all(not isinstance(v, dict) or v["stopped_below"] == 30.0 for n, v in attrs().items() if int(n) in stopped & set(tried))
 
 
 def test_a_new_profile_of_the_same_model_starts_a_new_study(tmp_path):
@@ -490,6 +515,11 @@ def test_cli_profile_then_search(tmp_path, capsys, monkeypatch):
     validation = summary["validation"]
     assert validation["calls"] == 1 and validation["psnr"] >= 15 and validation["tried"][-1] == summary["chosen"]["number"]
     assert SparsePlan.load(plan_path).search["validation"] == validation
+    assert main([*args, "--force", "--validate-prompts", str(held_out), "--validate-min-psnr", "12"]) == 0  # its own floor
+    assert json.loads(capsys.readouterr().out)["validation"]["min_psnr"] == 12.0
+    kept = plan_path.read_text()
+    assert main([*args, "--force", "--validate-min-psnr", "12"]) == 2 and plan_path.read_text() == kept  # refused first
+    assert "needs validation_calls (--validate-prompts)" in capsys.readouterr().err
     assert main([*args, "--force", "--ranges", "3", "--allowance", "0.02,0.2"]) == 0  # a range per step: its own study
     summary = json.loads(capsys.readouterr().out)
     assert summary["study"].endswith("-r3-a0.02-0.2-pooled") and summary["trials"] == 3
