@@ -27,13 +27,14 @@ from ship_embedded_plan import HELD_OUT, PROMPTS  # noqa: E402
 
 import sparsediff  # noqa: E402
 from sparsediff.api import load_pipeline  # noqa: E402
+from sparsediff.cli import held_out_calls  # noqa: E402
 from sparsediff.generate import demo_prompts  # noqa: E402
 from sparsediff.metrics import pooled_psnr  # noqa: E402
 from sparsediff.pipelines.adapter import adapter_for  # noqa: E402
 from sparsediff.plan import SparsePlan  # noqa: E402
 from sparsediff.search.quality import PipelineEvaluator  # noqa: E402
 
-SETS = {"held-out": (HELD_OUT, 1000), "calibration": (PROMPTS, 0), "demo": (demo_prompts(3), 0)}
+SETS = {"held-out": HELD_OUT, "calibration": PROMPTS, "demo": demo_prompts(3)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -49,10 +50,11 @@ def main(argv: list[str] | None = None) -> dict:
     pipe = load_pipeline("embedded")
     pipe.set_progress_bar_config(disable=True)
     plan = SparsePlan.load(args.plan) if args.plan else pipe.shipped_plan()
-    prompts, seed = SETS[args.set]
-    calls = [dict(prompt=text, num_inference_steps=args.steps, height=args.height, width=args.width, num_frames=args.frames,
-                  seed=seed + i)
-             for i, text in enumerate(prompts)]
+    prompts = SETS[args.set]
+    settings = dict(num_inference_steps=args.steps, height=args.height, width=args.width, num_frames=args.frames)
+    calls = [dict(settings, prompt=text, seed=i) for i, text in enumerate(prompts)]  # as the profile and the demo seed them
+    if args.set == "held-out":  # as `sparsediff search --validate-prompts` runs them
+        calls = held_out_calls(prompts, calls)
     evaluator = PipelineEvaluator(pipe, calls, apply=lambda q, pl: sparsediff.accelerate(q, pl, backend=args.backend),
                                   adapter=adapter_for(pipe))
     result = evaluator(plan, lambda step, value: None)

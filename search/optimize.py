@@ -649,9 +649,9 @@ class PlanSearch:
     def _plan(self, params: dict[str, Any], allowance: float, range_scales: Sequence[float],
               layer_scales: Sequence[float]) -> SparsePlan:
         """The plan of a trial's dense steps, dense layers and block size (`params`) at this allowance and multipliers."""
-        p = params
-        return build_plan(self.profile, self.costs[p["block_size"]], self.num_steps, p["dense_steps"], p["dense_layers"],
-                          [allowance * m for m in layer_scales], self.space.num_ranges, p["block_size"], range_scales)
+        return build_plan(self.profile, self.costs[params["block_size"]], self.num_steps, params["dense_steps"],
+                          params["dense_layers"], [allowance * m for m in layer_scales], self.space.num_ranges,
+                          params["block_size"], range_scales)
 
     def _queue_refinement(self, log: Callable[[str], None]) -> None:
         found = self.next_refinement()

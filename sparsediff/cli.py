@@ -209,13 +209,17 @@ def _calibration_calls(args: argparse.Namespace) -> list[dict]:
 
 
 def _validation_calls(path: str, calibration: list[dict]) -> list[dict]:
-    """Held-out calls: the first calibration call's settings with each prompt of `path`, seeds 1000, 1001, ...
-    (not the calibration's)."""
+    """Held-out calls of the prompts in the file `path` (`held_out_calls`)."""
     prompts = _read_prompts(path, "--validate-prompts") if Path(path).is_file() else None
     if not prompts:
         raise ValueError(f"--validate-prompts {path!r} is not a file of prompts; write one held-out prompt per line.")
     if not calibration:
         raise ValueError("--validate-prompts needs calibration calls to copy settings from: pass --prompts/--steps, or a profile from `sparsediff profile`.")
+    return held_out_calls(prompts, calibration)
+
+
+def held_out_calls(prompts: list[str], calibration: list[dict]) -> list[dict]:
+    """The held-out calls of `prompts`: the first calibration call's settings, seeds 1000, 1001, ... (not the calibration's)."""
     template = {k: v for k, v in calibration[0].items() if k not in ("prompt", "seed")}
     return [dict(template, prompt=p, seed=1000 + i) for i, p in enumerate(prompts)]
 

@@ -332,8 +332,13 @@ def test_validate_script_reports_each_prompt_and_the_pooled_psnr(capsys):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     result = module.main(["--set", "calibration", "--steps", "3", "--height", "32", "--width", "32", "--backend", "torch"])
-    assert json.loads(capsys.readouterr().out) == result and result["prompts"] == module.SETS["calibration"][0]
+    assert json.loads(capsys.readouterr().out) == result and result["prompts"] == module.SETS["calibration"]
     each = result["prompt_psnr"]
     assert len(each) == 2 and all(10.0 < v < 99.0 for v in each)  # sparse in some step: close to dense, not equal
     assert result["worst"] == min(each) and result["pooled_psnr"] == pytest.approx(pooled_psnr(each), abs=0.01)
     assert result["worst"] <= result["pooled_psnr"] <= result["mean_of_db"]
+    # the held-out set runs as `sparsediff search --validate-prompts` runs it: calibration settings, seeds from 1000
+    from sparsediff.cli import held_out_calls
+
+    assert held_out_calls(["a", "b"], [{"prompt": "c", "seed": 0, "height": 32}, {"prompt": "d", "seed": 1, "height": 32}]) == [
+        {"height": 32, "prompt": "a", "seed": 1000}, {"height": 32, "prompt": "b", "seed": 1001}]
