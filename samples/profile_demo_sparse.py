@@ -1,7 +1,7 @@
 """Where a sparse generation of the demo spends its time: one clip of the embedded video model at the demo's size under
 its shipped plan, through `torch.profiler` (CPU), ops sorted by their own time.
 
-    python samples/profile_demo_sparse.py [--steps 12]
+    python samples/profile_demo_sparse.py [--steps 12] [--plan PLAN.json]
 
 The compiled CPU kernel is a C++ extension call the profiler does not name: its time is the wall time less the
 profiled ops' total.
@@ -23,12 +23,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--prompt", default="a red circle moving right")
+    parser.add_argument("--plan", default=None, help="a plan JSON (default: the shipped plan)")
     args = parser.parse_args()
     pipe = load_pipeline("embedded")
     pipe.set_progress_bar_config(disable=True)
     size = dict(height=64, width=64, num_frames=8)
     generate(pipe, [args.prompt], None, num_inference_steps=2, **size)  # warm-up
-    handle = accelerate(pipe, pipe.shipped_plan())
+    handle = accelerate(pipe, args.plan if args.plan else pipe.shipped_plan())
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             start = time.perf_counter()

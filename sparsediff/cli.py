@@ -165,7 +165,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
                                                  force=args.force)
         info = {"profile": args.plan, "out": str(maps), "errors_out": str(errors), "preferred_out": str(preferred),
                 "model": prof.model.model_class,
-                "layout": str(prof.layout), "mean_errors": prof.mean_errors()}
+                "layout": str(prof.layout), "mean_errors": prof.mean_errors(), "concentration": _concentration(prof)}
     elif args.plan:
         plan = SparsePlan.load(args.plan)
         out = render_plan(plan, args.out, layout=layout)
@@ -467,9 +467,22 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     info = {"out": args.out, "model": prof.model.model_class, "layout": str(prof.layout), "prompts": len(calls),
             "steps": len(prof.steps), "layers": len(prof.layers), "heads": prof.num_heads,
             "mass_shape": list(prof.mass.shape), "errors_shape": list(prof.errors.shape),
-            "mean_errors": prof.mean_errors()}
+            "mean_errors": prof.mean_errors(), "concentration": _concentration(prof)}
     _emit(info, args.json)
     return 0
+
+
+def _concentration(prof) -> dict:
+    """The profile's `concentration_summary`, with a warning when most heads spread their attention evenly."""
+    summary = prof.concentration_summary()
+    if summary["heads"] and 2 * summary["diffuse_heads"] > summary["heads"]:
+        logger.warning(
+            "%d of %d heads spread their attention almost evenly (their %d%% most attended key blocks hold under %.0f%% "
+            "of it, against %.0f%% if even): sparse patterns on them keep little attention, so their error depends on "
+            "the content; validate plans on held-out prompts (`sparsediff search --validate-prompts`).",
+            summary["diffuse_heads"], summary["heads"], round(100 * summary["share"]), 100 * summary["diffuse_below"],
+            100 * summary["even"])
+    return summary
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

@@ -94,6 +94,9 @@ def test_cli_profile_and_show(tmp_path, capsys):
     png = tmp_path / "maps.png"
     assert main(["show", str(out), "--out", str(png), "--layers", "1", "--steps", "0,1", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
+    loaded = AttentionProfile.load(out)
+    assert info["concentration"] == shown["concentration"] == loaded.concentration_summary()
+    assert list(shown["concentration"]["by_layer"]) == ["0", "1"] and shown["concentration"]["heads"] == 4
     assert Image.open(png).size[1] > 100 and Image.open(shown["errors_out"]).size[0] > 100
     assert Image.open(shown["preferred_out"]).size[0] > 100
     assert main(["show", str(out), "--out", str(png), "--layers", "7"]) == 2
@@ -118,3 +121,45 @@ def test_head_preferences_pick_the_cheapest_pattern_within_the_tolerance():
 def test_cli_profile_model_errors(tmp_path, capsys):
     assert main(["profile", "--model", str(tmp_path), "--out", str(tmp_path / "p")]) == 2
     assert "not a saved diffusers pipeline" in capsys.readouterr().err
+
+
+def _profile_with_mass(mass: torch.Tensor) -> AttentionProfile:
+    T, L, H, n, _ = mass.shape
+    layout = TokenLayout.parse(f"video:1x1x{n * 8}")
+    return AttentionProfile(sparsediff.ModelFingerprint("M", L, H, 8, "h"), layout, 8, 8, 4, steps=list(range(T)),
+                            num_steps=T, layers=list(range(L)), candidates=["full"], mass=mass,
+                            errors=torch.zeros(T, L, H, 1), calls=torch.ones(T, L, dtype=torch.long))
+
+
+def test_concentration_reads_even_spread_as_the_share_and_one_block_as_one():
+    n = 20  # the 10% most attended key blocks: 2 of 20
+    mass = torch.full((2, 2, 3, n, n), 1.0 / n)  # every head even ...
+    mass[:, 0, 1] = torch.eye(n)  # ... but layer 0 head 1 puts each query block's mass on one key block
+    mass[:, 1, 2] = 0.0
+    mass[:, 1, 2, :, :4] = 0.25  # and layer 1 head 2 on 4 key blocks: its top 2 hold half
+    prof = _profile_with_mass(mass)
+    c = prof.concentration(0.1)
+    assert c.shape == (2, 2, 3)
+    torch.testing.assert_close(c[:, 0, 0], torch.full((2,), 0.1))
+    torch.testing.assert_close(c[:, 0, 1], torch.ones(2))
+    torch.testing.assert_close(c[:, 1, 2], torch.full((2,), 0.5))
+    summary = prof.concentration_summary(0.1)
+    assert summary["heads"] == 6 and summary["diffuse_heads"] == 4  # 0.1 < 0.2; 0.5 and 1.0 are not diffuse
+    assert summary["by_layer"] == {"0": [0.1, 1.0, 0.1], "1": [0.1, 0.1, 0.5]} and summary["even"] == 0.1
+    with pytest.raises(ValueError, match=r"share=0 must be in \(0, 1\]"):
+        prof.concentration(0)
+
+
+def test_concentration_ignores_unobserved_steps_and_warns_when_most_heads_are_even(tmp_path, capsys, caplog):
+    n = 10
+    mass = torch.full((2, 1, 2, n, n), 1.0 / n)
+    mass[1] = 0.0  # step 1 was not observed: no rows recorded
+    prof = _profile_with_mass(mass)
+    c = prof.concentration(0.1)
+    assert c[1].isnan().all() and not c[0].isnan().any()
+    assert prof.concentration_summary(0.1)["by_layer"] == {"0": [0.1, 0.1]}  # the observed step only
+    prof.save(tmp_path / "p")
+    with caplog.at_level("WARNING", logger="sparsediff"):
+        assert main(["show", str(tmp_path / "p"), "--out", str(tmp_path / "m.png"), "--json"]) == 0
+    assert "2 of 2 heads spread their attention almost evenly" in caplog.text
+    assert json.loads(capsys.readouterr().out)["concentration"]["diffuse_heads"] == 2
