@@ -342,3 +342,31 @@ def test_validate_script_reports_each_prompt_and_the_pooled_psnr(capsys):
 
     assert held_out_calls(["a", "b"], [{"prompt": "c", "seed": 0, "height": 32}, {"prompt": "d", "seed": 1, "height": 32}]) == [
         {"height": 32, "prompt": "a", "seed": 1000}, {"height": 32, "prompt": "b", "seed": 1001}]
+
+
+def test_perturbation_floor_script_perturbs_self_attention_and_removes_its_hooks(capsys):
+    """samples/perturbation_floor.py: a perturbed run differs from dense (finite PSNR), the bfloat16 rounding far
+    less than 1% noise, and the pipeline runs as it did once the script is done."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    from sparsediff.api import load_pipeline
+    from sparsediff.metrics import pooled_psnr
+
+    path = Path(__file__).resolve().parents[1] / "samples" / "perturbation_floor.py"
+    spec = importlib.util.spec_from_file_location("perturbation_floor", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pipe = load_pipeline("embedded")
+    settings = dict(num_inference_steps=2, height=32, width=32, num_frames=4, output_type="np")
+    before = pipe("a red circle moving right", generator=torch.Generator().manual_seed(0), **settings).frames
+    result = module.main(["--set", "demo", "--steps", "2", "--size", "32", "--frames", "4", "--json"], pipe=pipe)
+    assert json.loads(capsys.readouterr().out) == result
+    rows = result["demo"]["prompts"]
+    assert len(rows) == 3 and all(20.0 < r["noise_1pct"] < r["bfloat16"] < 150.0 for r in rows)
+    assert result["demo"]["pooled"]["bfloat16"] == pytest.approx(pooled_psnr([r["bfloat16"] for r in rows]))
+    assert not any(block.attn1._forward_hooks for block in pipe.transformer.blocks)  # its hooks are gone
+    after = pipe("a red circle moving right", generator=torch.Generator().manual_seed(0), **settings).frames
+    assert torch.equal(torch.as_tensor(after), torch.as_tensor(before))  # same process, same kernels, same inputs
