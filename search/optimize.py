@@ -721,6 +721,32 @@ class PlanSearch:
             self.study.set_user_attr(key, {"psnr": float(value), "step": int(step), "stopped_below": float(floor)})
         return float(value)
 
+    def held_out_gap(self, validator: Evaluator, tried: dict[int, float]) -> float | None:
+        """The most quality any of the `tried` trials (number -> held-out figure) lost from the calibration calls to
+        the held-out ones, over complete validations (a run stopped below a floor saw only part of the run); None
+        without one."""
+        by_number = {o.number: o for o in self.outcomes()}
+        losses = [by_number[n].psnr - value for n, value in tried.items()
+                  if not isinstance(self.study.user_attrs.get(f"validation:{getattr(validator, 'key', 'default')}:{n}"), dict)]
+        return round(max(losses), 4) if losses else None
+
+    def _gap_advice(self, validator: Evaluator, tried: dict[int, float], held_floor: float) -> str:
+        """A calibration floor that allows for the loss the validations saw, as a sentence (empty when none applies):
+        the search's refinement then works at that floor, near plans that hold the held-out one."""
+        gap = self.held_out_gap(validator, tried)
+        if gap is None or gap <= 0:
+            return ""
+        unit = self.quality_label[1]
+        step = 0.1 if unit else 0.001
+        floor = math.ceil((held_floor + gap) / step - 1e-9) * step
+        if not unit and floor > 1.0:  # a bounded measure (agreement): no calibration floor can allow for it
+            return ""
+        floor_text = f"{floor:.1f}" if unit else f"{floor:.3f}"
+        return (f" Validated plans lost up to {self.q(gap, named=False)} from the calibration calls to the held-out ones: "
+                f"to look for faster plans that hold {self.q(held_floor, named=False)} there, continue this study with a "
+                f"calibration floor that allows for it, --min-psnr {floor_text} (the study resumes: raise --trials, and "
+                "--refine spends the new trials refining at that floor).")
+
     def choose(
         self, target_speedup: float | None = None, validator: Evaluator | None = None, log: Callable[[str], None] = logger.info,
         validation_floor: float | None = None,
@@ -773,11 +799,18 @@ class PlanSearch:
                     summary = ", ".join(f"trial {n}: {self.q(v, named=False)}" for n, v in tried.items())
                     raise ValueError(
                         f"No trial meeting the quality floor {self.floor()} on the calibration calls held "
-                        f"{self.q(held_floor, named=False)} on the held-out calls ({summary}). Lower --min-psnr (or "
-                        "--validate-min-psnr), run more --trials, or calibrate on prompts more like the held-out ones; "
-                        "the study and these validations are kept."
+                        f"{self.q(held_floor, named=False)} on the held-out calls ({summary}). Lower the held-out floor "
+                        "(--validate-min-psnr; --min-psnr when it is not given), run more --trials, or calibrate on prompts "
+                        "more like the held-out ones; "
+                        f"the study and these validations are kept.{self._gap_advice(validator, tried, held_floor)}"
                     )
                 validation = {"psnr": tried[chosen.number], "tried": list(tried)}
+                gap = self.held_out_gap(validator, tried)
+                if gap is not None:
+                    validation["gap"] = gap
+                if len(tried) > 1:  # faster plans failed there: say how to look for faster ones that hold
+                    log(f"{len(tried) - 1} faster plan(s) fell below {self.q(held_floor, named=False)} on the held-out "
+                        f"calls.{self._gap_advice(validator, tried, held_floor)}")
             if validation is not None and validation_floor is not None:
                 validation["min_psnr"] = held_floor
         trial = next(t for t in self.study.get_trials(deepcopy=False) if t.number == chosen.number)

@@ -59,12 +59,13 @@ class HeldOutEvaluator(SyntheticEvaluator):
 
     calls = [{"prompt": "held out"}]
 
-    def __init__(self, penalty: float = 20.0, offset: float = 0.0, key: str = "held-out"):
-        self.penalty, self.offset, self.key, self.runs = penalty, offset, key, 0
+    def __init__(self, penalty: float = 20.0, offset: float = 0.0, key: str = "held-out", steps_lose: bool = True):
+        self.penalty, self.offset, self.key, self.runs, self.steps_lose = penalty, offset, key, 0, steps_lose
 
     def __call__(self, plan: SparsePlan, report) -> Evaluation:
         self.runs += 1
         skipped = 1.0 - plan.predicted_flops_share(LAYOUT, self.num_steps)
         loss = self.penalty * skipped + self.offset
-        inner = super().__call__(plan, lambda step, value: report(step, value - loss))
+        # steps_lose=False: the steps look as on calibration and only the final output loses (no run stops early)
+        inner = super().__call__(plan, lambda step, value: report(step, value - loss if self.steps_lose else value))
         return Evaluation(psnr=inner.psnr - loss, seconds=inner.seconds, step_psnr=inner.step_psnr)

@@ -5,6 +5,8 @@ import sys
 import textwrap
 
 import optuna
+import math
+
 import pytest
 
 from sparsediff.patterns import get_pattern
@@ -266,19 +268,43 @@ def test_held_out_validation_chooses_the_fastest_plan_that_holds_the_floor_there
     search.run(trials=16, progress=False)
     unvalidated, _ = search.choose()
     held_out = HeldOutEvaluator(penalty=20.0)
-    chosen, plan = search.choose(validator=held_out, log=lambda line: None)
-    values = {n: stored_psnr(search.study.user_attrs[f"validation:held-out:{n}"]) for n in plan.search["validation"]["tried"]}
+    lines = []
+    chosen, plan = search.choose(validator=held_out, log=lines.append)
+    stored = {n: search.study.user_attrs[f"validation:held-out:{n}"] for n in plan.search["validation"]["tried"]}
+    values = {n: stored_psnr(v) for n, v in stored.items()}
     assert plan.search["validation"]["tried"][-1] == chosen.number and values[chosen.number] >= 35.0
     assert all(v < 35.0 for n, v in values.items() if n != chosen.number)  # the faster ones tried first failed there
+    # what the validations lost from calibration (complete runs only), and the calibration floor that allows for it
+    calibration = {o.number: o.psnr for o in search.outcomes()}
+    gap = max(calibration[n] - v for n, v in stored.items() if not isinstance(v, dict))
+    assert plan.search["validation"]["gap"] == pytest.approx(gap, abs=1e-4) and gap > 0
+    advice = next(line for line in lines if "faster plan(s) fell below 35.0 dB" in line)
+    assert f"--min-psnr {math.ceil((35.0 + round(gap, 4)) * 10 - 1e-9) / 10:.1f}" in advice
     assert chosen.predicted_ms >= unvalidated.predicted_ms and chosen.psnr >= 35.0
     assert plan.search["validation"]["psnr"] == pytest.approx(held_out(plan, lambda s, p: None).psnr)
     runs = held_out.runs
     again, _ = make_search(tmp_path, min_psnr=35.0).choose(validator=held_out, log=lambda line: None)  # stored: not rerun
     assert again.number == chosen.number and held_out.runs == runs
     # a harsher held-out set nothing holds: a clear error naming what each tried trial reached; the study is kept
-    with pytest.raises(ValueError, match=r"held 35.0 dB on the held-out calls \(trial \d+: -?[0-9.]+ dB.*Lower --min-psnr"):
+    with pytest.raises(ValueError, match=r"held 35.0 dB on the held-out calls \(trial \d+: -?[0-9.]+ dB.*Lower the held-out floor"):
         search.choose(validator=HeldOutEvaluator(offset=30.0, key="harsh"), log=lambda line: None)
     assert len(make_search(tmp_path, min_psnr=35.0).study.trials) == 16
+
+
+def test_when_no_plan_holds_the_held_out_floor_the_error_names_a_calibration_floor_that_allows_for_the_loss(tmp_path):
+    search = make_search(tmp_path, min_psnr=35.0)
+    search.run(trials=16, progress=False)
+    # every plan loses more than the best one's margin over 35 dB on the held-out calls, at its end only: each
+    # validation runs to the end and fails
+    offset = math.ceil(max(o.psnr for o in search.outcomes() if o.state == "complete")) - 35.0 + 1.5
+    held_out = HeldOutEvaluator(penalty=0.0, offset=offset, key="worse", steps_lose=False)
+    with pytest.raises(ValueError, match=rf"Lower the held-out floor .* Validated plans lost up to {offset:.1f} dB from the "
+                                         rf"calibration calls to the held-out ones: .* --min-psnr {35 + offset:.1f} \(the study resumes"):
+        search.choose(validator=held_out, log=lambda line: None)
+    # calls that stop early saw part of the run only: no loss is read from them, and no floor is offered
+    with pytest.raises(ValueError) as stopped:
+        search.choose(validator=HeldOutEvaluator(penalty=0.0, offset=30.0, key="early"), log=lambda line: None)
+    assert "at step" not in str(stopped.value) and "Validated plans lost" not in str(stopped.value)
 
 
 def stored_psnr(value):
