@@ -296,6 +296,11 @@ class _Heartbeat:
         self.thread.join()
 
 
+def _validation_key(validator: Evaluator, number: int) -> str:
+    """The study attribute holding trial `number`'s validation on `validator`'s held-out calls."""
+    return f"validation:{getattr(validator, 'key', 'default')}:{number}"
+
+
 class PlanSearch:
     """One search: profile + cost models (one per block size) + an end-to-end evaluator + a study storage.
 
@@ -696,7 +701,7 @@ class PlanSearch:
         the study, keyed by the trial and the validator's calls, so choosing again costs nothing; a run stopped below
         one floor is not taken as the verdict on a lower one (it runs again)."""
         floor = self.min_psnr if floor is None else floor
-        key = f"validation:{getattr(validator, 'key', 'default')}:{outcome.number}"
+        key = _validation_key(validator, outcome.number)
         stored = self.study.user_attrs.get(key)
         if isinstance(stored, dict):  # a run stopped at a step below the floor it had then
             if floor >= stored["stopped_below"]:
@@ -727,7 +732,7 @@ class PlanSearch:
         without one."""
         by_number = {o.number: o for o in self.outcomes()}
         losses = [by_number[n].psnr - value for n, value in tried.items()
-                  if not isinstance(self.study.user_attrs.get(f"validation:{getattr(validator, 'key', 'default')}:{n}"), dict)]
+                  if not isinstance(self.study.user_attrs.get(_validation_key(validator, n)), dict)]
         return round(max(losses), 4) if losses else None
 
     def _gap_advice(self, validator: Evaluator, tried: dict[int, float], held_floor: float) -> str:
@@ -739,7 +744,7 @@ class PlanSearch:
         unit = self.quality_label[1]
         step = 0.1 if unit else 0.001
         floor = math.ceil((held_floor + gap) / step - 1e-9) * step
-        if not unit and floor > 1.0:  # a bounded measure (agreement): no calibration floor can allow for it
+        if (not unit and floor > 1.0) or floor <= self.min_psnr:  # a bounded measure past its top, or no stricter floor
             return ""
         floor_text = f"{floor:.1f}" if unit else f"{floor:.3f}"
         return (f" Validated plans lost up to {self.q(gap, named=False)} from the calibration calls to the held-out ones: "

@@ -301,6 +301,12 @@ def test_when_no_plan_holds_the_held_out_floor_the_error_names_a_calibration_flo
     with pytest.raises(ValueError, match=rf"Lower the held-out floor .* Validated plans lost up to {offset:.1f} dB from the "
                                          rf"calibration calls to the held-out ones: .* --min-psnr {35 + offset:.1f} \(the study resumes"):
         search.choose(validator=held_out, log=lambda line: None)
+    # the advice itself: a floor above the search's own, or nothing when that one already allows for the loss
+    best = max((o for o in search.outcomes() if o.state == "complete"), key=lambda o: o.psnr)
+    unstored = HeldOutEvaluator(key="never-run")  # no stored validation: read as complete runs
+    assert "--min-psnr 36.0 " in search._gap_advice(unstored, {best.number: best.psnr - 1.0}, held_floor=35.0)
+    assert search._gap_advice(unstored, {best.number: best.psnr - 1.0}, held_floor=30.0) == ""  # 31 <= 35
+    assert search._gap_advice(unstored, {best.number: best.psnr + 1.0}, held_floor=35.0) == ""  # no loss
     # calls that stop early saw part of the run only: no loss is read from them, and no floor is offered
     with pytest.raises(ValueError) as stopped:
         search.choose(validator=HeldOutEvaluator(penalty=0.0, offset=30.0, key="early"), log=lambda line: None)
