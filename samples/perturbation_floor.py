@@ -21,14 +21,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # ship_embedded_plan's prompt sets
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # validate_embedded_plan's prompt sets
 
-from ship_embedded_plan import HELD_OUT  # noqa: E402
+from validate_embedded_plan import set_calls  # noqa: E402
 
 from sparsediff.api import load_pipeline  # noqa: E402
-from sparsediff.cli import held_out_calls  # noqa: E402
-from sparsediff.generate import demo_prompts  # noqa: E402
-from sparsediff.metrics import pooled_psnr, psnr  # noqa: E402
+from sparsediff.metrics import pooled_psnr  # noqa: E402
 from sparsediff.pipelines.adapter import adapter_for  # noqa: E402
 
 PERTURBATIONS = {
@@ -50,11 +48,7 @@ def main(argv: list[str] | None = None, pipe=None) -> dict:
     pipe.set_progress_bar_config(disable=True)
     adapter = adapter_for(pipe)
     settings = dict(num_inference_steps=args.steps, height=args.size, width=args.size, num_frames=args.frames)
-    sets = {}
-    if args.set in ("held-out", "both"):  # as `sparsediff search --validate-prompts` runs them
-        sets["held-out"] = held_out_calls(HELD_OUT, [dict(settings, prompt="", seed=0)])
-    if args.set in ("demo", "both"):  # as `sparsediff demo` seeds them
-        sets["demo"] = [dict(settings, prompt=text, seed=i) for i, text in enumerate(demo_prompts(3))]
+    sets = {name: set_calls(name, settings) for name in ("held-out", "demo") if args.set in (name, "both")}
     active = {"name": None, "generator": None}
 
     def perturb(module, inputs, out):
@@ -74,7 +68,7 @@ def main(argv: list[str] | None = None, pipe=None) -> dict:
                 for name in PERTURBATIONS:
                     active["name"], active["generator"] = name, torch.Generator().manual_seed(0)
                     _, out = adapter.run(pipe, call)
-                    row[name] = psnr(out, dense)
+                    row[name] = adapter.quality(out, dense)  # PSNR, as the search and the validation script read it
                 rows.append(row)
                 if not args.json:
                     print(f"{set_name:8s} {call['prompt']:55s} " + "  ".join(f"{n} {row[n]:6.2f} dB" for n in PERTURBATIONS), flush=True)

@@ -85,9 +85,10 @@ def main() -> None:
     p.add_argument("--no-ship", action="store_true",
                    help="search and report only: leave the shipped plan as it is (compare before replacing it)")
     args = p.parse_args()
-    counts = {name: len(_floats(getattr(args, name), name)) for name in ("trials", "min_psnr", "refine")}
-    if len(set(counts.values())) != 1:
-        p.error(f"--trials, --min-psnr and --refine need one value per stage each; got {counts}.")
+    per_stage = {name: _floats(getattr(args, name), name) for name in ("trials", "min_psnr", "refine")}
+    if len({len(values) for values in per_stage.values()}) != 1:
+        p.error(f"--trials, --min-psnr and --refine need one value per stage each; got "
+                f"{ {name: len(values) for name, values in per_stage.items()} }.")
     args.out.mkdir(parents=True, exist_ok=True)
     prompts = args.out / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
@@ -97,7 +98,7 @@ def main() -> None:
     if args.reprofile or not (args.out / "profile").is_dir():
         run("profile", "--model", "embedded", "--prompts", prompts, "--steps", args.steps, *size, "--candidates", CANDIDATES,
             "--block-size", "64", "--out", args.out / "profile")
-    stages = list(zip(*(_floats(getattr(args, name), name) for name in ("trials", "min_psnr", "refine"))))
+    stages = list(zip(*per_stage.values()))
     for i, (trials, floor, refine) in enumerate(stages):
         last = i == len(stages) - 1  # only the last stage's choice is kept: only it validates on the held-out prompts
         run("search", "--model", "embedded", "--profile", args.out / "profile", "--out", args.out / "plan.json",

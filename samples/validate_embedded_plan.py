@@ -37,6 +37,14 @@ from sparsediff.search.quality import PipelineEvaluator  # noqa: E402
 SETS = {"held-out": HELD_OUT, "calibration": PROMPTS, "demo": demo_prompts(3)}
 
 
+def set_calls(name: str, settings: dict) -> list[dict]:
+    """The calls of prompt set `name` with `settings`, seeded as the search and the demo run them: the calibration
+    and demo prompts 0, 1, 2, ... (as the profile and the demo seed them), the held-out ones as `sparsediff search
+    --validate-prompts` runs them (`held_out_calls`: seeds 1000, 1001, ...)."""
+    calls = [dict(settings, prompt=text, seed=i) for i, text in enumerate(SETS[name])]
+    return held_out_calls(SETS[name], calls) if name == "held-out" else calls
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("plan", nargs="?", default=None, help="a plan file (default: the embedded model's shipped plan)")
@@ -52,9 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     plan = SparsePlan.load(args.plan) if args.plan else pipe.shipped_plan()
     prompts = SETS[args.set]
     settings = dict(num_inference_steps=args.steps, height=args.height, width=args.width, num_frames=args.frames)
-    calls = [dict(settings, prompt=text, seed=i) for i, text in enumerate(prompts)]  # as the profile and the demo seed them
-    if args.set == "held-out":  # as `sparsediff search --validate-prompts` runs them
-        calls = held_out_calls(prompts, calls)
+    calls = set_calls(args.set, settings)
     evaluator = PipelineEvaluator(pipe, calls, apply=lambda q, pl: sparsediff.accelerate(q, pl, backend=args.backend),
                                   adapter=adapter_for(pipe))
     result = evaluator(plan, lambda step, value: None)

@@ -735,10 +735,9 @@ class PlanSearch:
                   if not isinstance(self.study.user_attrs.get(_validation_key(validator, n)), dict)]
         return round(max(losses), 4) if losses else None
 
-    def _gap_advice(self, validator: Evaluator, tried: dict[int, float], held_floor: float) -> str:
-        """A calibration floor that allows for the loss the validations saw, as a sentence (empty when none applies):
-        the search's refinement then works at that floor, near plans that hold the held-out one."""
-        gap = self.held_out_gap(validator, tried)
+    def _gap_advice(self, gap: float | None, held_floor: float) -> str:
+        """A calibration floor that allows for `gap` (`held_out_gap`), as a sentence (empty when none applies): the
+        search's refinement then works at that floor, near plans that hold the held-out one."""
         if gap is None or gap <= 0:
             return ""
         unit = self.quality_label[1]
@@ -802,12 +801,13 @@ class PlanSearch:
                         break
                 else:
                     summary = ", ".join(f"trial {n}: {self.q(v, named=False)}" for n, v in tried.items())
+                    advice = self._gap_advice(self.held_out_gap(validator, tried), held_floor)
                     raise ValueError(
                         f"No trial meeting the quality floor {self.floor()} on the calibration calls held "
                         f"{self.q(held_floor, named=False)} on the held-out calls ({summary}). Lower the held-out floor "
                         "(--validate-min-psnr; --min-psnr when it is not given), run more --trials, or calibrate on prompts "
                         "more like the held-out ones; "
-                        f"the study and these validations are kept.{self._gap_advice(validator, tried, held_floor)}"
+                        f"the study and these validations are kept.{advice}"
                     )
                 validation = {"psnr": tried[chosen.number], "tried": list(tried)}
                 gap = self.held_out_gap(validator, tried)
@@ -815,7 +815,7 @@ class PlanSearch:
                     validation["gap"] = gap
                 if len(tried) > 1:  # faster plans failed there: say how to look for faster ones that hold
                     log(f"{len(tried) - 1} faster plan(s) fell below {self.q(held_floor, named=False)} on the held-out "
-                        f"calls.{self._gap_advice(validator, tried, held_floor)}")
+                        f"calls.{self._gap_advice(gap, held_floor)}")
             if validation is not None and validation_floor is not None:
                 validation["min_psnr"] = held_floor
         trial = next(t for t in self.study.get_trials(deepcopy=False) if t.number == chosen.number)

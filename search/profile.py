@@ -179,12 +179,14 @@ class AttentionProfile:
         where nothing was observed."""
         if not 0.0 < share <= 1.0:
             raise ValueError(f"share={share!r} must be in (0, 1], e.g. 0.1 for the 10% most attended key blocks.")
-        n = self.mass.shape[-1]
-        k = max(1, math.ceil(share * n))
-        top = self.mass.float().topk(k, dim=-1).values.sum(-1)  # (T, L, H, nq)
+        top = self.mass.float().topk(self._top_blocks(share), dim=-1).values.sum(-1)  # (T, L, H, nq)
         rows = self.mass.float().sum(-1) > 0  # query blocks with a recorded row
         out = (top * rows).sum(-1) / rows.sum(-1).clamp(min=1)
         return out.masked_fill(~rows.any(-1), float("nan"))
+
+    def _top_blocks(self, share: float) -> int:
+        """Key blocks in the `share` most attended (at least one)."""
+        return max(1, math.ceil(share * self.mass.shape[-1]))
 
     def concentration_summary(self, share: float = 0.1, diffuse_below: float = 2.0) -> dict[str, Any]:
         """`concentration(share)` per layer and head (mean over observed steps), and how many heads are diffuse:
@@ -194,7 +196,7 @@ class AttentionProfile:
         per_head = self.concentration(share).nanmean(0)  # (L, H)
         observed = ~per_head.isnan()
         diffuse = int(((per_head < diffuse_below * share) & observed).sum())
-        return {"share": share, "even": round(min(1.0, math.ceil(share * self.mass.shape[-1]) / self.mass.shape[-1]), 6),
+        return {"share": share, "even": round(self._top_blocks(share) / self.mass.shape[-1], 6),
                 "by_layer": {str(layer): [round(float(x), 3) for x in row] for layer, row in zip(self.layers, per_head)},
                 "diffuse_heads": diffuse, "heads": int(observed.sum()), "diffuse_below": round(diffuse_below * share, 6)}
 

@@ -304,13 +304,14 @@ def test_when_no_plan_holds_the_held_out_floor_the_error_names_a_calibration_flo
     # the advice itself: a floor above the search's own, or nothing when that one already allows for the loss
     best = max((o for o in search.outcomes() if o.state == "complete"), key=lambda o: o.psnr)
     unstored = HeldOutEvaluator(key="never-run")  # no stored validation: read as complete runs
-    assert "--min-psnr 36.0 " in search._gap_advice(unstored, {best.number: best.psnr - 1.0}, held_floor=35.0)
-    assert search._gap_advice(unstored, {best.number: best.psnr - 1.0}, held_floor=30.0) == ""  # 31 <= 35
-    assert search._gap_advice(unstored, {best.number: best.psnr + 1.0}, held_floor=35.0) == ""  # no loss
+    assert search.held_out_gap(unstored, {best.number: best.psnr - 1.0}) == pytest.approx(1.0)
+    assert "--min-psnr 36.0 " in search._gap_advice(1.0, held_floor=35.0)
+    assert search._gap_advice(1.0, held_floor=30.0) == ""  # 31 <= 35
+    assert search._gap_advice(-1.0, held_floor=35.0) == "" and search._gap_advice(None, held_floor=35.0) == ""  # no loss
     # calls that stop early saw part of the run only: no loss is read from them, and no floor is offered
     with pytest.raises(ValueError) as stopped:
         search.choose(validator=HeldOutEvaluator(penalty=0.0, offset=30.0, key="early"), log=lambda line: None)
-    assert "at step" not in str(stopped.value) and "Validated plans lost" not in str(stopped.value)
+    assert "Validated plans lost" not in str(stopped.value)
 
 
 def stored_psnr(value):
